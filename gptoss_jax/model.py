@@ -1,0 +1,290 @@
+"""gpt-oss as a Flax NNX module tree.
+
+Parameters keep the checkpoint's (out, in) orientation, split into heads where that helps the einsums,
+so loading is a reshape and never a transpose. Layers are stacked per repetition of the config's
+layer pattern (a sliding + full pair for the released models) and the forward scans over the stack,
+so compile time does not grow with depth. The residual stream, norms, softmaxes and routing run in
+float32 whatever the compute dtype; matmuls take the compute dtype and accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_jax import mxfp4
+from gptoss_jax.config import SLIDING, GptOssConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EXPERT_FORMATS = ("mxfp4", "bfloat16")
+
+
+class PackedBytes(nnx.Variable):
+    """Frozen MXFP4 bytes (blocks or scales): kept as stored, never trained."""
+
+
+def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def _matmul(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """einsum in the compute dtype with float32 accumulation and a float32 result."""
+    return jnp.einsum(equation, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, param_dtype):
+        self.scale = nnx.Param(jnp.ones((size,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return x * self.scale[...].astype(jnp.float32)
+
+
+def rope_inverse_frequencies(config: GptOssConfig) -> np.ndarray:
+    """YaRN inverse frequencies (NTK-by-parts, no rounding of the ramp ends), float32 like the reference."""
+    half = config.head_dim // 2
+    freq = np.float32(config.rope_theta) ** (np.arange(0, config.head_dim, 2, dtype=np.float32) / config.head_dim)
+    if config.rope_scaling_factor <= 1.0:
+        return (1.0 / freq).astype(np.float32)
+
+    def ramp_end(beta: float) -> float:
+        return half * np.log(config.rope_original_context / (beta * 2 * np.pi)) / np.log(config.rope_theta)
+
+    low, high = ramp_end(config.rope_beta_fast), ramp_end(config.rope_beta_slow)
+    ramp = np.clip((np.arange(half, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    interpolation = 1.0 / (config.rope_scaling_factor * freq)
+    extrapolation = 1.0 / freq
+    return (interpolation * ramp + extrapolation * (1 - ramp)).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, config: GptOssConfig) -> jax.Array:
+    """Rotate half-split pairs (dimension j with j + head_dim/2); x: [B, T, heads, head_dim]; float32 out."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(config))
+    cos = (jnp.cos(angles) * config.rope_concentration)[:, :, None, :]
+    sin = (jnp.sin(angles) * config.rope_concentration)[:, :, None, :]
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with learned sinks; query head h reads kv head h // (num_heads / num_kv_heads)."""
+
+    def __init__(self, config: GptOssConfig, param_dtype, dtype, rngs: nnx.Rngs):
+        c = config
+        std = c.hidden_size**-0.5
+        self.q_proj = nnx.Param(_init(rngs, (c.num_heads, c.head_dim, c.hidden_size), param_dtype, std))
+        self.q_bias = nnx.Param(jnp.zeros((c.num_heads, c.head_dim), param_dtype))
+        self.k_proj = nnx.Param(_init(rngs, (c.num_kv_heads, c.head_dim, c.hidden_size), param_dtype, std))
+        self.k_bias = nnx.Param(jnp.zeros((c.num_kv_heads, c.head_dim), param_dtype))
+        self.v_proj = nnx.Param(_init(rngs, (c.num_kv_heads, c.head_dim, c.hidden_size), param_dtype, std))
+        self.v_bias = nnx.Param(jnp.zeros((c.num_kv_heads, c.head_dim), param_dtype))
+        self.o_proj = nnx.Param(
+            _init(rngs, (c.hidden_size, c.num_heads, c.head_dim), param_dtype, (c.num_heads * c.head_dim) ** -0.5)
+        )
+        self.o_bias = nnx.Param(jnp.zeros((c.hidden_size,), param_dtype))
+        self.sinks = nnx.Param(jnp.zeros((c.num_heads,), param_dtype))
+        self.config = config
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, positions: jax.Array, sliding: bool) -> jax.Array:
+        c, dtype = self.config, self.dtype
+        batch, length, _ = x.shape
+        q = _matmul("btd,hkd->bthk", x, self.q_proj[...], dtype) + self.q_bias[...].astype(jnp.float32)
+        k = _matmul("btd,hkd->bthk", x, self.k_proj[...], dtype) + self.k_bias[...].astype(jnp.float32)
+        v = _matmul("btd,hkd->bthk", x, self.v_proj[...], dtype) + self.v_bias[...].astype(jnp.float32)
+        q, k = apply_rope(q, positions, c), apply_rope(k, positions, c)
+
+        group = c.num_heads // c.num_kv_heads
+        q = q.reshape(batch, length, c.num_kv_heads, group, c.head_dim)
+        scores = _matmul("btngk,bsnk->bngts", q, k, dtype) * c.head_dim**-0.5
+
+        allowed = positions[:, None, :] <= positions[:, :, None]  # [B, T(query), S(key)]
+        if sliding:
+            allowed &= positions[:, :, None] - positions[:, None, :] < c.sliding_window
+        scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
+
+        # The sink is one more logit per (head, query) that takes probability mass and is then dropped.
+        sinks = self.sinks[...].astype(jnp.float32).reshape(1, c.num_kv_heads, group, 1, 1)
+        sinks = jnp.broadcast_to(sinks, (*scores.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sinks], axis=-1), axis=-1)[..., :-1]
+
+        out = _matmul("bngts,bsnk->btngk", probs, v, dtype).reshape(batch, length, c.num_heads, c.head_dim)
+        return _matmul("bthk,dhk->btd", out, self.o_proj[...], dtype) + self.o_bias[...].astype(jnp.float32)
+
+
+class PackedExpertWeights(nnx.Module):
+    """One projection of every expert, kept as MXFP4 bytes: [E, out, in/32, 16] blocks, [E, out, in/32] scales."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, rngs: nnx.Rngs):
+        groups = in_features // mxfp4.BLOCK_SIZE
+        shape = (num_experts, out_features, groups)
+        self.blocks = PackedBytes(
+            jax.random.randint(rngs.params(), (*shape, mxfp4.BYTES_PER_BLOCK), 0, 256, jnp.int32).astype(jnp.uint8)
+        )
+        # Scale 2**-6 on fp4 values of RMS ~2.9 gives weights of RMS ~0.05, a sensible random init.
+        self.scales = PackedBytes(jnp.full(shape, mxfp4.SCALE_BIAS - 6, jnp.uint8))
+
+    def decode(self, dtype, experts: jax.Array | None = None) -> jax.Array:
+        """Decoded [E, out, in] weights, or [*experts.shape, out, in] for just the chosen experts."""
+        blocks, scales = self.blocks[...], self.scales[...]
+        if experts is not None:
+            blocks, scales = blocks[experts], scales[experts]
+        return mxfp4.dequantize(blocks, scales, dtype)
+
+
+class DenseExpertWeights(nnx.Module):
+    """One projection of every expert as a dense [E, out, in] array (for full fine-tuning)."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, param_dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(_init(rngs, (num_experts, out_features, in_features), param_dtype, 0.05))
+
+    def decode(self, dtype, experts: jax.Array | None = None) -> jax.Array:
+        weight = self.weight[...]
+        return (weight if experts is None else weight[experts]).astype(dtype)
+
+
+class MoE(nnx.Module):
+    """Top-k routed experts with the clamped SwiGLU of gpt-oss (interleaved gate/linear columns, `+1`)."""
+
+    def __init__(self, config: GptOssConfig, param_dtype, dtype, experts: str, rngs: nnx.Rngs):
+        c = config
+        e, h, i = c.num_experts, c.hidden_size, c.intermediate_size
+        self.router = nnx.Param(_init(rngs, (e, h), param_dtype, h**-0.5))
+        self.router_bias = nnx.Param(jnp.zeros((e,), param_dtype))
+        if experts == "mxfp4":
+            self.mlp1 = PackedExpertWeights(e, 2 * i, h, rngs)
+            self.mlp2 = PackedExpertWeights(e, h, i, rngs)
+        else:
+            self.mlp1 = DenseExpertWeights(e, 2 * i, h, jnp.bfloat16, rngs)
+            self.mlp2 = DenseExpertWeights(e, h, i, jnp.bfloat16, rngs)
+        self.mlp1_bias = nnx.Param(jnp.zeros((e, 2 * i), param_dtype))
+        self.mlp2_bias = nnx.Param(jnp.zeros((e, h), param_dtype))
+        self.config = config
+        self.dtype = dtype
+
+    def _swiglu(self, h: jax.Array) -> jax.Array:
+        c = self.config
+        gate, linear = h[..., 0::2], h[..., 1::2]
+        gate = jnp.minimum(gate, c.swiglu_limit)
+        linear = jnp.clip(linear, -c.swiglu_limit, c.swiglu_limit)
+        return gate * jax.nn.sigmoid(c.swiglu_alpha * gate) * (linear + 1)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, dtype = self.config, self.dtype
+        batch, length, hidden = x.shape
+        tokens = x.reshape(batch * length, hidden)
+        router_logits = _matmul("nd,ed->ne", tokens, self.router[...], dtype) + self.router_bias[...].astype(
+            jnp.float32
+        )
+        top_logits, experts = jax.lax.top_k(router_logits, c.experts_per_token)
+        weights = jax.nn.softmax(top_logits, axis=-1)  # over the k chosen experts only
+        if tokens.shape[0] * c.experts_per_token <= c.num_experts:
+            out = self._gathered(tokens, experts, weights)
+        else:
+            out = self._grouped(tokens, experts, weights)
+        return out.reshape(batch, length, hidden)
+
+    def _gathered(self, tokens: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
+        """Few tokens: decode only the chosen experts' weights and apply them token by token."""
+        dtype = self.dtype
+        h = _matmul("nd,nkod->nko", tokens, self.mlp1.decode(dtype, experts), dtype)
+        h = self._swiglu(h + self.mlp1_bias[...][experts].astype(jnp.float32))
+        y = _matmul("nki,nkdi->nkd", h, self.mlp2.decode(dtype, experts), dtype)
+        y = y + self.mlp2_bias[...][experts].astype(jnp.float32)
+        return jnp.einsum("nkd,nk->nd", y, weights)
+
+    def _grouped(self, tokens: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
+        """Many tokens: sort (token, expert) pairs by expert and run one grouped matmul per projection."""
+        dtype, k = self.dtype, self.config.experts_per_token
+        flat_experts = experts.reshape(-1)
+        order = jnp.argsort(flat_experts, stable=True)
+        token_of = order // k
+        sorted_experts = flat_experts[order]
+        group_sizes = jnp.bincount(flat_experts, length=self.config.num_experts).astype(jnp.int32)
+
+        w1 = jnp.swapaxes(self.mlp1.decode(dtype), 1, 2)  # [E, in, out]
+        h = jax.lax.ragged_dot(tokens[token_of].astype(dtype), w1, group_sizes, preferred_element_type=jnp.float32)
+        h = self._swiglu(h + self.mlp1_bias[...][sorted_experts].astype(jnp.float32))
+        w2 = jnp.swapaxes(self.mlp2.decode(dtype), 1, 2)
+        y = jax.lax.ragged_dot(h.astype(dtype), w2, group_sizes, preferred_element_type=jnp.float32)
+        y = (y + self.mlp2_bias[...][sorted_experts].astype(jnp.float32)) * weights.reshape(-1)[order][:, None]
+        return jnp.zeros((tokens.shape[0], tokens.shape[1]), jnp.float32).at[token_of].add(y)
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer layer: attention then mixture of experts, each added to the residual."""
+
+    def __init__(self, config: GptOssConfig, param_dtype, dtype, experts: str, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        self.attn = Attention(config, param_dtype, dtype, rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        self.mlp = MoE(config, param_dtype, dtype, experts, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, sliding: bool) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, sliding)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LayerGroup(nnx.Module):
+    """One repetition of the layer pattern (for gpt-oss: a sliding-window layer then a full one)."""
+
+    def __init__(self, config: GptOssConfig, param_dtype, dtype, experts: str, rngs: nnx.Rngs):
+        self.layers = nnx.List([Block(config, param_dtype, dtype, experts, rngs) for _ in config.layer_pattern])
+        self.sliding = tuple(kind == SLIDING for kind in config.layer_pattern)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        for layer, sliding in zip(self.layers, self.sliding):
+            x = layer(x, positions, sliding)
+        return x
+
+
+class GptOss(nnx.Module):
+    """The gpt-oss transformer. Call with int32 tokens [B, T] for float32 logits [B, T, vocab]."""
+
+    def __init__(
+        self,
+        config: GptOssConfig,
+        *,
+        dtype: str = "bfloat16",
+        experts: str = "mxfp4",
+        rngs: nnx.Rngs,
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if experts not in EXPERT_FORMATS:
+            raise ValueError(f"experts must be one of {list(EXPERT_FORMATS)}, got {experts!r}")
+        c = config
+        compute = DTYPES[dtype]
+        self.config = config
+        self.dtype = dtype
+        self.experts = experts
+        self.embed = nnx.Param(_init(rngs, (c.vocab_size, c.hidden_size), compute, 1.0))
+
+        @nnx.split_rngs(splits=c.num_groups)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_groups(rngs: nnx.Rngs) -> LayerGroup:
+            return LayerGroup(config, compute, compute, experts, rngs)
+
+        self.groups = make_groups(rngs)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, compute)
+        self.unembed = nnx.Param(_init(rngs, (c.vocab_size, c.hidden_size), compute, c.hidden_size**-0.5))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """tokens: int [B, T]; positions: int [B, T] (default 0..T-1). Returns float32 logits [B, T, vocab]."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x = self.embed[...][tokens].astype(jnp.float32)
+
+        graphdef, stacked = nnx.split(self.groups)
+
+        def run_group(x, group_state):
+            return nnx.merge(graphdef, group_state)(x, positions), None
+
+        x, _ = jax.lax.scan(run_group, x, stacked)
+        return _matmul("btd,vd->btv", self.norm(x), self.unembed[...], DTYPES[self.dtype])
