@@ -1,0 +1,46 @@
+"""Shared fixtures: small random checkpoints written in both released layouts from the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gptoss_jax.checkpoint.random_weights import random_hub_tensors
+from gptoss_jax.checkpoint.writer import write_hub_checkpoint, write_original_checkpoint
+from gptoss_jax.config import GptOssConfig
+
+TINY = GptOssConfig.preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> GptOssConfig:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_tensors() -> dict[str, np.ndarray]:
+    return random_hub_tensors(TINY, seed=0)
+
+
+@pytest.fixture(scope="session")
+def hub_checkpoint(tmp_path_factory, tiny_tensors):
+    """Hub layout with an index and two shards."""
+    return write_hub_checkpoint(tmp_path_factory.mktemp("ckpt") / "hub", TINY, tiny_tensors)
+
+
+@pytest.fixture(scope="session")
+def hub_single_file_checkpoint(tmp_path_factory, tiny_tensors):
+    """Hub layout as one model.safetensors with no index."""
+    return write_hub_checkpoint(tmp_path_factory.mktemp("ckpt") / "hub1", TINY, tiny_tensors, single_file=True)
+
+
+@pytest.fixture(scope="session")
+def original_checkpoint(tmp_path_factory, tiny_tensors):
+    """OpenAI's original layout, the same weights."""
+    return write_original_checkpoint(tmp_path_factory.mktemp("ckpt") / "original", TINY, tiny_tensors)
+
+
+@pytest.fixture(scope="session")
+def long_tokens() -> np.ndarray:
+    """Two sequences of 72 tokens: four and a half sliding windows of the tiny model."""
+    return np.random.default_rng(1).integers(0, TINY.vocab_size, size=(2, 72)).astype(np.int32)
