@@ -292,6 +292,5 @@ PRESETS: dict[str, GptOssConfig] = {
         num_kv_heads=2,
         head_dim=32,
         sliding_window=16,
-        max_context=4096,
     ),
 }
