@@ -43,7 +43,6 @@ class TensorSource:
         self.config = config
         self._file_of = files  # stored tensor name -> file
         self._expected = names.hub_tensor_shapes(config)
-        self._open: dict[Path, object] = {}
 
     @property
     def files(self) -> list[Path]:
@@ -74,13 +73,13 @@ class TensorSource:
         if stored not in self._file_of:
             raise CheckpointError(f"{self.directory}: tensor {stored!r} is missing from the checkpoint")
         path = self._file_of[stored]
+        # Open per tensor: a handle kept open keeps its memory-mapped pages resident, which would hold a
+        # second copy of the checkpoint in memory while loading.
         try:
-            if path not in self._open:
-                self._open[path] = safe_open(str(path), framework="numpy")
-            handle = self._open[path]
-            if stored not in handle.keys():
-                raise CheckpointError(f"{path}: tensor {stored!r} is not in this file although the index names it")
-            return handle.get_tensor(stored)
+            with safe_open(str(path), framework="numpy") as handle:
+                if stored not in handle.keys():
+                    raise CheckpointError(f"{path}: tensor {stored!r} is not in this file although the index names it")
+                return handle.get_tensor(stored)
         except (SafetensorError, OSError, ValueError, TypeError) as bad:
             raise CheckpointError(f"{path}: cannot read tensor {stored!r} ({_first_line(bad)})") from None
 
