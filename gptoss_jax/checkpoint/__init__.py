@@ -1,0 +1,1 @@
+"""Checkpoint layouts: tensor names, writers, random weights."""
