@@ -9,6 +9,8 @@ float32 whatever the compute dtype; matmuls take the compute dtype and accumulat
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,76 @@ from gptoss_jax.config import SLIDING, GptOssConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EXPERT_FORMATS = ("mxfp4", "bfloat16")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """Keys and values one attention layer keeps, with the position each slot holds (-1: empty).
+
+    A token at position p lives in slot p % slots: full-attention layers get a slot per position of the
+    context, sliding-window layers a ring of `sliding_window` slots (all the window can ever see).
+    """
+
+    keys: jax.Array  # [B, slots, kv_heads, head_dim]
+    values: jax.Array  # [B, slots, kv_heads, head_dim]
+    positions: jax.Array  # [B, slots] int32
+
+    def write(self, keys: jax.Array, values: jax.Array, positions: jax.Array) -> "LayerCache":
+        """Store new tokens (positions -1 are padding and stored nowhere); the latest token wins a slot."""
+        batch, slots = self.positions.shape
+        rows = jnp.arange(batch)[:, None]
+        slot = jnp.where(positions >= 0, positions % slots, slots)  # slot `slots` is dropped
+        if positions.shape[1] == 1:  # decode: one token per row, an in-place scatter
+            return LayerCache(
+                self.keys.at[rows, slot].set(keys.astype(self.keys.dtype), mode="drop"),
+                self.values.at[rows, slot].set(values.astype(self.values.dtype), mode="drop"),
+                self.positions.at[rows, slot].set(positions, mode="drop"),
+            )
+        # Several tokens may map to one ring slot: pick, per slot, the latest one, then gather.
+        steps = jnp.broadcast_to(jnp.arange(positions.shape[1]), positions.shape)
+        winner = jnp.full((batch, slots + 1), -1).at[rows, slot].max(jnp.where(positions >= 0, steps, -1))[:, :slots]
+        taken = winner >= 0
+        source = jnp.maximum(winner, 0)
+
+        def gather(new: jax.Array, old: jax.Array) -> jax.Array:
+            picked = jnp.take_along_axis(new, source[:, :, None, None], axis=1).astype(old.dtype)
+            return jnp.where(taken[:, :, None, None], picked, old)
+
+        return LayerCache(
+            gather(keys, self.keys),
+            gather(values, self.values),
+            jnp.where(taken, jnp.take_along_axis(positions, source, axis=1), self.positions),
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """The whole model's cache: per position in the layer pattern, a LayerCache stacked over layer groups."""
+
+    layers: tuple[LayerCache, ...]
+
+    @classmethod
+    def create(cls, config: GptOssConfig, batch: int, length: int, dtype: str = "bfloat16") -> "KVCache":
+        """An empty cache for sequences of at most `length` positions."""
+        layers = []
+        for kind in config.layer_pattern:
+            slots = min(length, config.sliding_window) if kind == SLIDING else length
+            shape = (config.num_groups, batch, slots, config.num_kv_heads, config.head_dim)
+            layers.append(
+                LayerCache(
+                    jnp.zeros(shape, DTYPES[dtype]),
+                    jnp.zeros(shape, DTYPES[dtype]),
+                    jnp.full((config.num_groups, batch, slots), -1, jnp.int32),
+                )
+            )
+        return cls(tuple(layers))
+
+    @property
+    def length(self) -> int:
+        """The most positions this cache holds (full-attention slots)."""
+        return max(layer.positions.shape[-1] for layer in self.layers)
 
 
 class PackedBytes(nnx.Variable):
@@ -91,7 +163,10 @@ class Attention(nnx.Module):
         self.config = config
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, positions: jax.Array, sliding: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, sliding: bool, cache: LayerCache | None = None
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """x: [B, T, D]; positions: [B, T] (-1 marks padding). Attends to `cache` and the new tokens."""
         c, dtype = self.config, self.dtype
         batch, length, _ = x.shape
         q = _matmul("btd,hkd->bthk", x, self.q_proj[...], dtype) + self.q_bias[...].astype(jnp.float32)
@@ -99,13 +174,25 @@ class Attention(nnx.Module):
         v = _matmul("btd,hkd->bthk", x, self.v_proj[...], dtype) + self.v_bias[...].astype(jnp.float32)
         q, k = apply_rope(q, positions, c), apply_rope(k, positions, c)
 
+        if cache is None:
+            keys, values, key_positions = k, v, positions
+        elif length == 1:  # decode: the new token's slot held nothing this query may see, so write first
+            cache = cache.write(k, v, positions)
+            keys, values, key_positions = cache.keys, cache.values, cache.positions
+        else:  # prefill: attend to what was cached and to the new tokens, then cache them
+            keys = jnp.concatenate([cache.keys.astype(jnp.float32), k], axis=1)
+            values = jnp.concatenate([cache.values.astype(jnp.float32), v], axis=1)
+            key_positions = jnp.concatenate([cache.positions, positions], axis=1)
+            cache = cache.write(k, v, positions)
+
         group = c.num_heads // c.num_kv_heads
         q = q.reshape(batch, length, c.num_kv_heads, group, c.head_dim)
-        scores = _matmul("btngk,bsnk->bngts", q, k, dtype) * c.head_dim**-0.5
+        scores = _matmul("btngk,bsnk->bngts", q, keys, dtype) * c.head_dim**-0.5
 
-        allowed = positions[:, None, :] <= positions[:, :, None]  # [B, T(query), S(key)]
+        query_at, key_at = positions[:, :, None], key_positions[:, None, :]  # [B, T, S]
+        allowed = (key_at >= 0) & (key_at <= query_at)
         if sliding:
-            allowed &= positions[:, :, None] - positions[:, None, :] < c.sliding_window
+            allowed &= query_at - key_at < c.sliding_window
         scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
 
         # The sink is one more logit per (head, query) that takes probability mass and is then dropped.
@@ -113,8 +200,9 @@ class Attention(nnx.Module):
         sinks = jnp.broadcast_to(sinks, (*scores.shape[:-1], 1))
         probs = jax.nn.softmax(jnp.concatenate([scores, sinks], axis=-1), axis=-1)[..., :-1]
 
-        out = _matmul("bngts,bsnk->btngk", probs, v, dtype).reshape(batch, length, c.num_heads, c.head_dim)
-        return _matmul("bthk,dhk->btd", out, self.o_proj[...], dtype) + self.o_bias[...].astype(jnp.float32)
+        out = _matmul("bngts,bsnk->btngk", probs, values, dtype).reshape(batch, length, c.num_heads, c.head_dim)
+        out = _matmul("bthk,dhk->btd", out, self.o_proj[...], dtype) + self.o_bias[...].astype(jnp.float32)
+        return out, cache
 
 
 class PackedExpertWeights(nnx.Module):
@@ -225,9 +313,12 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         self.mlp = MoE(config, param_dtype, dtype, experts, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, sliding: bool) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, sliding)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, sliding: bool, cache: LayerCache | None = None
+    ) -> tuple[jax.Array, LayerCache | None]:
+        attended, cache = self.attn(self.attn_norm(x), positions, sliding, cache)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class LayerGroup(nnx.Module):
@@ -237,10 +328,14 @@ class LayerGroup(nnx.Module):
         self.layers = nnx.List([Block(config, param_dtype, dtype, experts, rngs) for _ in config.layer_pattern])
         self.sliding = tuple(kind == SLIDING for kind in config.layer_pattern)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        for layer, sliding in zip(self.layers, self.sliding):
-            x = layer(x, positions, sliding)
-        return x
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, caches: tuple[LayerCache, ...] | None = None
+    ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
+        updated = []
+        for index, (layer, sliding) in enumerate(zip(self.layers, self.sliding)):
+            x, cache = layer(x, positions, sliding, None if caches is None else caches[index])
+            updated.append(cache)
+        return x, None if caches is None else tuple(updated)
 
 
 class GptOss(nnx.Module):
@@ -274,17 +369,52 @@ class GptOss(nnx.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, compute)
         self.unembed = nnx.Param(_init(rngs, (c.vocab_size, c.hidden_size), compute, c.hidden_size**-0.5))
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """tokens: int [B, T]; positions: int [B, T] (default 0..T-1). Returns float32 logits [B, T, vocab]."""
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits float32 [B, T, vocab]; with a cache, (logits, updated cache).
+
+        tokens: int [B, T]. positions: int [B, T], default 0..T-1; -1 marks padding, which no token
+        attends to and the cache does not store.
+        """
+        hidden, cache_out = self.hidden(tokens, positions, cache)
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, cache_out)
+
+    def hidden(
+        self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The final-normed hidden states float32 [B, T, D] (and the updated cache, if one is given)."""
         tokens = jnp.asarray(tokens, jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        positions = jnp.asarray(positions, jnp.int32)
         x = self.embed[...][tokens].astype(jnp.float32)
-
         graphdef, stacked = nnx.split(self.groups)
 
-        def run_group(x, group_state):
-            return nnx.merge(graphdef, group_state)(x, positions), None
+        if cache is None:
 
-        x, _ = jax.lax.scan(run_group, x, stacked)
-        return _matmul("btd,vd->btv", self.norm(x), self.unembed[...], DTYPES[self.dtype])
+            def run_group(x, group_state):
+                return nnx.merge(graphdef, group_state)(x, positions)[0], None
+
+            x, _ = jax.lax.scan(run_group, x, stacked)
+            return self.norm(x), None
+
+        # The cache rides in the carry and is updated in place at each group's index.
+        def run_cached_group(carry, scanned):
+            x, layers = carry
+            group_state, index = scanned
+            mine = tuple(jax.tree.map(lambda a: a[index], layer) for layer in layers)
+            x, mine = nnx.merge(graphdef, group_state)(x, positions, mine)
+            layers = tuple(
+                jax.tree.map(lambda all_, one: all_.at[index].set(one), layer, new) for layer, new in zip(layers, mine)
+            )
+            return (x, layers), None
+
+        indices = jnp.arange(self.config.num_groups)
+        (x, layers), _ = jax.lax.scan(run_cached_group, (x, cache.layers), (stacked, indices))
+        return self.norm(x), KVCache(layers)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Unembed final-normed hidden states: float32 [..., vocab]."""
+        return _matmul("...d,vd->...v", hidden, self.unembed[...], DTYPES[self.dtype])

@@ -1,0 +1,243 @@
+"""Generation: prefill then decode under jax.jit with a static-shape KV cache.
+
+Shapes are bucketed so a session compiles a handful of programs, not one per prompt: the batch is
+padded to a power of two, prompts are right-padded to a power-of-two length, and the cache length is
+a power of two covering prompt plus new tokens. Padding has position -1, so no real token attends to
+it and the cache never stores it; each row generates exactly what it would alone.
+
+Decoding runs in chunks of steps under one `lax.scan`; streaming uses chunks of one step. Rows that
+hit a stop token keep stepping (shapes are static) but their later tokens are discarded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_jax.errors import GptOssError
+from gptoss_jax.model import GptOss, KVCache
+from gptoss_jax.sampling import SamplingParams, sample
+
+MIN_PROMPT_BUCKET = 16
+MIN_CACHE_BUCKET = 128
+DECODE_CHUNK = 16
+MAX_STOP_TOKENS = 8
+
+
+class GenerationError(GptOssError):
+    """A generation request the model cannot serve (empty prompt, too long, bad token id)."""
+
+
+@dataclasses.dataclass
+class Completion:
+    """What one prompt generated: token ids (stop token included), their log-probabilities, and why it ended."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one row, as streaming yields it."""
+
+    row: int
+    token: int
+    logprob: float
+    finished: bool
+
+
+def bucket(n: int, minimum: int) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+class Generator:
+    """Compiled prefill/decode for one model; reuse it across calls to reuse the compiled programs."""
+
+    def __init__(self, model: GptOss):
+        self.model = model
+        self.config = model.config
+        self.graphdef, self.state = nnx.split(model)
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(3,))
+        self._decode = jax.jit(self._decode_impl, static_argnums=(4,), donate_argnums=(1,))
+
+    def compiled_programs(self) -> int:
+        """How many programs have been compiled so far (prefill and decode shapes)."""
+        return self._prefill._cache_size() + self._decode._cache_size()
+
+    # The two jitted programs.
+
+    def _prefill_impl(self, state, tokens, lengths, cache, sampling, stop_tokens, key):
+        model = nnx.merge(self.graphdef, state)
+        steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        positions = jnp.where(steps[None, :] < lengths[:, None], steps[None, :], -1)
+        hidden, cache = model.hidden(tokens, positions, cache)
+        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        key, step_key = jax.random.split(key)
+        token, logprob = sample(model.logits(last), step_key, sampling)
+        done = jnp.isin(token, stop_tokens)
+        carry = (cache, token, lengths, done, key)
+        return carry, token, logprob
+
+    def _decode_impl(self, state, carry, sampling, stop_tokens, num_steps):
+        model = nnx.merge(self.graphdef, state)
+
+        def step(carry, _):
+            cache, token, position, done, key = carry
+            logits, cache = model(token[:, None], position[:, None], cache)
+            key, step_key = jax.random.split(key)
+            token, logprob = sample(logits[:, 0], step_key, sampling)
+            emitted = ~done  # a row that already stopped emits nothing more
+            done = done | jnp.isin(token, stop_tokens)
+            return (cache, token, position + 1, done, key), (token, logprob, emitted)
+
+        carry, (tokens, logprobs, emitted) = jax.lax.scan(step, carry, None, length=num_steps)
+        return carry, tokens.T, logprobs.T, emitted.T
+
+    # Public API.
+
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 256,
+        sampling: SamplingParams = SamplingParams(),
+        seed: int = 0,
+        stop_tokens: Sequence[int] = (),
+        chunk: int = 1,
+    ) -> Iterator[TokenEvent]:
+        """Yield each row's tokens as they are made (in steps of `chunk` tokens)."""
+        prompts = self._check(prompts, max_new_tokens, stop_tokens)
+        rows = len(prompts)
+        batch = bucket(rows, 1)
+        longest = max(len(prompt) for prompt in prompts)
+        prompt_bucket = bucket(longest, MIN_PROMPT_BUCKET)
+        steps_needed = -(-(max_new_tokens - 1) // chunk) * chunk
+        cache_length = min(bucket(prompt_bucket + steps_needed + 1, MIN_CACHE_BUCKET), self.config.max_context)
+        if longest + max_new_tokens > self.config.max_context:
+            raise GenerationError(
+                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the context of "
+                f"{self.config.max_context} tokens"
+            )
+
+        tokens = np.zeros((batch, prompt_bucket), np.int32)
+        lengths = np.ones(batch, np.int32)  # filler rows: a one-token prompt, discarded
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = prompt
+            lengths[row] = len(prompt)
+        stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
+        stops[: len(stop_tokens)] = list(stop_tokens)
+        sampling_arrays = sampling.as_arrays(batch)
+        cache = KVCache.create(self.config, batch, cache_length, self.model.dtype)
+
+        carry, token, logprob = self._prefill(
+            self.state, tokens, lengths, cache, sampling_arrays, stops, jax.random.key(seed)
+        )
+        token, logprob = np.asarray(token), np.asarray(logprob)
+        finished = np.isin(token, stops) | (max_new_tokens == 1)
+        for row in range(rows):
+            yield TokenEvent(row, int(token[row]), float(logprob[row]), bool(finished[row]))
+        produced = 1
+        while produced < max_new_tokens and not finished[:rows].all():
+            carry, tokens_out, logprobs_out, emitted = self._decode(self.state, carry, sampling_arrays, stops, chunk)
+            tokens_out, logprobs_out, emitted = map(np.asarray, (tokens_out, logprobs_out, emitted))
+            for step in range(chunk):
+                if produced >= max_new_tokens:
+                    break
+                produced += 1
+                for row in range(rows):
+                    if not emitted[row, step] or finished[row]:
+                        continue
+                    token = int(tokens_out[row, step])
+                    finished[row] = token in stop_tokens or produced == max_new_tokens
+                    yield TokenEvent(row, token, float(logprobs_out[row, step]), bool(finished[row]))
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 256,
+        sampling: SamplingParams = SamplingParams(),
+        seed: int = 0,
+        stop_tokens: Sequence[int] = (),
+    ) -> list[Completion]:
+        """Generate for every prompt at once; one Completion per prompt, in order."""
+        completions = [Completion([], [], "length") for _ in prompts]
+        for event in self.stream(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            seed=seed,
+            stop_tokens=stop_tokens,
+            chunk=DECODE_CHUNK,
+        ):
+            completion = completions[event.row]
+            completion.tokens.append(event.token)
+            completion.logprobs.append(event.logprob)
+            if event.token in stop_tokens:
+                completion.finish_reason = "stop"
+        return completions
+
+    def _check(self, prompts, max_new_tokens: int, stop_tokens) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or not len(prompts):
+            raise GenerationError("prompts must be a non-empty list of token-id lists")
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if len(stop_tokens) > MAX_STOP_TOKENS:
+            raise GenerationError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stop_tokens)}")
+        checked = []
+        for row, prompt in enumerate(prompts):
+            prompt = [int(token) for token in prompt]
+            if not prompt:
+                raise GenerationError(f"prompt {row} is empty")
+            if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
+                raise GenerationError(f"prompt {row} has a token id outside 0..{self.config.vocab_size - 1}")
+            if len(prompt) >= self.config.max_context:
+                raise GenerationError(
+                    f"prompt {row} has {len(prompt)} tokens; the context holds {self.config.max_context}"
+                )
+            checked.append(prompt)
+        return checked
+
+
+def generate(
+    model: GptOss,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int = 0,
+    stop_tokens: Sequence[int] = (),
+) -> list[list[int]]:
+    """Generated token ids for each prompt (stop token included when one ended it).
+
+    temperature 0 is greedy. The defaults (temperature 1, top_p 1) are OpenAI's recommendation for gpt-oss.
+    For repeated calls, build a `Generator(model)` once: it keeps the compiled programs.
+    """
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    generator = _generator_for(model)
+    completions = generator.generate(
+        prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_tokens=stop_tokens
+    )
+    return [completion.tokens for completion in completions]
+
+
+_GENERATORS: dict[int, Generator] = {}
+
+
+def _generator_for(model: GptOss) -> Generator:
+    """One Generator per live model, so `generate` called in a loop compiles once."""
+    generator = _GENERATORS.get(id(model))
+    if generator is None or generator.model is not model:
+        _GENERATORS.clear()  # keep at most one: a Generator holds the model's arrays
+        generator = _GENERATORS[id(model)] = Generator(model)
+    return generator
