@@ -147,7 +147,7 @@ def _from_harmony(m: oh.Message) -> ChatMessage:
     return ChatMessage(m.author.role.value, text, m.channel, m.recipient, m.content_type, m.author.name)
 
 
-def _decode(encoding: oh.HarmonyEncoding, tokens: list[int]) -> str:
+def decode_text(encoding: oh.HarmonyEncoding, tokens: list[int]) -> str:
     """Text of any tokens, special ones spelled out; ids outside the vocabulary are dropped, not raised on."""
     try:
         return encoding.decode(tokens)
@@ -171,7 +171,7 @@ def parse_completion(encoding: oh.HarmonyEncoding, tokens: list[int]) -> list[Ch
     try:
         return [_from_harmony(m) for m in encoding.parse_messages_from_completion_tokens(tokens, oh.Role.ASSISTANT)]
     except Exception:  # a model can emit anything; a chat loop must still get its text
-        return [ChatMessage("assistant", _decode(encoding, tokens))]
+        return [ChatMessage("assistant", decode_text(encoding, tokens))]
 
 
 def final_text(messages: list[ChatMessage]) -> str:
@@ -239,7 +239,7 @@ class StreamDecoder:
 
     def _raw_push(self, tokens: list[int], final: bool = False) -> list[tuple[str | None, str]]:
         self._pending += tokens
-        text = _decode(self._encoding, self._pending)
+        text = decode_text(self._encoding, self._pending)
         # A trailing U+FFFD may be a character split across tokens (at most 4 bytes): wait for the rest.
         if not final and text.endswith("\ufffd") and len(self._pending) < 4:
             return []

@@ -358,6 +358,7 @@ class GptOss(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.experts = experts
+        self.checkpoint_dir: str | None = None  # set by gptoss_jax.load; tokenizer files may lie there
         self.embed = nnx.Param(_init(rngs, (c.vocab_size, c.hidden_size), compute, 1.0))
 
         @nnx.split_rngs(splits=c.num_groups)

@@ -8,8 +8,11 @@ import pytest
 from gptoss_jax.checkpoint.random_weights import random_hub_tensors
 from gptoss_jax.checkpoint.writer import write_hub_checkpoint, write_original_checkpoint
 from gptoss_jax.config import GptOssConfig
+from harmony_vocab import harmony_vocab_dir  # noqa: F401 (a fixture: the o200k vocabulary offline)
 
 TINY = GptOssConfig.preset("tiny")
+# The tiny model with the full o200k_harmony vocabulary, for chat through openai-harmony.
+TINY_HARMONY = TINY.replace(vocab_size=201088)
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +41,14 @@ def hub_single_file_checkpoint(tmp_path_factory, tiny_tensors):
 def original_checkpoint(tmp_path_factory, tiny_tensors):
     """OpenAI's original layout, the same weights."""
     return write_original_checkpoint(tmp_path_factory.mktemp("ckpt") / "original", TINY, tiny_tensors)
+
+
+@pytest.fixture(scope="session")
+def harmony_checkpoint(tmp_path_factory):
+    """A tiny random model whose vocabulary is harmony's (201088 tokens)."""
+    return write_hub_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "harmony", TINY_HARMONY, random_hub_tensors(TINY_HARMONY, seed=2)
+    )
 
 
 @pytest.fixture(scope="session")

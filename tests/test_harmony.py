@@ -12,7 +12,7 @@ from collections import defaultdict
 import numpy as np
 import openai_harmony as oh
 import pytest
-from harmony_vocab import VOCAB_FILE, harmony_vocab_dir, write_vocab  # noqa: F401 (fixture)
+from harmony_vocab import VOCAB_FILE, write_vocab
 
 from gptoss_jax.errors import GptOssError
 from gptoss_jax.harmony import (

@@ -79,7 +79,9 @@ def load(path_or_repo_id: str | Path, dtype: str = "bfloat16", experts: str = "m
         return stacked
 
     state = jax.tree_util.tree_map_with_path(fill, state)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    model.checkpoint_dir = str(source.directory)  # where tokenizer files next to the weights can be found
+    return model
 
 
 def _read_layer_param(source: TensorSource, inner: tuple, layer: int, shape: tuple, dtype) -> jax.Array:

@@ -1,0 +1,131 @@
+"""Next-token sampling: logits -> token, in pure jax.numpy, for use inside a jitted decode loop.
+
+The knobs travel as per-row arrays (`SamplingParams.as_arrays`), so one compiled decode step serves
+any mix of values and changing them never recompiles.
+
+Order and semantics (the Hugging Face / vLLM conventions), applied to the temperature-scaled
+distribution p = softmax(logits / temperature):
+
+1. temperature: divide the logits by it; 0 means greedy (argmax of the raw logits, no randomness).
+2. top-k: keep the k highest logits; tokens tied with the k-th value are kept too, so a row may keep
+   more than k. 0 turns it off.
+3. top-p (nucleus): of what top-k kept, renormalised, keep the smallest set of highest-probability
+   tokens whose cumulative probability reaches top_p; always at least the top token. Tokens tied
+   with the last kept one are kept too. 1 turns it off.
+4. min-p: keep tokens with p >= min_p * max(p). Renormalising does not change ratios to the max, so
+   this is the same before or after steps 2-3. 0 turns it off; 1 keeps the max and its ties.
+
+Every step keeps a prefix of the row sorted in descending order, so their intersection is one
+prefix too: one descending sort per row gives a single cutoff value, and the kept set is
+`logits >= cutoff`. No argsort or scatter back is needed.
+
+Reproducibility: a fixed key with a fixed batch (shape and row order) reproduces exactly. A row's
+draw depends on the batch it is in, since the Gumbel noise is drawn for the whole [B, V] block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Sampling knobs for one request; `as_arrays` turns them into per-row arrays for jit."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+
+    def __post_init__(self):
+        # Comparisons written so that NaN fails them.
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 means off), got {self.top_k!r}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (1 means off), got {self.top_p!r}")
+        if not (0 <= self.min_p <= 1):
+            raise ValueError(f"min_p must be in [0, 1] (0 means off), got {self.min_p!r}")
+
+    def as_arrays(self, batch_size: int) -> dict[str, jax.Array]:
+        """Per-row knobs, shape [batch_size]: float32 temperature/top_p/min_p, int32 top_k."""
+        return {
+            "temperature": jnp.full((batch_size,), self.temperature, jnp.float32),
+            "top_k": jnp.full((batch_size,), self.top_k, jnp.int32),
+            "top_p": jnp.full((batch_size,), self.top_p, jnp.float32),
+            "min_p": jnp.full((batch_size,), self.min_p, jnp.float32),
+        }
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    """Argmax over the vocabulary, int32 [B]; ties go to the lowest index."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Top-k, then top-p, then min-p on (already temperature-scaled) logits [B, V]; knobs are [B].
+
+    Returns the logits with -inf outside the kept set (see the module docstring for semantics).
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    batch, vocab = logits.shape
+    top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (batch,))[:, None]
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (batch,))[:, None]
+    min_p = jnp.broadcast_to(jnp.asarray(min_p, jnp.float32), (batch,))[:, None]
+
+    # The one full sort: values only, descending.
+    desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+
+    # top-k: compare against the k-th value (not the position) so ties with it are kept.
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(desc, k - 1, axis=-1)
+    keep = desc >= kth
+
+    # top-p on the renormalised top-k distribution: token i stays while the mass strictly before it
+    # is < top_p, which keeps the smallest prefix reaching top_p (and always position 0).
+    probs = jax.nn.softmax(jnp.where(keep, desc, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # top_p >= 1 is "off": do not let float32 rounding of the cumsum drop the far tail.
+    keep &= (mass_before < top_p) | (top_p >= 1)
+
+    # min-p in log space: p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p); exact at min_p = 1,
+    # and log(0) = -inf keeps everything.
+    keep &= desc >= desc[:, :1] + jnp.log(min_p)
+
+    # All three masks are prefixes of the sorted row, so the kept set is everything >= one cutoff.
+    n_kept = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
+    cutoff = jnp.take_along_axis(desc, n_kept - 1, axis=-1)
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, key: jax.Array, params_arrays: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Next tokens int32 [B] and their logprobs float32 [B] under the raw (unscaled, unfiltered) logits.
+
+    Rows with temperature 0 take the argmax; others sample softmax(filtered logits / temperature).
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    temperature = params_arrays["temperature"]
+    top_k, top_p, min_p = params_arrays["top_k"], params_arrays["top_p"], params_arrays["min_p"]
+    is_greedy = temperature <= 0
+
+    # Greedy rows divide by 1 so they stay finite; their sample is discarded below.
+    scaled = logits / jnp.where(is_greedy, 1.0, temperature)[:, None]
+    # Skip the vocabulary sort when no sampling row filters anything (the common plain-sampling case).
+    needs_filter = jnp.any(~is_greedy & ((top_k > 0) | (top_p < 1) | (min_p > 0)))
+    filtered = jax.lax.cond(
+        needs_filter, lambda x: filter_logits(x, top_k, top_p, min_p), lambda x: x, scaled
+    )
+    # categorical draws Gumbel noise of shape [B, V]: every row gets its own independent draw.
+    sampled = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    tokens = jnp.where(is_greedy, greedy(logits), sampled)
+
+    # log_softmax at one token, without materialising the full [B, V] log_softmax.
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    logprobs = chosen - jax.nn.logsumexp(logits, axis=-1)
+    return tokens, logprobs
