@@ -106,3 +106,12 @@ def test_no_vocabulary_available(harmony_checkpoint, tmp_path):
     env.update(TIKTOKEN_RS_CACHE_DIR=str(tmp_path / "empty-cache"), HTTPS_PROXY="http://127.0.0.1:9")
     result = run_generate("--checkpoint", str(harmony_checkpoint), "--prompt", "hi", env=env)
     assert_one_line_error(result, "TIKTOKEN_ENCODINGS_BASE", "o200k_base.tiktoken")
+
+
+def test_the_random_checkpoint_demo_chats_with_no_network(tmp_path):
+    # The demo's path: a tiny random model written on the fly, its vocabulary taken from bpe-openai.
+    env = {key: value for key, value in os.environ.items() if key != "TIKTOKEN_ENCODINGS_BASE"}
+    env.update(TIKTOKEN_RS_CACHE_DIR=str(tmp_path / "empty-cache"))
+    result = run_generate("--checkpoint", "random", "--prompt", "hi", "--max-new-tokens", "4", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["tokens"]) == 4
