@@ -10,6 +10,7 @@ float32 whatever the compute dtype; matmuls take the compute dtype and accumulat
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EXPERT_FORMATS = ("mxfp4", "bfloat16")
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["keys", "values", "positions"], meta_fields=["empty"]
+)
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
     """Keys and values one attention layer keeps, with the position each slot holds (-1: empty).
@@ -35,6 +38,20 @@ class LayerCache:
     keys: jax.Array  # [B, slots, kv_heads, head_dim]
     values: jax.Array  # [B, slots, kv_heads, head_dim]
     positions: jax.Array  # [B, slots] int32
+    # Known empty at trace time (a fresh cache): a prefill then attends to its own tokens only.
+    empty: bool = False
+
+    def group(self, index: jax.Array, empty: bool) -> "LayerCache":
+        """One layer group's slice of a cache stacked over groups."""
+        return LayerCache(self.keys[index], self.values[index], self.positions[index], empty)
+
+    def with_group(self, index: jax.Array, one: "LayerCache") -> "LayerCache":
+        """This stacked cache with group `index` replaced by `one` (in place under jit)."""
+        return LayerCache(
+            self.keys.at[index].set(one.keys),
+            self.values.at[index].set(one.values),
+            self.positions.at[index].set(one.positions),
+        )
 
     def write(self, keys: jax.Array, values: jax.Array, positions: jax.Array) -> "LayerCache":
         """Store new tokens (positions -1 are padding and stored nowhere); the latest token wins a slot."""
@@ -83,6 +100,7 @@ class KVCache:
                     jnp.zeros(shape, DTYPES[dtype]),
                     jnp.zeros(shape, DTYPES[dtype]),
                     jnp.full((config.num_groups, batch, slots), -1, jnp.int32),
+                    empty=True,
                 )
             )
         return cls(tuple(layers))
@@ -174,8 +192,9 @@ class Attention(nnx.Module):
         v = _matmul("btd,hkd->bthk", x, self.v_proj[...], dtype) + self.v_bias[...].astype(jnp.float32)
         q, k = apply_rope(q, positions, c), apply_rope(k, positions, c)
 
-        if cache is None:
+        if cache is None or cache.empty:
             keys, values, key_positions = k, v, positions
+            cache = None if cache is None else cache.write(k, v, positions)
         elif length == 1:  # decode: the new token's slot held nothing this query may see, so write first
             cache = cache.write(k, v, positions)
             keys, values, key_positions = cache.keys, cache.values, cache.positions
@@ -401,19 +420,20 @@ class GptOss(nnx.Module):
             x, _ = jax.lax.scan(run_group, x, stacked)
             return self.norm(x), None
 
-        # The cache rides in the carry and is updated in place at each group's index.
+        # The cache rides in the carry and is updated in place at each group's index. Whether it starts
+        # empty is static, so it is told to each layer but not carried.
+        empty = tuple(layer.empty for layer in cache.layers)
+        carried = tuple(dataclasses.replace(layer, empty=False) for layer in cache.layers)
+
         def run_cached_group(carry, scanned):
             x, layers = carry
             group_state, index = scanned
-            mine = tuple(jax.tree.map(lambda a: a[index], layer) for layer in layers)
+            mine = tuple(layer.group(index, was_empty) for layer, was_empty in zip(layers, empty))
             x, mine = nnx.merge(graphdef, group_state)(x, positions, mine)
-            layers = tuple(
-                jax.tree.map(lambda all_, one: all_.at[index].set(one), layer, new) for layer, new in zip(layers, mine)
-            )
-            return (x, layers), None
+            return (x, tuple(layer.with_group(index, new) for layer, new in zip(layers, mine))), None
 
         indices = jnp.arange(self.config.num_groups)
-        (x, layers), _ = jax.lax.scan(run_cached_group, (x, cache.layers), (stacked, indices))
+        (x, layers), _ = jax.lax.scan(run_cached_group, (x, carried), (stacked, indices))
         return self.norm(x), KVCache(layers)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -52,6 +52,16 @@ class TensorSource:
     def nbytes_on_disk(self) -> int:
         return sum(path.stat().st_size for path in self.files)
 
+    def check_complete(self, stored: names.Shapes) -> "TensorSource":
+        """Fail early, naming the first stored tensor the config needs that no file holds."""
+        missing = [name for name in stored if name not in self._file_of]
+        if missing:
+            raise CheckpointError(
+                f"{self.directory}: tensor {missing[0]!r} is missing from the checkpoint "
+                f"({len(missing)} missing in all)"
+            )
+        return self
+
     def read(self, name: str) -> np.ndarray:
         """The hub tensor `name`, checked against the shape and dtype the config implies."""
         value = self._read_hub(name)
@@ -166,7 +176,7 @@ def _open_hub(directory: Path, config: GptOssConfig) -> HubSource:
         files = {name: directory / HUB_SINGLE for name in _keys(directory / HUB_SINGLE)}
     else:
         raise CheckpointError(f"{directory}: has config.json but neither {HUB_INDEX} nor {HUB_SINGLE}")
-    return _checked(HubSource(directory, config, files), names.hub_tensor_shapes(config))
+    return HubSource(directory, config, files).check_complete(names.hub_tensor_shapes(config))
 
 
 def _open_original(directory: Path, config: GptOssConfig) -> OriginalSource:
@@ -181,18 +191,7 @@ def _open_original(directory: Path, config: GptOssConfig) -> OriginalSource:
         files = {name: path for path in sorted(directory.glob("*.safetensors")) for name in _keys(path)}
     if not files:
         raise CheckpointError(f"{directory}: has an original-layout config.json but no *.safetensors files")
-    return _checked(OriginalSource(directory, config, files), names.original_tensor_shapes(config))
-
-
-def _checked(source: TensorSource, expected: names.Shapes) -> TensorSource:
-    """Fail early, naming the first tensor the config needs that no file holds."""
-    missing = [name for name in expected if name not in source._file_of]
-    if missing:
-        raise CheckpointError(
-            f"{source.directory}: tensor {missing[0]!r} is missing from the checkpoint "
-            f"({len(missing)} missing in all)"
-        )
-    return source
+    return OriginalSource(directory, config, files).check_complete(names.original_tensor_shapes(config))
 
 
 def _keys(path: Path) -> list[str]:
