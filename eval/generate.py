@@ -179,6 +179,7 @@ def complete_raw(generator, encoding, token_lists, args, options, load_seconds) 
             record = {
                 "prompt_tokens": prompt,
                 "tokens": completion.tokens,
+                "logprobs": completion.logprobs,
                 "text": text,
                 "final": text,
                 "analysis": "",
@@ -196,6 +197,7 @@ def print_reply(prompt: str, reply: ChatReply, args, timings: dict) -> None:
         record = {
             "prompt": prompt,
             "tokens": reply.tokens,
+            "logprobs": reply.logprobs,
             "text": _text_of(reply),
             "final": reply.final,
             "analysis": reply.analysis,
