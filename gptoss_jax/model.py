@@ -13,10 +13,13 @@ import dataclasses
 import functools
 import math
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import SLIDING, GptOssConfig
@@ -112,6 +115,9 @@ class KVCache:
         return max(layer.positions.shape[-1] for layer in self.layers)
 
 
+KV_AXES = ("kv_heads", "head_dim", "embed")
+
+
 class PackedBytes(nnx.Variable):
     """Frozen MXFP4 bytes (blocks or scales): kept as stored, never trained."""
 
@@ -138,7 +144,7 @@ def _matmul(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
 
 class RMSNorm(nnx.Module):
     def __init__(self, size: int, eps: float, param_dtype):
-        self.scale = nnx.Param(jnp.ones((size,), param_dtype))
+        self.scale = nnx.Param(jnp.ones((size,), param_dtype), axes=("embed",))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -179,17 +185,20 @@ class Attention(nnx.Module):
     def __init__(self, config: GptOssConfig, param_dtype, dtype, rngs: nnx.Rngs):
         c = config
         std = c.hidden_size**-0.5
-        self.q_proj = nnx.Param(_init(rngs, (c.num_heads, c.head_dim, c.hidden_size), param_dtype, std))
-        self.q_bias = nnx.Param(jnp.zeros((c.num_heads, c.head_dim), param_dtype))
-        self.k_proj = nnx.Param(_init(rngs, (c.num_kv_heads, c.head_dim, c.hidden_size), param_dtype, std))
-        self.k_bias = nnx.Param(jnp.zeros((c.num_kv_heads, c.head_dim), param_dtype))
-        self.v_proj = nnx.Param(_init(rngs, (c.num_kv_heads, c.head_dim, c.hidden_size), param_dtype, std))
-        self.v_bias = nnx.Param(jnp.zeros((c.num_kv_heads, c.head_dim), param_dtype))
-        self.o_proj = nnx.Param(
-            _init(rngs, (c.hidden_size, c.num_heads, c.head_dim), param_dtype, (c.num_heads * c.head_dim) ** -0.5)
+        self.q_proj = nnx.Param(
+            _init(rngs, (c.num_heads, c.head_dim, c.hidden_size), param_dtype, std), axes=("heads", "head_dim", "embed")
         )
-        self.o_bias = nnx.Param(jnp.zeros((c.hidden_size,), param_dtype))
-        self.sinks = nnx.Param(jnp.zeros((c.num_heads,), param_dtype))
+        self.q_bias = nnx.Param(jnp.zeros((c.num_heads, c.head_dim), param_dtype), axes=("heads", "head_dim"))
+        self.k_proj = nnx.Param(_init(rngs, (c.num_kv_heads, c.head_dim, c.hidden_size), param_dtype, std), axes=KV_AXES)
+        self.k_bias = nnx.Param(jnp.zeros((c.num_kv_heads, c.head_dim), param_dtype), axes=KV_AXES[:2])
+        self.v_proj = nnx.Param(_init(rngs, (c.num_kv_heads, c.head_dim, c.hidden_size), param_dtype, std), axes=KV_AXES)
+        self.v_bias = nnx.Param(jnp.zeros((c.num_kv_heads, c.head_dim), param_dtype), axes=KV_AXES[:2])
+        self.o_proj = nnx.Param(
+            _init(rngs, (c.hidden_size, c.num_heads, c.head_dim), param_dtype, (c.num_heads * c.head_dim) ** -0.5),
+            axes=("embed", "heads", "head_dim"),
+        )
+        self.o_bias = nnx.Param(jnp.zeros((c.hidden_size,), param_dtype), axes=("embed",))
+        self.sinks = nnx.Param(jnp.zeros((c.num_heads,), param_dtype), axes=("heads",))
         self.config = config
         self.dtype = dtype
 
@@ -239,59 +248,73 @@ class Attention(nnx.Module):
 class PackedExpertWeights(nnx.Module):
     """One projection of every expert, kept as MXFP4 bytes: [E, out, in/32, 16] blocks, [E, out, in/32] scales."""
 
-    def __init__(self, num_experts: int, out_features: int, in_features: int, rngs: nnx.Rngs):
+    def __init__(self, num_experts: int, out_features: int, in_features: int, out_axis: str, in_axis: str, rngs):
         groups = in_features // mxfp4.BLOCK_SIZE
         shape = (num_experts, out_features, groups)
+        axes = ("experts", out_axis, in_axis + "_blocks")
         self.blocks = PackedBytes(
-            jax.random.randint(rngs.params(), (*shape, mxfp4.BYTES_PER_BLOCK), 0, 256, jnp.int32).astype(jnp.uint8)
+            jax.random.randint(rngs.params(), (*shape, mxfp4.BYTES_PER_BLOCK), 0, 256, jnp.int32).astype(jnp.uint8),
+            axes=(*axes, "block_bytes"),
         )
         # Scale 2**-6 on fp4 values of RMS ~2.9 gives weights of RMS ~0.05, a sensible random init.
-        self.scales = PackedBytes(jnp.full(shape, mxfp4.SCALE_BIAS - 6, jnp.uint8))
+        self.scales = PackedBytes(jnp.full(shape, mxfp4.SCALE_BIAS - 6, jnp.uint8), axes=axes)
 
-    def decode(self, dtype, experts: jax.Array | None = None) -> jax.Array:
-        """Decoded [E, out, in] weights, or [*experts.shape, out, in] for just the chosen experts."""
-        blocks, scales = self.blocks[...], self.scales[...]
-        if experts is not None:
-            blocks, scales = blocks[experts], scales[experts]
-        return mxfp4.dequantize(blocks, scales, dtype)
+    def arrays(self) -> dict[str, jax.Array]:
+        return {"blocks": self.blocks[...], "scales": self.scales[...]}
 
 
 class DenseExpertWeights(nnx.Module):
     """One projection of every expert as a dense [E, out, in] array (for full fine-tuning)."""
 
-    def __init__(self, num_experts: int, out_features: int, in_features: int, param_dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_init(rngs, (num_experts, out_features, in_features), param_dtype, 0.05))
+    def __init__(self, num_experts: int, out_features: int, in_features: int, out_axis: str, in_axis: str, rngs):
+        self.weight = nnx.Param(
+            _init(rngs, (num_experts, out_features, in_features), jnp.bfloat16, 0.05), axes=("experts", out_axis, in_axis)
+        )
 
-    def decode(self, dtype, experts: jax.Array | None = None) -> jax.Array:
-        weight = self.weight[...]
-        return (weight if experts is None else weight[experts]).astype(dtype)
+    def arrays(self) -> dict[str, jax.Array]:
+        return {"weight": self.weight[...]}
+
+
+def decode_experts(weights: dict[str, jax.Array], dtype, experts: jax.Array | None = None) -> jax.Array:
+    """[E, out, in] weights from either form, or [*experts.shape, out, in] for just the chosen experts."""
+    if experts is not None:
+        weights = {name: array[experts] for name, array in weights.items()}
+    if "weight" in weights:
+        return weights["weight"].astype(dtype)
+    return mxfp4.dequantize(weights["blocks"], weights["scales"], dtype)
+
+
+def _weight_specs(module: nnx.Module, mesh) -> dict[str, Any]:
+    """PartitionSpecs of a module's direct arrays, from their declared axes."""
+    from gptoss_jax.sharding import spec_for
+
+    return {
+        name: spec_for(variable.axes, variable.shape, mesh, name)
+        for name, variable in vars(module).items()
+        if isinstance(variable, nnx.Variable)
+    }
 
 
 class MoE(nnx.Module):
-    """Top-k routed experts with the clamped SwiGLU of gpt-oss (interleaved gate/linear columns, `+1`)."""
+    """Top-k routed experts with the clamped SwiGLU of gpt-oss (interleaved gate/linear columns, `+1`).
+
+    Under a mesh (`jax.set_mesh`) the experts run in `shard_map`: each device holds num_experts / n
+    experts and a 1/t slice of their intermediate dimension, computes the tokens' contributions from
+    what it holds, and a psum over the 'expert' and 'tensor' axes adds them up.
+    """
 
     def __init__(self, config: GptOssConfig, param_dtype, dtype, experts: str, rngs: nnx.Rngs):
         c = config
         e, h, i = c.num_experts, c.hidden_size, c.intermediate_size
-        self.router = nnx.Param(_init(rngs, (e, h), param_dtype, h**-0.5))
-        self.router_bias = nnx.Param(jnp.zeros((e,), param_dtype))
-        if experts == "mxfp4":
-            self.mlp1 = PackedExpertWeights(e, 2 * i, h, rngs)
-            self.mlp2 = PackedExpertWeights(e, h, i, rngs)
-        else:
-            self.mlp1 = DenseExpertWeights(e, 2 * i, h, jnp.bfloat16, rngs)
-            self.mlp2 = DenseExpertWeights(e, h, i, jnp.bfloat16, rngs)
-        self.mlp1_bias = nnx.Param(jnp.zeros((e, 2 * i), param_dtype))
-        self.mlp2_bias = nnx.Param(jnp.zeros((e, h), param_dtype))
+        self.router = nnx.Param(_init(rngs, (e, h), param_dtype, h**-0.5), axes=("router", "embed"))
+        self.router_bias = nnx.Param(jnp.zeros((e,), param_dtype), axes=("router",))
+        weights = PackedExpertWeights if experts == "mxfp4" else DenseExpertWeights
+        self.mlp1 = weights(e, 2 * i, h, "expert_intermediate", "embed", rngs=rngs)
+        self.mlp2 = weights(e, h, i, "embed", "intermediate", rngs=rngs)
+        self.mlp1_bias = nnx.Param(jnp.zeros((e, 2 * i), param_dtype), axes=("experts", "expert_intermediate"))
+        self.mlp2_bias = nnx.Param(jnp.zeros((e, h), param_dtype), axes=("experts", "embed"))
         self.config = config
         self.dtype = dtype
-
-    def _swiglu(self, h: jax.Array) -> jax.Array:
-        c = self.config
-        gate, linear = h[..., 0::2], h[..., 1::2]
-        gate = jnp.minimum(gate, c.swiglu_limit)
-        linear = jnp.clip(linear, -c.swiglu_limit, c.swiglu_limit)
-        return gate * jax.nn.sigmoid(c.swiglu_alpha * gate) * (linear + 1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c, dtype = self.config, self.dtype
@@ -302,37 +325,102 @@ class MoE(nnx.Module):
         )
         top_logits, experts = jax.lax.top_k(router_logits, c.experts_per_token)
         weights = jax.nn.softmax(top_logits, axis=-1)  # over the k chosen experts only
-        if tokens.shape[0] * c.experts_per_token <= c.num_experts:
-            out = self._gathered(tokens, experts, weights)
+        params = {
+            "mlp1": self.mlp1.arrays(),
+            "mlp2": self.mlp2.arrays(),
+            "mlp1_bias": self.mlp1_bias[...],
+            "mlp2_bias": self.mlp2_bias[...],
+        }
+        apply = functools.partial(expert_outputs, config=c, dtype=dtype)
+        mesh = _context_mesh()
+        if mesh is None:
+            out = apply(tokens, experts, weights, params, sharded=False)
         else:
-            out = self._grouped(tokens, experts, weights)
+            own = _weight_specs(self, mesh)
+            specs = {
+                "mlp1": _weight_specs(self.mlp1, mesh),
+                "mlp2": _weight_specs(self.mlp2, mesh),
+                "mlp1_bias": own["mlp1_bias"],
+                "mlp2_bias": own["mlp2_bias"],
+            }
+            rows = PartitionSpec("data")
+            out = jax.shard_map(
+                functools.partial(apply, sharded=True),
+                mesh=mesh,
+                in_specs=(rows, rows, rows, specs),
+                out_specs=rows,
+            )(tokens, experts, weights, params)
         return out.reshape(batch, length, hidden)
 
-    def _gathered(self, tokens: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
-        """Few tokens: decode only the chosen experts' weights and apply them token by token."""
-        dtype = self.dtype
-        h = _matmul("nd,nkod->nko", tokens, self.mlp1.decode(dtype, experts), dtype)
-        h = self._swiglu(h + self.mlp1_bias[...][experts].astype(jnp.float32))
-        y = _matmul("nki,nkdi->nkd", h, self.mlp2.decode(dtype, experts), dtype)
-        y = y + self.mlp2_bias[...][experts].astype(jnp.float32)
-        return jnp.einsum("nkd,nk->nd", y, weights)
 
-    def _grouped(self, tokens: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
-        """Many tokens: sort (token, expert) pairs by expert and run one grouped matmul per projection."""
-        dtype, k = self.dtype, self.config.experts_per_token
-        flat_experts = experts.reshape(-1)
-        order = jnp.argsort(flat_experts, stable=True)
-        token_of = order // k
-        sorted_experts = flat_experts[order]
-        group_sizes = jnp.bincount(flat_experts, length=self.config.num_experts).astype(jnp.int32)
+def _context_mesh():
+    from gptoss_jax.sharding import context_mesh
 
-        w1 = jnp.swapaxes(self.mlp1.decode(dtype), 1, 2)  # [E, in, out]
-        h = jax.lax.ragged_dot(tokens[token_of].astype(dtype), w1, group_sizes, preferred_element_type=jnp.float32)
-        h = self._swiglu(h + self.mlp1_bias[...][sorted_experts].astype(jnp.float32))
-        w2 = jnp.swapaxes(self.mlp2.decode(dtype), 1, 2)
-        y = jax.lax.ragged_dot(h.astype(dtype), w2, group_sizes, preferred_element_type=jnp.float32)
-        y = (y + self.mlp2_bias[...][sorted_experts].astype(jnp.float32)) * weights.reshape(-1)[order][:, None]
-        return jnp.zeros((tokens.shape[0], tokens.shape[1]), jnp.float32).at[token_of].add(y)
+    return context_mesh()
+
+
+def expert_outputs(tokens, experts, weights, params, *, config: GptOssConfig, dtype, sharded: bool) -> jax.Array:
+    """sum_k weight_k * expert_k(token) over the experts held here (all of them when not sharded).
+
+    tokens [N, D]; experts, weights [N, k]. Sharded, this device holds experts offset..offset+E_local
+    and one slice of the intermediate dimension; its partial sums are added across devices.
+    """
+    local_count = params["mlp1_bias"].shape[0]
+    if sharded:
+        offset = jax.lax.axis_index("expert") * local_count
+        first_tensor_shard = jax.lax.axis_index("tensor") == 0
+    else:
+        offset, first_tensor_shard = 0, True
+    local = experts - offset
+    held = (local >= 0) & (local < local_count)
+    weights = jnp.where(held, weights, 0.0)
+    local = jnp.clip(local, 0, local_count - 1)
+    # The down projection's bias is added once, by the first slice of the intermediate dimension.
+    bias2 = params["mlp2_bias"] * first_tensor_shard
+    if tokens.shape[0] * config.experts_per_token <= config.num_experts:
+        out = _gathered(tokens, local, weights, params, bias2, config, dtype)
+    else:
+        out = _grouped(tokens, jnp.where(held, local, local_count), weights, params, bias2, config, dtype)
+    return jax.lax.psum(out, ("expert", "tensor")) if sharded else out
+
+
+def _swiglu(h: jax.Array, config: GptOssConfig) -> jax.Array:
+    gate, linear = h[..., 0::2], h[..., 1::2]
+    gate = jnp.minimum(gate, config.swiglu_limit)
+    linear = jnp.clip(linear, -config.swiglu_limit, config.swiglu_limit)
+    return gate * jax.nn.sigmoid(config.swiglu_alpha * gate) * (linear + 1)
+
+
+def _gathered(tokens, experts, weights, params, bias2, config, dtype) -> jax.Array:
+    """Few tokens: decode only the chosen experts' weights and apply them token by token."""
+    h = _matmul("nd,nkod->nko", tokens, decode_experts(params["mlp1"], dtype, experts), dtype)
+    h = _swiglu(h + params["mlp1_bias"][experts].astype(jnp.float32), config)
+    y = _matmul("nki,nkdi->nkd", h, decode_experts(params["mlp2"], dtype, experts), dtype)
+    y = y + bias2[experts].astype(jnp.float32)
+    return jnp.einsum("nkd,nk->nd", y, weights)
+
+
+def _grouped(tokens, experts, weights, params, bias2, config, dtype) -> jax.Array:
+    """Many tokens: sort (token, expert) pairs by expert and run one grouped matmul per projection.
+
+    experts holds local expert ids, or local_count for pairs held elsewhere: those sort last, fall in no
+    group (ragged_dot gives them zeros) and have weight 0.
+    """
+    k = config.experts_per_token
+    local_count = params["mlp1_bias"].shape[0]
+    flat_experts = experts.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    token_of = order // k
+    sorted_experts = jnp.minimum(flat_experts[order], local_count - 1)
+    group_sizes = jnp.bincount(flat_experts, length=local_count + 1)[:local_count].astype(jnp.int32)
+
+    w1 = jnp.swapaxes(decode_experts(params["mlp1"], dtype), 1, 2)  # [E, in, out]
+    h = jax.lax.ragged_dot(tokens[token_of].astype(dtype), w1, group_sizes, preferred_element_type=jnp.float32)
+    h = _swiglu(h + params["mlp1_bias"][sorted_experts].astype(jnp.float32), config)
+    w2 = jnp.swapaxes(decode_experts(params["mlp2"], dtype), 1, 2)
+    y = jax.lax.ragged_dot(h.astype(dtype), w2, group_sizes, preferred_element_type=jnp.float32)
+    y = (y + bias2[sorted_experts].astype(jnp.float32)) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((tokens.shape[0], tokens.shape[1]), jnp.float32).at[token_of].add(y)
 
 
 class Block(nnx.Module):
@@ -390,7 +478,7 @@ class GptOss(nnx.Module):
         self.dtype = dtype
         self.experts = experts
         self.checkpoint_dir: str | None = None  # set by gptoss_jax.load; tokenizer files may lie there
-        self.embed = nnx.Param(_init(rngs, (c.vocab_size, c.hidden_size), compute, 1.0))
+        self.embed = nnx.Param(_init(rngs, (c.vocab_size, c.hidden_size), compute, 1.0), axes=("vocab", "embed"))
 
         @nnx.split_rngs(splits=c.num_groups)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -399,7 +487,9 @@ class GptOss(nnx.Module):
 
         self.groups = make_groups(rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, compute)
-        self.unembed = nnx.Param(_init(rngs, (c.vocab_size, c.hidden_size), compute, c.hidden_size**-0.5))
+        self.unembed = nnx.Param(
+            _init(rngs, (c.vocab_size, c.hidden_size), compute, c.hidden_size**-0.5), axes=("vocab", "embed")
+        )
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None
