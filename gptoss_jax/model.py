@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import SLIDING, GptOssConfig
+from gptoss_jax.sharding import spec_for
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EXPERT_FORMATS = ("mxfp4", "bfloat16")
@@ -286,8 +287,6 @@ def decode_experts(weights: dict[str, jax.Array], dtype, experts: jax.Array | No
 
 def _weight_specs(module: nnx.Module, mesh) -> dict[str, Any]:
     """PartitionSpecs of a module's direct arrays, from their declared axes."""
-    from gptoss_jax.sharding import spec_for
-
     return {
         name: spec_for(variable.axes, variable.shape, mesh, name)
         for name, variable in vars(module).items()
@@ -298,7 +297,7 @@ def _weight_specs(module: nnx.Module, mesh) -> dict[str, Any]:
 class MoE(nnx.Module):
     """Top-k routed experts with the clamped SwiGLU of gpt-oss (interleaved gate/linear columns, `+1`).
 
-    Under a mesh (`jax.set_mesh`) the experts run in `shard_map`: each device holds num_experts / n
+    On a mesh (see gptoss_jax.sharding.shard_model) the experts run in `shard_map`: each device holds num_experts / n
     experts and a 1/t slice of their intermediate dimension, computes the tokens' contributions from
     what it holds, and a psum over the 'expert' and 'tensor' axes adds them up.
     """
@@ -315,6 +314,7 @@ class MoE(nnx.Module):
         self.mlp2_bias = nnx.Param(jnp.zeros((e, h), param_dtype), axes=("experts", "embed"))
         self.config = config
         self.dtype = dtype
+        self.mesh = None  # set by gptoss_jax.sharding.shard_model
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c, dtype = self.config, self.dtype
@@ -332,7 +332,7 @@ class MoE(nnx.Module):
             "mlp2_bias": self.mlp2_bias[...],
         }
         apply = functools.partial(expert_outputs, config=c, dtype=dtype)
-        mesh = _context_mesh()
+        mesh = self.mesh
         if mesh is None:
             out = apply(tokens, experts, weights, params, sharded=False)
         else:
@@ -351,12 +351,6 @@ class MoE(nnx.Module):
                 out_specs=rows,
             )(tokens, experts, weights, params)
         return out.reshape(batch, length, hidden)
-
-
-def _context_mesh():
-    from gptoss_jax.sharding import context_mesh
-
-    return context_mesh()
 
 
 def expert_outputs(tokens, experts, weights, params, *, config: GptOssConfig, dtype, sharded: bool) -> jax.Array:
@@ -478,6 +472,7 @@ class GptOss(nnx.Module):
         self.dtype = dtype
         self.experts = experts
         self.checkpoint_dir: str | None = None  # set by gptoss_jax.load; tokenizer files may lie there
+        self.mesh = None  # set by gptoss_jax.sharding.shard_model
         self.embed = nnx.Param(_init(rngs, (c.vocab_size, c.hidden_size), compute, 1.0), axes=("vocab", "embed"))
 
         @nnx.split_rngs(splits=c.num_groups)

@@ -99,6 +99,14 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     state = nnx.state(model)
     placed = jax.device_put(state, _values(state_shardings(state, mesh)))
     nnx.update(model, placed)
+    return set_mesh(model, mesh)
+
+
+def set_mesh(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Tell the model and its modules that need it (the MoE layers' shard_map) which mesh it lives on."""
+    for _, module in model.iter_modules():
+        if hasattr(module, "mesh"):
+            module.mesh = mesh
     return model
 
 
@@ -118,10 +126,3 @@ def device_bytes(tree: Any) -> dict[Any, int]:
             per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
     return per_device
 
-
-def context_mesh() -> Any | None:
-    """The mesh set with `jax.set_mesh` while tracing, if it splits anything; else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or math.prod(mesh.shape.values()) == 1:
-        return None
-    return mesh

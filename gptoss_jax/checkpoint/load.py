@@ -7,16 +7,19 @@ place, so host memory peaks near the size of the loaded model plus one tensor, n
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax import mxfp4
 from gptoss_jax.checkpoint.reader import TensorSource, open_checkpoint
 from gptoss_jax.model import GptOss
+from gptoss_jax.sharding import set_mesh, spec_for
 
 # Model parameter path -> hub tensor name. Per-layer names carry `{n}`, the layer index.
 TOP_LEVEL = {
@@ -52,11 +55,15 @@ DENSE_EXPERTS = {
 }
 
 
-def load(path_or_repo_id: str | Path, dtype: str = "bfloat16", experts: str = "mxfp4") -> GptOss:
+def load(
+    path_or_repo_id: str | Path, dtype: str = "bfloat16", experts: str = "mxfp4", mesh: Mesh | None = None
+) -> GptOss:
     """Load a gpt-oss checkpoint: a hub-layout folder, an original-layout folder, or a hub repo id.
 
     dtype: "float32" (for exactness checks) or "bfloat16" (for speed): the dense weights and compute.
     experts: "mxfp4" keeps expert weights packed (decoded inside the forward); "bfloat16" decodes at load.
+    mesh: place every tensor straight into its sharding (gptoss_jax.sharding); each device receives only
+    its shard of each tensor as it is read.
     """
     source = open_checkpoint(path_or_repo_id)
     config = source.config
@@ -64,38 +71,57 @@ def load(path_or_repo_id: str | Path, dtype: str = "bfloat16", experts: str = "m
     graphdef, state = nnx.split(abstract)
     pattern_length = len(config.layer_pattern)
 
-    def fill(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        # Keep dict keys and list indices; drop the `.value` step into each nnx.Variable.
-        path = tuple(k.key if hasattr(k, "key") else k.idx for k in path if not isinstance(k, jax.tree_util.GetAttrKey))
+    def fill(path: tuple, variable: nnx.Variable) -> nnx.Variable:
+        path = tuple(key.key if hasattr(key, "key") else key.idx for key in path)
+        sharding = _sharding(mesh, variable.axes, variable.shape, "/".join(map(str, path)))
         if path[0] != "groups":
-            return _to_device(source.read(TOP_LEVEL[path]), leaf.dtype)
+            return variable.replace(_place(source.read(TOP_LEVEL[path]), variable.dtype, sharding))
         # groups/layers/<position in pattern>/<module path>: slice g of the stack is layer g * P + position.
         position, inner = path[2], path[3:]
-        stacked = jnp.zeros(leaf.shape, leaf.dtype)
+        layer_sharding = None if sharding is None else NamedSharding(mesh, PartitionSpec(*sharding.spec[1:]))
+        stacked = jnp.zeros(variable.shape, variable.dtype, device=sharding)
         for group in range(config.num_groups):
             layer = group * pattern_length + position
-            value = _read_layer_param(source, inner, layer, leaf.shape[1:], leaf.dtype)
+            value = _read_layer_param(source, inner, layer, variable, layer_sharding)
             stacked = _set_slice(stacked, group, value)
-        return stacked
+        return variable.replace(stacked)
 
-    state = jax.tree_util.tree_map_with_path(fill, state)
+    state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
     model = nnx.merge(graphdef, state)
     model.checkpoint_dir = str(source.directory)  # where tokenizer files next to the weights can be found
-    return model
+    return model if mesh is None else set_mesh(model, mesh)
 
 
-def _read_layer_param(source: TensorSource, inner: tuple, layer: int, shape: tuple, dtype) -> jax.Array:
+def _sharding(mesh: Mesh | None, axes: tuple, shape: tuple, name: str) -> NamedSharding | None:
+    return None if mesh is None else NamedSharding(mesh, spec_for(axes, shape, mesh, name))
+
+
+def _read_layer_param(
+    source: TensorSource, inner: tuple, layer: int, variable: nnx.Variable, sharding: NamedSharding | None
+) -> jax.Array:
+    shape, dtype = variable.shape[1:], variable.dtype
     if inner in DENSE_EXPERTS:
         prefix = PER_LAYER[DENSE_EXPERTS[inner] + ("blocks",)].format(n=layer)
         blocks = source.read(prefix)
         scales = source.read(prefix.removesuffix("_blocks") + "_scales")
-        return mxfp4.dequantize(blocks, scales, dtype)
-    value = source.read(PER_LAYER[inner].format(n=layer))
-    return _to_device(value.reshape(shape), dtype)
+        if sharding is not None:  # decode each device's share only: blocks split like the weight's rows
+            spec = sharding.spec
+            blocks = jax.device_put(blocks, NamedSharding(sharding.mesh, PartitionSpec(*spec, None)))
+            scales = jax.device_put(scales, sharding)
+        return _dequantize(blocks, scales, dtype, sharding)
+    return _place(source.read(PER_LAYER[inner].format(n=layer)).reshape(shape), dtype, sharding)
 
 
-def _to_device(value: np.ndarray, dtype) -> jax.Array:
-    return jnp.asarray(value if value.dtype == dtype else value.astype(dtype))
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _dequantize(blocks: jax.Array, scales: jax.Array, dtype, sharding: NamedSharding | None) -> jax.Array:
+    weights = mxfp4.dequantize(blocks, scales, dtype)
+    return weights if sharding is None else jax.lax.with_sharding_constraint(weights, sharding)
+
+
+def _place(value: np.ndarray, dtype, sharding: NamedSharding | None) -> jax.Array:
+    """A host array on the device(s): with a sharding, each device receives only its slice."""
+    value = value if value.dtype == dtype else value.astype(dtype)
+    return jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
 
 
 # Donating the stack lets XLA write the slice in place instead of copying the whole stack per layer.
