@@ -115,7 +115,8 @@ class Generator:
         """Yield each row's tokens as they are made (in steps of `chunk` tokens)."""
         prompts = self._check(prompts, max_new_tokens, stop_tokens)
         rows = len(prompts)
-        batch = bucket(rows, 1)
+        data_parallel = 1 if self.model.mesh is None else self.model.mesh.shape["data"]
+        batch = -(-bucket(rows, 1) // data_parallel) * data_parallel  # rows split evenly over 'data'
         longest = max(len(prompt) for prompt in prompts)
         prompt_bucket = bucket(longest, MIN_PROMPT_BUCKET)
         steps_needed = -(-(max_new_tokens - 1) // chunk) * chunk
@@ -134,7 +135,7 @@ class Generator:
         stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
         stops[: len(stop_tokens)] = list(stop_tokens)
         sampling_arrays = sampling.as_arrays(batch)
-        cache = KVCache.create(self.config, batch, cache_length, self.model.dtype)
+        cache = KVCache.create(self.config, batch, cache_length, self.model.dtype, self.model.mesh)
 
         carry, token, logprob = self._prefill(
             self.state, tokens, lengths, cache, sampling_arrays, stops, jax.random.key(seed)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import SLIDING, GptOssConfig
@@ -94,17 +94,24 @@ class KVCache:
     layers: tuple[LayerCache, ...]
 
     @classmethod
-    def create(cls, config: GptOssConfig, batch: int, length: int, dtype: str = "bfloat16") -> "KVCache":
-        """An empty cache for sequences of at most `length` positions."""
+    def create(
+        cls, config: GptOssConfig, batch: int, length: int, dtype: str = "bfloat16", mesh=None
+    ) -> "KVCache":
+        """An empty cache for sequences of at most `length` positions (sharded over `mesh` if given)."""
+
+        def filled(shape, value, array_dtype, axes):
+            device = None if mesh is None else NamedSharding(mesh, spec_for(axes, shape, mesh, "KV cache"))
+            return jnp.full(shape, value, array_dtype, device=device)
+
         layers = []
         for kind in config.layer_pattern:
             slots = min(length, config.sliding_window) if kind == SLIDING else length
             shape = (config.num_groups, batch, slots, config.num_kv_heads, config.head_dim)
             layers.append(
                 LayerCache(
-                    jnp.zeros(shape, DTYPES[dtype]),
-                    jnp.zeros(shape, DTYPES[dtype]),
-                    jnp.full((config.num_groups, batch, slots), -1, jnp.int32),
+                    filled(shape, 0, DTYPES[dtype], CACHE_AXES),
+                    filled(shape, 0, DTYPES[dtype], CACHE_AXES),
+                    filled(shape[:3], -1, jnp.int32, CACHE_AXES[:2]),
                     empty=True,
                 )
             )
@@ -117,6 +124,7 @@ class KVCache:
 
 
 KV_AXES = ("kv_heads", "head_dim", "embed")
+CACHE_AXES = ("batch", "cache_slots", "kv_heads", "head_dim")  # per layer group; stacked over groups
 
 
 class PackedBytes(nnx.Variable):
