@@ -1,0 +1,116 @@
+"""Sharding over 8 simulated CPU devices: same logits and tokens as one device, experts split 1/n."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from gptoss_jax.errors import GptOssError
+from gptoss_jax.sharding import ShardingError, parse_mesh
+
+MESHES = ["expert=8", "expert=4,tensor=2", "data=2,expert=2,tensor=2"]
+
+# Runs in a fresh process: the device count is fixed when jax starts.
+CHECKS = r"""
+import json, sys
+import jax, numpy as np
+from flax import nnx
+import gptoss_jax
+from gptoss_jax import sharding
+from gptoss_jax.checkpoint import load as loading
+from gptoss_jax.model import PackedBytes
+
+checkpoint, tokens_file, mesh_spec = sys.argv[1:4]
+tokens = np.load(tokens_file)
+prompts = [tokens[0, :3].tolist(), tokens[1, :17].tolist(), tokens[0, :40].tolist()]
+mesh = sharding.make_mesh(mesh_spec)
+results = {"devices": jax.device_count(), "expert_layer_shard_fractions": []}
+
+# Watch each per-layer expert tensor as the loader places it: a device must only ever get its share.
+read_layer = loading._read_layer_param
+def watched_read_layer(source, inner, layer, variable, layer_sharding):
+    value = read_layer(source, inner, layer, variable, layer_sharding)
+    if inner[:2] in (("mlp", "mlp1"), ("mlp", "mlp2")):
+        largest = max(shard.data.size for shard in value.addressable_shards)
+        results["expert_layer_shard_fractions"].append(largest / value.size)
+    return value
+loading._read_layer_param = watched_read_layer
+
+for experts in ("mxfp4", "bfloat16"):
+    model = gptoss_jax.load(checkpoint, dtype="float32", experts=experts, mesh=mesh)
+    np.save(f"{tokens_file}.{mesh_spec}.{experts}.npy", np.asarray(model(tokens)))
+    results[experts + "_greedy"] = gptoss_jax.generate(model, prompts, max_new_tokens=20, temperature=0)
+    expert_arrays = [
+        array
+        for path, array in nnx.to_flat_state(nnx.state(model))
+        if "mlp1" in path or "mlp2" in path
+    ]
+    leaves = [variable.value for variable in expert_arrays]
+    results[experts + "_expert_bytes_total"] = sum(leaf.nbytes for leaf in leaves)
+    results[experts + "_expert_bytes_per_device"] = sorted(set(sharding.device_bytes(leaves).values()))
+
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def single_device(hub_checkpoint, long_tokens):
+    import gptoss_jax
+
+    model = gptoss_jax.load(hub_checkpoint, dtype="float32")
+    prompts = [long_tokens[0, :3].tolist(), long_tokens[1, :17].tolist(), long_tokens[0, :40].tolist()]
+    return np.asarray(model(long_tokens)), gptoss_jax.generate(model, prompts, max_new_tokens=20, temperature=0)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_model_matches_one_device_and_splits_the_experts(
+    mesh, hub_checkpoint, long_tokens, single_device, tmp_path
+):
+    tokens_file = tmp_path / "tokens.npy"
+    np.save(tokens_file, long_tokens)
+    result = subprocess.run(
+        [sys.executable, "-c", CHECKS, str(hub_checkpoint), str(tokens_file), mesh],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert results["devices"] == 8
+
+    logits, greedy = single_device
+    sizes = parse_mesh(mesh)
+    expert_split = sizes.get("expert", 1) * sizes.get("tensor", 1)
+    for experts in ("mxfp4", "bfloat16"):
+        sharded = np.load(f"{tokens_file}.{mesh}.{experts}.npy")
+        assert np.abs(sharded - logits).max() / np.abs(logits).max() <= 1e-5
+        assert results[experts + "_greedy"] == greedy
+        # Every device holds exactly its 1/n of every expert array.
+        assert results[experts + "_expert_bytes_per_device"] == [results[experts + "_expert_bytes_total"] // expert_split]
+    # Loading placed every layer's expert tensors straight into shards: no device saw a whole one.
+    assert results["expert_layer_shard_fractions"]
+    assert set(results["expert_layer_shard_fractions"]) == {1 / expert_split}
+
+
+def test_a_mesh_that_does_not_fit_the_model_is_a_clear_error(hub_checkpoint):
+    import jax
+
+    from gptoss_jax import sharding
+    from gptoss_jax.sharding import spec_for
+
+    with pytest.raises(ShardingError, match="experts axis of size 8"):
+        mesh = jax.sharding.AbstractMesh((1, 3, 1), sharding.MESH_AXES)
+        spec_for(("experts", "embed"), (8, 128), mesh, "mlp1")
+
+
+@pytest.mark.parametrize("spec", ["expert=0", "pipeline=2", "expert"])
+def test_bad_mesh_specs_are_refused(spec):
+    with pytest.raises(GptOssError, match="axis=size"):
+        parse_mesh(spec)
