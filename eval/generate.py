@@ -5,6 +5,7 @@
     python -m eval.generate --prompt "2+2?" --prompt "3+3?" --json           # a batch, one JSON line each
     python -m eval.generate --prompt-ids 1,2,3 --max-new-tokens 8            # raw token ids, no chat format
     python -m eval.generate                                                  # interactive chat on a terminal
+    python -m eval.generate --mesh expert=4,tensor=2 --prompt hi             # sharded over 8 devices
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import jax
+
 import gptoss_jax
-from gptoss_jax import harmony
+from gptoss_jax import harmony, sharding
 from gptoss_jax.chat import Chat, ChatDelta, ChatReply
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.checkpoint.random_weights import random_hub_tensors
@@ -62,6 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--raw", action="store_true", help="complete the prompt text as is, with no chat format")
     parser.add_argument("--prompt-ids", help="comma-separated token ids to complete (implies --raw)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt, nothing else")
+    parser.add_argument("--mesh", help="shard over devices, e.g. expert=4,tensor=2 or data=2,expert=4 (default: one)")
+    parser.add_argument("--distributed", action="store_true", help="join a multi-process run (TPU pod, Slurm)")
+    parser.add_argument("--coordinator", help="multi-process run: the coordinator's host:port")
+    parser.add_argument("--num-processes", type=int, help="multi-process run: how many processes")
+    parser.add_argument("--process-id", type=int, help="multi-process run: this process's index")
     return parser.parse_args(argv)
 
 
@@ -125,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, scratch: Path) -> int:
     sampling = check_args(args)
+    if args.distributed or args.coordinator:
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    if jax.process_index() != 0:  # every process computes; the first one speaks
+        sys.stdout = open(os.devnull, "w")
     prompts = read_prompts(args)
     checkpoint = write_random_checkpoint(scratch) if args.checkpoint == RANDOM else args.checkpoint
     raw = args.raw or args.prompt_ids is not None
@@ -133,7 +147,7 @@ def run(args: argparse.Namespace, scratch: Path) -> int:
     directory = open_checkpoint(checkpoint).directory
     encoding = None if args.prompt_ids is not None else harmony.load_encoding(directory)
     start = time.perf_counter()
-    model = gptoss_jax.load(directory, dtype=args.dtype)
+    model = gptoss_jax.load(directory, dtype=args.dtype, mesh=mesh)
     load_seconds = time.perf_counter() - start
     generator = Generator(model)
     options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)

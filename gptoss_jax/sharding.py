@@ -47,6 +47,26 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return sizes
 
 
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Join a multi-process run (call first, before anything touches a device).
+
+    On TPU pods, Slurm or Open MPI, jax finds its peers by itself (no arguments). Elsewhere pass the
+    coordinator's host:port, the process count and this process's id. CPU processes talk through gloo.
+    """
+    if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def _has_accelerator() -> bool:
+    """Whether jax would pick a GPU or TPU, judged without starting a backend."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
+
+
 def make_mesh(sizes: dict[str, int] | str, devices: list | None = None) -> Mesh:
     """A mesh over `devices` (default: all) with the named axis sizes; absent axes have size 1."""
     if isinstance(sizes, str):

@@ -114,3 +114,38 @@ def test_a_mesh_that_does_not_fit_the_model_is_a_clear_error(hub_checkpoint):
 def test_bad_mesh_specs_are_refused(spec):
     with pytest.raises(GptOssError, match="axis=size"):
         parse_mesh(spec)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_generate_what_one_process_does(hub_checkpoint):
+    # Two local processes of 4 CPU devices each form one 8-device mesh through jax.distributed.
+    common = [
+        sys.executable, "-m", "eval.generate", "--checkpoint", str(hub_checkpoint), "--prompt-ids", "5,6,7,8",
+        "--max-new-tokens", "6", "--temperature", "0", "--dtype", "float32", "--json",
+    ]
+    coordinator = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    processes = [
+        subprocess.Popen(
+            [*common, "--mesh", "expert=4,tensor=2", "--coordinator", coordinator, "--num-processes", "2",
+             "--process-id", str(index)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for index in range(2)
+    ]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    alone = subprocess.run(common, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr
+    # gloo logs its connections on stdout; the JSON lines are ours.
+    first, second = ([line for line in stdout.splitlines() if line.startswith("{")] for stdout, _ in outputs)
+    assert [json.loads(line)["tokens"] for line in first] == [json.loads(alone.stdout)["tokens"]]
+    assert second == []  # only the first process prints
