@@ -17,7 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax import mxfp4
-from gptoss_jax.checkpoint.reader import TensorSource, open_checkpoint
+from gptoss_jax.checkpoint.reader import MemorySource, TensorSource, open_checkpoint
+from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import GptOss
 from gptoss_jax.sharding import set_mesh, spec_for
 
@@ -65,7 +66,18 @@ def load(
     mesh: place every tensor straight into its sharding (gptoss_jax.sharding); each device receives only
     its shard of each tensor as it is read.
     """
-    source = open_checkpoint(path_or_repo_id)
+    return load_source(open_checkpoint(path_or_repo_id), dtype, experts, mesh)
+
+
+def from_tensors(
+    config: GptOssConfig, tensors: dict[str, np.ndarray], dtype: str = "bfloat16", experts: str = "mxfp4", mesh=None
+) -> GptOss:
+    """A model from hub-named tensors in memory (e.g. `random_hub_tensors(config)`), as `load` builds it."""
+    return load_source(MemorySource(config, tensors), dtype, experts, mesh)
+
+
+def load_source(source: TensorSource, dtype: str, experts: str, mesh: Mesh | None) -> GptOss:
+    """Build the model abstractly, then stream each parameter in from `source`."""
     config = source.config
     abstract = nnx.eval_shape(lambda: GptOss(config, dtype=dtype, experts=experts, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -88,7 +100,8 @@ def load(
 
     state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
     model = nnx.merge(graphdef, state)
-    model.checkpoint_dir = str(source.directory)  # where tokenizer files next to the weights can be found
+    if source.layout != "memory":
+        model.checkpoint_dir = str(source.directory)  # where tokenizer files next to the weights can be found
     return model if mesh is None else set_mesh(model, mesh)
 
 

@@ -98,6 +98,24 @@ class HubSource(TensorSource):
     layout = "hub"
 
 
+class MemorySource(TensorSource):
+    """Hub-named tensors already in memory (random weights for benchmarks, weights from another library)."""
+
+    layout = "memory"
+
+    def __init__(self, config: GptOssConfig, tensors: dict[str, np.ndarray]):
+        super().__init__(Path("<memory>"), config, {name: Path("<memory>") for name in tensors})
+        self._tensors = tensors
+        self.check_complete(names.hub_tensor_shapes(config))
+
+    @property
+    def nbytes_on_disk(self) -> int:
+        return 0
+
+    def _read_stored(self, stored: str) -> np.ndarray:
+        return self._tensors[stored]
+
+
 class OriginalSource(TensorSource):
     """OpenAI's original layout: renamed tensors, and q, k, v stacked in one qkv tensor per layer."""
 

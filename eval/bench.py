@@ -1,0 +1,322 @@
+"""Measure load, compile, prefill and decode speed, memory and a decode roofline; optionally beside a peer.
+
+    python -m eval.bench --preset gpt-oss-20b --layers 4                     # random MXFP4 weights, no disk
+    python -m eval.bench --preset gpt-oss-20b --layers 4 --compare transformers
+    python -m eval.bench --checkpoint /models/gpt-oss-20b --batch 1 --batch 16
+    python -m eval.bench --plan --preset gpt-oss-120b --context 8192          # bytes per device, no weights
+
+The roofline divides the bytes one decode step must read (attention and router weights, the chosen
+experts' packed bytes, the unembedding, the valid part of the KV cache) by a memory bandwidth measured
+here (a streaming reduction over 1 GiB), giving an upper bound on decode tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import gptoss_jax
+from gptoss_jax.checkpoint.load import from_tensors
+from gptoss_jax.checkpoint.random_weights import random_hub_tensors
+from gptoss_jax.checkpoint.writer import write_hub_checkpoint
+from gptoss_jax.config import FULL, GptOssConfig
+from gptoss_jax.engine import Generator
+from gptoss_jax.model import GptOss, KVCache, PackedBytes
+from gptoss_jax.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.bench",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
+    parser.add_argument("--checkpoint", help="a checkpoint folder or hub repo id (default: random weights)")
+    parser.add_argument("--preset", default="gpt-oss-20b", help="shape of the random model or plan")
+    parser.add_argument("--layers", type=int, help="override the number of layers")
+    parser.add_argument("--vocab", type=int, help="override the vocabulary size")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--batch", type=int, action="append", help="decode batch sizes (default 1 and 16)")
+    parser.add_argument("--prompt-length", type=int, default=512, help="prefill prompt length")
+    parser.add_argument("--new-tokens", type=int, default=33, help="tokens generated per decode measurement")
+    parser.add_argument("--compare", choices=["transformers"], help="run a peer on the same weights and prompts")
+    parser.add_argument("--plan", action="store_true", help="compile the decode step on abstract shapes only")
+    parser.add_argument("--context", type=int, default=8192, help="plan mode: KV cache length")
+    parser.add_argument("--mesh", help="plan mode: a mesh such as expert=8 (needs that many devices)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return parser.parse_args(argv)
+
+
+def config_from(args: argparse.Namespace) -> GptOssConfig:
+    config = GptOssConfig.preset(args.preset)
+    if args.layers:
+        config = config.replace(num_layers=args.layers)
+    if args.vocab:
+        config = config.replace(vocab_size=args.vocab)
+    return config
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_bandwidth() -> float:
+    """Bytes per second of a compiled streaming reduction over 1 GiB (best of three)."""
+    data = jnp.ones((2**28,), jnp.float32)
+    reduce = jax.jit(jnp.sum)
+    reduce(data).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        reduce(data).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def decode_step_bytes(model: GptOss, batch: int, position: int) -> int:
+    """What one decode step must read: every non-expert weight a token touches, the experts the batch
+    chooses (at most all of them), the unembedding, and the valid part of the KV cache."""
+    c = model.config
+    state = nnx.state(model)
+    total = 0
+    for path, variable in nnx.to_flat_state(state):
+        if path[0] == "embed":
+            continue  # a step reads one row per token
+        if "mlp1" in path or "mlp2" in path or path[-1] in ("mlp1_bias", "mlp2_bias"):
+            continue  # counted per chosen expert below
+        total += variable.get_value().nbytes
+    expert_bytes = sum(
+        variable.get_value().nbytes
+        for path, variable in nnx.to_flat_state(state)
+        if "mlp1" in path or "mlp2" in path or path[-1] in ("mlp1_bias", "mlp2_bias")
+    )
+    chosen = min(c.num_experts, batch * c.experts_per_token)
+    total += expert_bytes * chosen // c.num_experts
+    cache_itemsize = jnp.dtype(model.dtype).itemsize
+    for kind in c.layer_types:
+        visible = position if kind == FULL else min(position, c.sliding_window)
+        total += 2 * batch * visible * c.num_kv_heads * c.head_dim * cache_itemsize
+    return total
+
+
+def time_generation(run, repeats: int = 2) -> tuple[float, float]:
+    """(first call seconds, best later call seconds)."""
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return first, best
+
+
+def bench_ours(model: GptOss, args: argparse.Namespace, bandwidth: float) -> dict:
+    generator = Generator(model)
+    vocab = model.config.vocab_size
+    results: dict = {}
+    prompt = [(17 * i) % vocab for i in range(args.prompt_length)]
+    first, warm = time_generation(lambda: generator.generate([prompt], max_new_tokens=1, sampling=GREEDY))
+    results["prefill"] = {
+        "prompt_tokens": args.prompt_length,
+        "compile_s": first - warm,
+        "time_to_first_token_s": warm,
+        "tokens_per_s": args.prompt_length / warm,
+    }
+    for batch in args.batch or [1, 16]:
+        prompts = [[(7 * row + i) % vocab for i in range(16)] for row in range(batch)]
+        _, short = time_generation(
+            lambda: generator.generate(prompts, max_new_tokens=1, sampling=GREEDY), repeats=1
+        )
+        long_first, long = time_generation(
+            lambda: generator.generate(prompts, max_new_tokens=args.new_tokens, sampling=GREEDY), repeats=1
+        )
+        seconds_per_step = max(long - short, 1e-9) / (args.new_tokens - 1)
+        step_bytes = decode_step_bytes(model, batch, 16 + args.new_tokens // 2)
+        roofline = batch * bandwidth / step_bytes
+        results[f"decode_batch_{batch}"] = {
+            "compile_s": long_first - long,  # the prefill program was compiled by the short run
+            "tokens_per_s": batch / seconds_per_step,
+            "step_bytes": step_bytes,
+            "roofline_tokens_per_s": roofline,
+            "roofline_fraction": (batch / seconds_per_step) / roofline,
+        }
+    return results
+
+
+def bench_transformers(checkpoint: Path, args: argparse.Namespace, vocab: int) -> dict:
+    import torch
+    from transformers import GptOssForCausalLM
+
+    start = time.perf_counter()
+    model = GptOssForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    results: dict = {"load_s": time.perf_counter() - start}
+
+    def generate(prompts, new_tokens):
+        ids = torch.tensor(prompts)
+        with torch.inference_mode():
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False,
+            )
+
+    prompt = [[(17 * i) % vocab for i in range(args.prompt_length)]]
+    _, warm = time_generation(lambda: generate(prompt, 1))
+    results["prefill"] = {"time_to_first_token_s": warm, "tokens_per_s": args.prompt_length / warm}
+    for batch in args.batch or [1, 16]:
+        prompts = [[(7 * row + i) % vocab for i in range(16)] for row in range(batch)]
+        _, short = time_generation(lambda: generate(prompts, 1), repeats=1)
+        _, long = time_generation(lambda: generate(prompts, args.new_tokens), repeats=1)
+        results[f"decode_batch_{batch}"] = {"tokens_per_s": batch * (args.new_tokens - 1) / max(long - short, 1e-9)}
+    return results
+
+
+def plan(args: argparse.Namespace) -> dict:
+    """Compile one decode step on abstract shapes and read XLA's memory analysis (per device)."""
+    from gptoss_jax import sharding
+
+    config = config_from(args)
+    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    abstract = nnx.eval_shape(lambda: GptOss(config, dtype=args.dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    batch = (args.batch or [1])[0]
+    cache = jax.eval_shape(lambda: KVCache.create(config, batch, args.context, args.dtype))
+    if mesh is not None:
+        sharding.set_mesh(abstract, mesh)
+        graphdef, _ = nnx.split(abstract)
+        state_shardings = sharding._values(sharding.state_shardings(state, mesh))
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_shardings)
+
+    def decode_step(state, cache, tokens, positions):
+        model = nnx.merge(graphdef, state)
+        logits, cache = model(tokens[:, None], positions[:, None], cache)
+        return jnp.argmax(logits[:, 0], axis=-1), cache
+
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    start = time.perf_counter()
+    compiled = jax.jit(decode_step, donate_argnums=(1,)).lower(state, cache, tokens, tokens).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    devices = 1 if mesh is None else mesh.size
+    weights = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+    cache_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+    per_device_weights = memory.argument_size_in_bytes - cache_bytes // devices - 2 * batch * 4
+    return {
+        "preset": args.preset,
+        "layers": config.num_layers,
+        "batch": batch,
+        "context": args.context,
+        "mesh": args.mesh or "one device",
+        "compile_s": compile_s,
+        "weights_bytes_total": weights,
+        "per_device": {
+            "weights_bytes": per_device_weights,
+            "cache_bytes": cache_bytes // devices,
+            "temp_bytes": memory.temp_size_in_bytes,
+            "total_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
+            + memory.output_size_in_bytes - memory.alias_size_in_bytes,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = plan(args) if args.plan else run(args)
+    except (gptoss_jax.GptOssError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    report: dict = {"device": str(jax.devices()[0].device_kind), "dtype": args.dtype}
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            config = config_from(args)
+            tensors = random_hub_tensors(config, seed=0)
+            if args.compare:  # the peer loads from files: write the same weights once
+                checkpoint = write_hub_checkpoint(Path(scratch) / "random", config, tensors)
+                del tensors
+        start = time.perf_counter()
+        if checkpoint is None:
+            model = from_tensors(config, tensors, dtype=args.dtype)
+            del tensors
+        else:
+            model = gptoss_jax.load(checkpoint, dtype=args.dtype)
+        report["load_s"] = time.perf_counter() - start
+        config = model.config
+        report["model"] = {
+            "layers": config.num_layers,
+            "experts": config.num_experts,
+            "vocab": config.vocab_size,
+            "resident_bytes": gptoss_jax.resident_bytes(model),
+            "packed_expert_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model, PackedBytes))),
+        }
+        report["bandwidth_bytes_per_s"] = measure_bandwidth()
+        report["ours"] = bench_ours(model, args, report["bandwidth_bytes_per_s"])
+        report["peak_rss_bytes"] = peak_rss_bytes()
+        if args.compare:
+            del model
+            report["peer"] = bench_transformers(Path(checkpoint), args, config.vocab_size)
+            report["ratio_ours_over_peer"] = {
+                phase: report["ours"][phase]["tokens_per_s"] / report["peer"][phase]["tokens_per_s"]
+                for phase in report["peer"]
+                if phase in report["ours"]
+            }
+    return report
+
+
+def table(report: dict) -> str:
+    """A readable summary of a report."""
+    if "per_device" in report:
+        device = report["per_device"]
+        return "\n".join(
+            [
+                f"plan: {report['preset']} ({report['layers']} layers), batch {report['batch']}, "
+                f"context {report['context']}, {report['mesh']}; compiled in {report['compile_s']:.1f} s",
+                f"  per device: weights {device['weights_bytes'] / 2**30:.2f} GiB, cache "
+                f"{device['cache_bytes'] / 2**30:.2f} GiB, temporaries {device['temp_bytes'] / 2**30:.2f} GiB, "
+                f"total {device['total_bytes'] / 2**30:.2f} GiB",
+            ]
+        )
+    model = report["model"]
+    lines = [
+        f"{report['device']}, {report['dtype']}: {model['layers']} layers, {model['experts']} experts, vocab "
+        f"{model['vocab']}; resident {model['resident_bytes'] / 2**30:.2f} GiB; load {report['load_s']:.1f} s; "
+        f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB; bandwidth {report['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
+        f"{'phase':<18}{'ours tok/s':>12}{'peer tok/s':>12}{'ratio':>8}{'roofline':>10}{'fraction':>10}{'compile s':>11}",
+    ]
+    for phase, ours in report["ours"].items():
+        peer = report.get("peer", {}).get(phase, {}).get("tokens_per_s")
+        ratio = report.get("ratio_ours_over_peer", {}).get(phase)
+        lines.append(
+            f"{phase:<18}{_cell(ours['tokens_per_s'], '.2f'):>12}{_cell(peer, '.2f'):>12}{_cell(ratio, '.2f'):>8}"
+            f"{_cell(ours.get('roofline_tokens_per_s'), '.2f'):>10}{_cell(ours.get('roofline_fraction'), '.0%'):>10}"
+            f"{_cell(ours['compile_s'], '.1f'):>11}"
+        )
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

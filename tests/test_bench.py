@@ -1,0 +1,39 @@
+"""python -m eval.bench: the report's fields and arithmetic, beside the real peer, and plan mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run_bench(*args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "eval.bench", *args, "--json"], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_bench_beside_transformers_reports_both_and_their_ratio():
+    report = run_bench(
+        "--preset", "tiny", "--batch", "1", "--batch", "2", "--prompt-length", "32", "--new-tokens", "5",
+        "--compare", "transformers",
+    )
+    for phase in ("prefill", "decode_batch_1", "decode_batch_2"):
+        ours, peer = report["ours"][phase]["tokens_per_s"], report["peer"][phase]["tokens_per_s"]
+        assert ours > 0 and peer > 0
+        assert abs(report["ratio_ours_over_peer"][phase] - ours / peer) < 1e-9
+    decode = report["ours"]["decode_batch_1"]
+    assert decode["roofline_tokens_per_s"] == report["bandwidth_bytes_per_s"] / decode["step_bytes"]
+    assert 0 < decode["roofline_fraction"] <= 1.5  # an upper bound, up to timing noise
+    assert report["model"]["packed_expert_bytes"] > 0 and report["peak_rss_bytes"] > report["model"]["resident_bytes"]
+
+
+def test_plan_shows_120b_decoding_at_batch_1_with_8k_context_fits_in_80_gb():
+    report = run_bench("--plan", "--preset", "gpt-oss-120b", "--context", "8192")
+    device = report["per_device"]
+    # The checkpoint is 60.8 GiB with MXFP4 experts: the plan's weights are those bytes, not a bf16 copy.
+    assert abs(device["weights_bytes"] / 2**30 - 60.8) < 0.5
+    assert device["cache_bytes"] > 0 and device["temp_bytes"] > 0
+    assert device["total_bytes"] < 80e9
