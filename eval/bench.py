@@ -198,8 +198,12 @@ def plan(args: argparse.Namespace) -> dict:
     if mesh is not None:
         sharding.set_mesh(abstract, mesh)
         graphdef, _ = nnx.split(abstract)
-        state_shardings = sharding._values(sharding.state_shardings(state, mesh))
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_shardings)
+        state = jax.tree.map(
+            lambda variable, placed: variable.replace(jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=placed)),
+            state,
+            sharding.state_shardings(state, mesh),
+            is_leaf=lambda leaf: isinstance(leaf, nnx.Variable),
+        )
 
     def decode_step(state, cache, tokens, positions):
         model = nnx.merge(graphdef, state)
@@ -211,10 +215,11 @@ def plan(args: argparse.Namespace) -> dict:
     compiled = jax.jit(decode_step, donate_argnums=(1,)).lower(state, cache, tokens, tokens).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    devices = 1 if mesh is None else mesh.size
+    # The cache splits over 'data' (rows) and 'tensor' (kv heads) and is replicated over 'expert'.
+    cache_split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["tensor"]
     weights = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
     cache_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
-    per_device_weights = memory.argument_size_in_bytes - cache_bytes // devices - 2 * batch * 4
+    per_device_weights = memory.argument_size_in_bytes - cache_bytes // cache_split - 2 * batch * 4
     return {
         "preset": args.preset,
         "layers": config.num_layers,
@@ -225,7 +230,7 @@ def plan(args: argparse.Namespace) -> dict:
         "weights_bytes_total": weights,
         "per_device": {
             "weights_bytes": per_device_weights,
-            "cache_bytes": cache_bytes // devices,
+            "cache_bytes": cache_bytes // cache_split,
             "temp_bytes": memory.temp_size_in_bytes,
             "total_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
             + memory.output_size_in_bytes - memory.alias_size_in_bytes,

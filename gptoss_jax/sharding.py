@@ -117,7 +117,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Place every parameter of `model` in its sharding on `mesh` (in place) and return the model."""
     state = nnx.state(model)
-    placed = jax.device_put(state, _values(state_shardings(state, mesh)))
+    placed = jax.device_put(state, variable_values(state_shardings(state, mesh)))
     nnx.update(model, placed)
     return set_mesh(model, mesh)
 
@@ -130,7 +130,8 @@ def set_mesh(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     return model
 
 
-def _values(shardings: Any) -> Any:
+def variable_values(shardings: Any) -> Any:
+    """The same tree with each nnx.Variable replaced by what it holds (for jax.device_put and jit)."""
     return jax.tree.map(
         lambda variable: variable.value if isinstance(variable, nnx.Variable) else variable,
         shardings,
