@@ -26,7 +26,6 @@ from gptoss_jax.sampling import SamplingParams, sample
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 128
 DECODE_CHUNK = 16
-MAX_STOP_TOKENS = 8
 
 
 class GenerationError(GptOssError):
@@ -65,7 +64,7 @@ class Generator:
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(3,))
-        self._decode = jax.jit(self._decode_impl, static_argnums=(4,), donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_impl, static_argnums=(3,), donate_argnums=(1,))
 
     def compiled_programs(self) -> int:
         """How many programs have been compiled so far (prefill and decode shapes)."""
@@ -73,7 +72,7 @@ class Generator:
 
     # The two jitted programs.
 
-    def _prefill_impl(self, state, tokens, lengths, cache, sampling, stop_tokens, key):
+    def _prefill_impl(self, state, tokens, lengths, cache, sampling, key):
         model = nnx.merge(self.graphdef, state)
         steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         positions = jnp.where(steps[None, :] < lengths[:, None], steps[None, :], -1)
@@ -81,24 +80,20 @@ class Generator:
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
         key, step_key = jax.random.split(key)
         token, logprob = sample(model.logits(last), step_key, sampling)
-        done = jnp.isin(token, stop_tokens)
-        carry = (cache, token, lengths, done, key)
-        return carry, token, logprob
+        return (cache, token, lengths, key), token, logprob
 
-    def _decode_impl(self, state, carry, sampling, stop_tokens, num_steps):
+    def _decode_impl(self, state, carry, sampling, num_steps):
         model = nnx.merge(self.graphdef, state)
 
         def step(carry, _):
-            cache, token, position, done, key = carry
+            cache, token, position, key = carry
             logits, cache = model(token[:, None], position[:, None], cache)
             key, step_key = jax.random.split(key)
             token, logprob = sample(logits[:, 0], step_key, sampling)
-            emitted = ~done  # a row that already stopped emits nothing more
-            done = done | jnp.isin(token, stop_tokens)
-            return (cache, token, position + 1, done, key), (token, logprob, emitted)
+            return (cache, token, position + 1, key), (token, logprob)
 
-        carry, (tokens, logprobs, emitted) = jax.lax.scan(step, carry, None, length=num_steps)
-        return carry, tokens.T, logprobs.T, emitted.T
+        carry, (tokens, logprobs) = jax.lax.scan(step, carry, None, length=num_steps)
+        return carry, tokens.T, logprobs.T
 
     # Public API.
 
@@ -132,28 +127,28 @@ class Generator:
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = prompt
             lengths[row] = len(prompt)
-        stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
-        stops[: len(stop_tokens)] = list(stop_tokens)
         sampling_arrays = sampling.as_arrays(batch)
         cache = KVCache.create(self.config, batch, cache_length, self.model.dtype, self.model.mesh)
 
         carry, token, logprob = self._prefill(
-            self.state, tokens, lengths, cache, sampling_arrays, stops, jax.random.key(seed)
+            self.state, tokens, lengths, cache, sampling_arrays, jax.random.key(seed)
         )
         token, logprob = np.asarray(token), np.asarray(logprob)
-        finished = np.isin(token, stops) | (max_new_tokens == 1)
+        # Which rows have ended is tracked here only: a finished row keeps stepping on the device (shapes
+        # are static) and its later tokens are dropped.
+        finished = np.isin(token, list(stop_tokens)) | (max_new_tokens == 1)
         for row in range(rows):
             yield TokenEvent(row, int(token[row]), float(logprob[row]), bool(finished[row]))
         produced = 1
         while produced < max_new_tokens and not finished[:rows].all():
-            carry, tokens_out, logprobs_out, emitted = self._decode(self.state, carry, sampling_arrays, stops, chunk)
-            tokens_out, logprobs_out, emitted = map(np.asarray, (tokens_out, logprobs_out, emitted))
+            carry, tokens_out, logprobs_out = self._decode(self.state, carry, sampling_arrays, chunk)
+            tokens_out, logprobs_out = np.asarray(tokens_out), np.asarray(logprobs_out)
             for step in range(chunk):
                 if produced >= max_new_tokens:
                     break
                 produced += 1
                 for row in range(rows):
-                    if not emitted[row, step] or finished[row]:
+                    if finished[row]:
                         continue
                     token = int(tokens_out[row, step])
                     finished[row] = token in stop_tokens or produced == max_new_tokens
@@ -190,8 +185,6 @@ class Generator:
             raise GenerationError("prompts must be a non-empty list of token-id lists")
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if len(stop_tokens) > MAX_STOP_TOKENS:
-            raise GenerationError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stop_tokens)}")
         checked = []
         for row, prompt in enumerate(prompts):
             prompt = [int(token) for token in prompt]
