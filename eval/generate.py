@@ -24,7 +24,7 @@ import jax
 
 import gptoss_jax
 from gptoss_jax import harmony, sharding
-from gptoss_jax.chat import Chat, ChatDelta, ChatReply
+from gptoss_jax.chat import Chat, ChatReply
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.checkpoint.random_weights import random_hub_tensors
 from gptoss_jax.checkpoint.writer import write_hub_checkpoint

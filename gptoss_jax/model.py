@@ -117,11 +117,6 @@ class KVCache:
             )
         return cls(tuple(layers))
 
-    @property
-    def length(self) -> int:
-        """The most positions this cache holds (full-attention slots)."""
-        return max(layer.positions.shape[-1] for layer in self.layers)
-
 
 KV_AXES = ("kv_heads", "head_dim", "embed")
 CACHE_AXES = ("batch", "cache_slots", "kv_heads", "head_dim")  # per layer group; stacked over groups

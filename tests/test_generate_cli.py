@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 import gptoss_jax
 from gptoss_jax import harmony
 from gptoss_jax.engine import Generator

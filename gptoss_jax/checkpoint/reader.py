@@ -44,14 +44,6 @@ class TensorSource:
         self._file_of = files  # stored tensor name -> file
         self._expected = names.hub_tensor_shapes(config)
 
-    @property
-    def files(self) -> list[Path]:
-        return sorted(set(self._file_of.values()))
-
-    @property
-    def nbytes_on_disk(self) -> int:
-        return sum(path.stat().st_size for path in self.files)
-
     def check_complete(self, stored: names.Shapes) -> "TensorSource":
         """Fail early, naming the first stored tensor the config needs that no file holds."""
         missing = [name for name in stored if name not in self._file_of]
@@ -107,10 +99,6 @@ class MemorySource(TensorSource):
         super().__init__(Path("<memory>"), config, {name: Path("<memory>") for name in tensors})
         self._tensors = tensors
         self.check_complete(names.hub_tensor_shapes(config))
-
-    @property
-    def nbytes_on_disk(self) -> int:
-        return 0
 
     def _read_stored(self, stored: str) -> np.ndarray:
         return self._tensors[stored]
