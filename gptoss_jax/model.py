@@ -146,6 +146,68 @@ def _matmul(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
 
 
+# einsum of each dense projection (input x, weight in checkpoint orientation): one place for the forward
+# and for the shapes of the LoRA adapters that may ride on it.
+QKV_EQUATION = "btd,hkd->bthk"
+OUT_EQUATION = "bthk,dhk->btd"
+ROUTER_EQUATION = "nd,ed->ne"
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class LoRA(nnx.Module):
+    """A trainable low-rank update riding on a frozen projection: out += scale * b(a(dropout(x))).
+
+    Dense projections: a [rank, *in], b [*out, rank]. Experts: a [E, rank, in], b [E, out, rank] (one
+    adapter per expert). `b` starts at zero, so an adapted model starts exactly equal to its base.
+    """
+
+    def __init__(
+        self,
+        a_shape: tuple[int, ...],
+        a_axes: tuple[str, ...],
+        b_shape: tuple[int, ...],
+        b_axes: tuple[str, ...],
+        *,
+        fan_in: int,
+        scale: float,
+        dropout: float,
+        rngs: nnx.Rngs,
+    ):
+        self.a = nnx.LoRAParam(_init(rngs, a_shape, jnp.float32, fan_in**-0.5), axes=a_axes)
+        self.b = nnx.LoRAParam(jnp.zeros(b_shape, jnp.float32), axes=b_axes)
+        self.scale = scale
+        self.dropout = dropout
+
+    def dense(self, equation: str, x: jax.Array, dtype, key: jax.Array | None) -> jax.Array:
+        """The update for a dense projection written as `equation` (x, weight)."""
+        inputs, output = equation.split("->")
+        lhs, rhs = inputs.split(",")
+        into = "".join(label for label in rhs if label in lhs)
+        out = "".join(label for label in rhs if label not in lhs)
+        rows = "".join(label for label in output if label not in rhs)
+        low = _matmul(f"{lhs},R{into}->{rows}R", _dropout(x, self.dropout, key), self.a[...], dtype)
+        return self.scale * _matmul(f"{rows}R,{out}R->{output}", low, self.b[...], dtype)
+
+
+def _project(
+    equation: str, x: jax.Array, weight: jax.Array, dtype, lora: LoRA | None, key: jax.Array | None
+) -> jax.Array:
+    """A dense projection plus its adapter's update, if it has one."""
+    out = _matmul(equation, x, weight, dtype)
+    return out if lora is None else out + lora.dense(equation, x, dtype, key)
+
+
+def _site_key(key: jax.Array | None, site: int) -> jax.Array | None:
+    """A dropout key of its own for each adapter site of a layer."""
+    return None if key is None else jax.random.fold_in(key, site)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, size: int, eps: float, param_dtype):
         self.scale = nnx.Param(jnp.ones((size,), param_dtype), axes=("embed",))
@@ -203,18 +265,32 @@ class Attention(nnx.Module):
         )
         self.o_bias = nnx.Param(jnp.zeros((c.hidden_size,), param_dtype), axes=("embed",))
         self.sinks = nnx.Param(jnp.zeros((c.num_heads,), param_dtype), axes=("heads",))
+        self.q_lora: LoRA | None = nnx.data(None)  # adapters, attached by gptoss_jax.lora.add_lora
+        self.k_lora: LoRA | None = nnx.data(None)
+        self.v_lora: LoRA | None = nnx.data(None)
+        self.o_lora: LoRA | None = nnx.data(None)
         self.config = config
         self.dtype = dtype
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, sliding: bool, cache: LayerCache | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        sliding: bool,
+        cache: LayerCache | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """x: [B, T, D]; positions: [B, T] (-1 marks padding). Attends to `cache` and the new tokens."""
         c, dtype = self.config, self.dtype
         batch, length, _ = x.shape
-        q = _matmul("btd,hkd->bthk", x, self.q_proj[...], dtype) + self.q_bias[...].astype(jnp.float32)
-        k = _matmul("btd,hkd->bthk", x, self.k_proj[...], dtype) + self.k_bias[...].astype(jnp.float32)
-        v = _matmul("btd,hkd->bthk", x, self.v_proj[...], dtype) + self.v_bias[...].astype(jnp.float32)
+
+        def project(weight, bias, lora, site):
+            out = _project(QKV_EQUATION, x, weight[...], dtype, lora, _site_key(dropout_key, site))
+            return out + bias[...].astype(jnp.float32)
+
+        q = project(self.q_proj, self.q_bias, self.q_lora, 0)
+        k = project(self.k_proj, self.k_bias, self.k_lora, 1)
+        v = project(self.v_proj, self.v_bias, self.v_lora, 2)
         q, k = apply_rope(q, positions, c), apply_rope(k, positions, c)
 
         if cache is None or cache.empty:
@@ -245,8 +321,8 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(jnp.concatenate([scores, sinks], axis=-1), axis=-1)[..., :-1]
 
         out = _matmul("bngts,bsnk->btngk", probs, values, dtype).reshape(batch, length, c.num_heads, c.head_dim)
-        out = _matmul("bthk,dhk->btd", out, self.o_proj[...], dtype) + self.o_bias[...].astype(jnp.float32)
-        return out, cache
+        out = _project(OUT_EQUATION, out, self.o_proj[...], dtype, self.o_lora, _site_key(dropout_key, 3))
+        return out + self.o_bias[...].astype(jnp.float32), cache
 
 
 class PackedExpertWeights(nnx.Module):
@@ -315,17 +391,21 @@ class MoE(nnx.Module):
         self.mlp2 = weights(e, h, i, "embed", "intermediate", rngs=rngs)
         self.mlp1_bias = nnx.Param(jnp.zeros((e, 2 * i), param_dtype), axes=("experts", "expert_intermediate"))
         self.mlp2_bias = nnx.Param(jnp.zeros((e, h), param_dtype), axes=("experts", "embed"))
+        self.router_lora: LoRA | None = nnx.data(None)  # adapters, attached by gptoss_jax.lora.add_lora
+        self.mlp1_lora: LoRA | None = nnx.data(None)  # one adapter per expert
+        self.mlp2_lora: LoRA | None = nnx.data(None)
         self.config = config
         self.dtype = dtype
         self.mesh = None  # set by gptoss_jax.sharding.shard_model
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         c, dtype = self.config, self.dtype
         batch, length, hidden = x.shape
         tokens = x.reshape(batch * length, hidden)
-        router_logits = _matmul("nd,ed->ne", tokens, self.router[...], dtype) + self.router_bias[...].astype(
-            jnp.float32
+        router_logits = _project(
+            ROUTER_EQUATION, tokens, self.router[...], dtype, self.router_lora, _site_key(dropout_key, 4)
         )
+        router_logits = router_logits + self.router_bias[...].astype(jnp.float32)
         top_logits, experts = jax.lax.top_k(router_logits, c.experts_per_token)
         weights = jax.nn.softmax(top_logits, axis=-1)  # over the k chosen experts only
         params = {
@@ -334,7 +414,17 @@ class MoE(nnx.Module):
             "mlp1_bias": self.mlp1_bias[...],
             "mlp2_bias": self.mlp2_bias[...],
         }
-        apply = functools.partial(expert_outputs, config=c, dtype=dtype)
+        adapters = {name: getattr(self, f"{name}_lora") for name in ("mlp1", "mlp2")}
+        adapters = {name: lora for name, lora in adapters.items() if lora is not None}
+        params.update({f"{name}_lora": {"a": lora.a[...], "b": lora.b[...]} for name, lora in adapters.items()})
+        if adapters and dropout_key is not None:
+            params["dropout_key"] = _site_key(dropout_key, 5)
+        apply = functools.partial(
+            expert_outputs,
+            config=c,
+            dtype=dtype,
+            lora={name: (lora.scale, lora.dropout) for name, lora in adapters.items()},
+        )
         mesh = self.mesh
         if mesh is None:
             out = apply(tokens, experts, weights, params, sharded=False)
@@ -346,6 +436,9 @@ class MoE(nnx.Module):
                 "mlp1_bias": own["mlp1_bias"],
                 "mlp2_bias": own["mlp2_bias"],
             }
+            specs.update({f"{name}_lora": _weight_specs(lora, mesh) for name, lora in adapters.items()})
+            if "dropout_key" in params:
+                specs["dropout_key"] = PartitionSpec()
             rows = PartitionSpec("data")
             out = jax.shard_map(
                 functools.partial(apply, sharded=True),
@@ -356,11 +449,16 @@ class MoE(nnx.Module):
         return out.reshape(batch, length, hidden)
 
 
-def expert_outputs(tokens, experts, weights, params, *, config: GptOssConfig, dtype, sharded: bool) -> jax.Array:
+def expert_outputs(
+    tokens, experts, weights, params, *, config: GptOssConfig, dtype, sharded: bool, lora=None
+) -> jax.Array:
     """sum_k weight_k * expert_k(token) over the experts held here (all of them when not sharded).
 
     tokens [N, D]; experts, weights [N, k]. Sharded, this device holds experts offset..offset+E_local
-    and one slice of the intermediate dimension; its partial sums are added across devices.
+    and one slice of the intermediate dimension; its partial sums are added across devices (an expert
+    adapter's update is linear in that slice too, so the same sum completes it).
+    params may hold "mlp1_lora"/"mlp2_lora" ({"a", "b"} per expert) with lora[name] = (scale, dropout),
+    and a "dropout_key".
     """
     local_count = params["mlp1_bias"].shape[0]
     if sharded:
@@ -374,11 +472,42 @@ def expert_outputs(tokens, experts, weights, params, *, config: GptOssConfig, dt
     local = jnp.clip(local, 0, local_count - 1)
     # The down projection's bias is added once, by the first slice of the intermediate dimension.
     bias2 = params["mlp2_bias"] * first_tensor_shard
+    adapters = _ExpertAdapters(params, lora or {}, dtype)
     if tokens.shape[0] * config.experts_per_token <= config.num_experts:
-        out = _gathered(tokens, local, weights, params, bias2, config, dtype)
+        out = _gathered(tokens, local, weights, params, bias2, adapters, config, dtype)
     else:
-        out = _grouped(tokens, jnp.where(held, local, local_count), weights, params, bias2, config, dtype)
+        out = _grouped(tokens, jnp.where(held, local, local_count), weights, params, bias2, adapters, config, dtype)
     return jax.lax.psum(out, ("expert", "tensor")) if sharded else out
+
+
+class _ExpertAdapters:
+    """The per-expert LoRA updates of mlp1 / mlp2 (zero where a projection has no adapter)."""
+
+    def __init__(self, params: dict, settings: dict[str, tuple[float, float]], dtype):
+        self.params, self.settings, self.dtype = params, settings, dtype
+
+    def _input(self, name: str, x: jax.Array) -> jax.Array:
+        key = self.params.get("dropout_key")
+        key = None if key is None else jax.random.fold_in(key, name == "mlp2")
+        return _dropout(x, self.settings[name][1], key)
+
+    def gathered(self, name: str, equation: str, x: jax.Array, experts: jax.Array) -> jax.Array | float:
+        """Update for tokens applied to their chosen experts; `equation` maps x and a[experts] to [n, k, rank]."""
+        if name not in self.settings:
+            return 0.0
+        a, b = self.params[f"{name}_lora"]["a"][experts], self.params[f"{name}_lora"]["b"][experts]
+        low = _matmul(equation, self._input(name, x), a, self.dtype)
+        return self.settings[name][0] * _matmul("nkr,nkor->nko", low, b, self.dtype)
+
+    def grouped(self, name: str, x: jax.Array, group_sizes: jax.Array) -> jax.Array | float:
+        """Update for rows sorted by expert, as two grouped matmuls through the rank."""
+        if name not in self.settings:
+            return 0.0
+        adapter, dtype = self.params[f"{name}_lora"], self.dtype
+        a, b = jnp.swapaxes(adapter["a"], 1, 2).astype(dtype), jnp.swapaxes(adapter["b"], 1, 2).astype(dtype)
+        low = jax.lax.ragged_dot(self._input(name, x).astype(dtype), a, group_sizes, preferred_element_type=jnp.float32)
+        update = jax.lax.ragged_dot(low.astype(dtype), b, group_sizes, preferred_element_type=jnp.float32)
+        return self.settings[name][0] * update
 
 
 def _swiglu(h: jax.Array, config: GptOssConfig) -> jax.Array:
@@ -388,16 +517,18 @@ def _swiglu(h: jax.Array, config: GptOssConfig) -> jax.Array:
     return gate * jax.nn.sigmoid(config.swiglu_alpha * gate) * (linear + 1)
 
 
-def _gathered(tokens, experts, weights, params, bias2, config, dtype) -> jax.Array:
+def _gathered(tokens, experts, weights, params, bias2, adapters, config, dtype) -> jax.Array:
     """Few tokens: decode only the chosen experts' weights and apply them token by token."""
     h = _matmul("nd,nkod->nko", tokens, decode_experts(params["mlp1"], dtype, experts), dtype)
+    h = h + adapters.gathered("mlp1", "nd,nkrd->nkr", tokens, experts)
     h = _swiglu(h + params["mlp1_bias"][experts].astype(jnp.float32), config)
     y = _matmul("nki,nkdi->nkd", h, decode_experts(params["mlp2"], dtype, experts), dtype)
+    y = y + adapters.gathered("mlp2", "nki,nkri->nkr", h, experts)
     y = y + bias2[experts].astype(jnp.float32)
     return jnp.einsum("nkd,nk->nd", y, weights)
 
 
-def _grouped(tokens, experts, weights, params, bias2, config, dtype) -> jax.Array:
+def _grouped(tokens, experts, weights, params, bias2, adapters, config, dtype) -> jax.Array:
     """Many tokens: sort (token, expert) pairs by expert and run one grouped matmul per projection.
 
     experts holds local expert ids, or local_count for pairs held elsewhere: those sort last, fall in no
@@ -411,11 +542,14 @@ def _grouped(tokens, experts, weights, params, bias2, config, dtype) -> jax.Arra
     sorted_experts = jnp.minimum(flat_experts[order], local_count - 1)
     group_sizes = jnp.bincount(flat_experts, length=local_count + 1)[:local_count].astype(jnp.int32)
 
+    rows = tokens[token_of]
     w1 = jnp.swapaxes(decode_experts(params["mlp1"], dtype), 1, 2)  # [E, in, out]
-    h = jax.lax.ragged_dot(tokens[token_of].astype(dtype), w1, group_sizes, preferred_element_type=jnp.float32)
+    h = jax.lax.ragged_dot(rows.astype(dtype), w1, group_sizes, preferred_element_type=jnp.float32)
+    h = h + adapters.grouped("mlp1", rows, group_sizes)
     h = _swiglu(h + params["mlp1_bias"][sorted_experts].astype(jnp.float32), config)
     w2 = jnp.swapaxes(decode_experts(params["mlp2"], dtype), 1, 2)
     y = jax.lax.ragged_dot(h.astype(dtype), w2, group_sizes, preferred_element_type=jnp.float32)
+    y = y + adapters.grouped("mlp2", h, group_sizes)
     y = (y + bias2[sorted_experts].astype(jnp.float32)) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((tokens.shape[0], tokens.shape[1]), jnp.float32).at[token_of].add(y)
 
@@ -430,11 +564,16 @@ class Block(nnx.Module):
         self.mlp = MoE(config, param_dtype, dtype, experts, rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, sliding: bool, cache: LayerCache | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        sliding: bool,
+        cache: LayerCache | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        attended, cache = self.attn(self.attn_norm(x), positions, sliding, cache)
+        attended, cache = self.attn(self.attn_norm(x), positions, sliding, cache, dropout_key)
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return x + self.mlp(self.mlp_norm(x), dropout_key), cache
 
 
 class LayerGroup(nnx.Module):
@@ -445,11 +584,16 @@ class LayerGroup(nnx.Module):
         self.sliding = tuple(kind == SLIDING for kind in config.layer_pattern)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, caches: tuple[LayerCache, ...] | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        caches: tuple[LayerCache, ...] | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
         updated = []
         for index, (layer, sliding) in enumerate(zip(self.layers, self.sliding)):
-            x, cache = layer(x, positions, sliding, None if caches is None else caches[index])
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+            x, cache = layer(x, positions, sliding, None if caches is None else caches[index], key)
             updated.append(cache)
         return x, None if caches is None else tuple(updated)
 
@@ -502,9 +646,17 @@ class GptOss(nnx.Module):
         return logits if cache is None else (logits, cache_out)
 
     def hidden(
-        self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """The final-normed hidden states float32 [B, T, D] (and the updated cache, if one is given)."""
+        """The final-normed hidden states float32 [B, T, D] (and the updated cache, if one is given).
+
+        dropout_key: turns on the LoRA adapters' dropout (training); without it the forward is deterministic.
+        """
         tokens = jnp.asarray(tokens, jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -513,11 +665,14 @@ class GptOss(nnx.Module):
         graphdef, stacked = nnx.split(self.groups)
 
         if cache is None:
+            # Rematerialised: a backward pass keeps each group's input only, not its activations.
+            @jax.checkpoint
+            def run_group(x, scanned):
+                group_state, key = scanned
+                return nnx.merge(graphdef, group_state)(x, positions, dropout_key=key)[0], None
 
-            def run_group(x, group_state):
-                return nnx.merge(graphdef, group_state)(x, positions)[0], None
-
-            x, _ = jax.lax.scan(run_group, x, stacked)
+            keys = None if dropout_key is None else jax.random.split(dropout_key, self.config.num_groups)
+            x, _ = jax.lax.scan(run_group, x, (stacked, keys))
             return self.norm(x), None
 
         # The cache rides in the carry and is updated in place at each group's index. Whether it starts
@@ -541,3 +696,29 @@ class GptOss(nnx.Module):
         flat = hidden.reshape(-1, hidden.shape[-1])
         logits = _matmul("nd,vd->nv", flat, self.unembed[...], DTYPES[self.dtype])
         return logits.reshape(*hidden.shape[:-1], -1)
+
+    def token_logprobs(self, hidden: jax.Array, targets: jax.Array, chunk: int = 1024) -> jax.Array:
+        """log p(targets) float32 [...] from hidden states [..., D], without holding every logit at once.
+
+        Tokens are unembedded `chunk` at a time and the chunks are recomputed in a backward pass, so a
+        training step never stores a [tokens, vocab] array (201088 floats a token for gpt-oss).
+        """
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        flat_targets = targets.reshape(-1)
+        count = flat_hidden.shape[0]
+        chunk = min(chunk, count)
+        padded = -(-count // chunk) * chunk
+        flat_hidden = jnp.pad(flat_hidden, ((0, padded - count), (0, 0)))
+        flat_targets = jnp.pad(flat_targets, (0, padded - count))
+
+        @jax.checkpoint
+        def one_chunk(_, chunk_inputs):
+            h, t = chunk_inputs
+            logits = self.logits(h)
+            chosen = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+            return None, chosen - jax.nn.logsumexp(logits, axis=-1)
+
+        _, out = jax.lax.scan(
+            one_chunk, None, (flat_hidden.reshape(-1, chunk, hidden.shape[-1]), flat_targets.reshape(-1, chunk))
+        )
+        return out.reshape(-1)[:count].reshape(targets.shape)
