@@ -116,23 +116,17 @@ def adapter_targets(model: GptOss) -> tuple[str, ...]:
     )
 
 
-def merged_updates(model: GptOss) -> dict[tuple[int, str], np.ndarray]:
-    """(layer, target) -> scale * b @ a as float32, in the checkpoint's orientation.
+def merged_update(model: GptOss, layer: int, target: str) -> np.ndarray:
+    """scale * b @ a of one layer's adapter as float32, in the checkpoint's orientation.
 
     Dense targets give [out, in] (q/k/v/o flattened over heads as the hub layout stores them); experts
     give [E, out, in], the orientation of their MXFP4 blocks.
     """
-    pattern = len(model.config.layer_pattern)
-    out = {}
-    for position, block in enumerate(model.groups.layers):
-        for target in adapter_targets(model):
-            lora = getattr(block.attn if target in ATTENTION_TARGETS else block.mlp, f"{target}_lora")
-            a, b = np.asarray(lora.a[...], np.float32), np.asarray(lora.b[...], np.float32)
-            for group in range(model.config.num_groups):
-                if target in ("mlp1", "mlp2"):
-                    update = np.einsum("eor,eri->eoi", b[group], a[group])
-                else:
-                    rows = math.prod(b.shape[1:-1])
-                    update = (b[group].reshape(rows, -1) @ a[group].reshape(a.shape[1], -1))
-                out[(group * pattern + position, target)] = lora.scale * update
-    return out
+    group, position = divmod(layer, len(model.config.layer_pattern))
+    block = model.groups.layers[position]
+    lora = getattr(block.attn if target in ATTENTION_TARGETS else block.mlp, f"{target}_lora")
+    a, b = np.asarray(lora.a[group], np.float32), np.asarray(lora.b[group], np.float32)
+    if target in ("mlp1", "mlp2"):
+        return lora.scale * np.einsum("eor,eri->eoi", b, a)
+    rank = a.shape[0]
+    return lora.scale * (b.reshape(-1, rank) @ a.reshape(rank, -1))

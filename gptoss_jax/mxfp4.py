@@ -101,3 +101,14 @@ def quantize(x):
     crossed = (a > thresholds) | ((a == thresholds) & jnp.asarray(_TIE_GOES_UP))
     codes = crossed.sum(axis=-1) | (sign << 3)  # magnitude code 0..7 (saturates at 7 = 6.0)
     return pack_codes(codes.astype(jnp.uint8)), scales.astype(jnp.uint8)
+
+
+def quantize_experts(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize` of host weights [E, out, in], one expert at a time (bounded temporaries at 120b sizes)."""
+    pairs = [jax.device_get(quantize(expert)) for expert in weights]
+    return np.stack([blocks for blocks, _ in pairs]), np.stack([scales for _, scales in pairs])
+
+
+def dequantize_experts(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float32 host weights [E, out, in] from packed [E, out, G, 16] blocks and [E, out, G] scales."""
+    return np.stack([np.asarray(dequantize(b, s, jnp.float32)) for b, s in zip(blocks, scales)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from flax import nnx
 
 import gptoss_jax
 from gptoss_jax.errors import ConfigError
-from gptoss_jax.lora import TARGETS, LoRAConfig, add_lora, merged_updates
+from gptoss_jax.lora import TARGETS, LoRAConfig, adapter_targets, add_lora, merged_update
 
 ALL = LoRAConfig(rank=4, alpha=8.0, targets=TARGETS)
 
@@ -26,9 +28,9 @@ def _randomize_adapters(model, seed: int = 0, std: float = 0.05):
 
 def _merge_into_weights(model, base):
     """Add the adapters' updates to a plain fp32 model's weights (dense experts), layer by layer."""
-    c = model.config
-    pattern = len(c.layer_pattern)
-    for (layer, target), update in merged_updates(model).items():
+    pattern = len(model.config.layer_pattern)
+    for layer, target in itertools.product(range(model.config.num_layers), adapter_targets(model)):
+        update = merged_update(model, layer, target)
         group, position = divmod(layer, pattern)
         block = base.groups.layers[position]
         if target in ("mlp1", "mlp2"):

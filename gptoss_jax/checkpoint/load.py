@@ -115,6 +115,8 @@ def _read_layer_param(
     shape, dtype = variable.shape[1:], variable.dtype
     if inner in DENSE_EXPERTS:
         prefix = PER_LAYER[DENSE_EXPERTS[inner] + ("blocks",)].format(n=layer)
+        if source.dense_experts:
+            return _place(source.read_dense_experts(prefix), dtype, sharding)
         blocks = source.read(prefix)
         scales = source.read(prefix.removesuffix("_blocks") + "_scales")
         if sharding is not None:  # decode each device's share only: blocks split like the weight's rows

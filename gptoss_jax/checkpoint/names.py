@@ -60,6 +60,28 @@ def hub_tensor_shapes(config: GptOssConfig) -> Shapes:
     return out
 
 
+def dense_expert_name(blocks_name: str) -> str:
+    """`...experts.gate_up_proj_blocks` -> `...experts.gate_up_proj`: where the bf16 hub layout keeps it."""
+    return blocks_name.removesuffix("_blocks")
+
+
+def dense_expert_hub_shapes(config: GptOssConfig) -> Shapes:
+    """The hub layout with bf16 experts (no quantization_config; what transformers writes after dequantizing).
+
+    Each MXFP4 pair (`*_blocks`, `*_scales`) [E, out, in] becomes one bf16 tensor stored [E, in, out].
+    """
+    out: Shapes = {}
+    for name, (shape, dtype) in hub_tensor_shapes(config).items():
+        if name.endswith("_scales"):
+            continue
+        if name.endswith("_blocks"):
+            experts, rows, groups, _ = shape
+            out[dense_expert_name(name)] = ((experts, groups * BLOCK_SIZE, rows), BF16)
+        else:
+            out[name] = (shape, dtype)
+    return out
+
+
 def original_tensor_shapes(config: GptOssConfig) -> Shapes:
     """Every tensor of OpenAI's original layout (what `gpt_oss.torch` loads), name -> (shape, dtype name)."""
     c = config

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from gptoss_jax import mxfp4
 from gptoss_jax.checkpoint import names
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.errors import CheckpointError, ConfigError
@@ -34,15 +35,22 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class TensorSource:
-    """Tensors of one checkpoint by hub name, read lazily from safetensors files."""
+    """Tensors of one checkpoint by hub name, read lazily from safetensors files.
+
+    Expert weights are addressed by their MXFP4 names (`*_blocks`, `*_scales`) whatever the storage; a
+    checkpoint that stores them as bf16 (`dense_experts`) quantizes them on read, and
+    `read_dense_experts` gives the float weights of either storage.
+    """
 
     layout: str
+    dense_experts = False
 
     def __init__(self, directory: Path, config: GptOssConfig, files: dict[str, Path]):
         self.directory = directory
         self.config = config
         self._file_of = files  # stored tensor name -> file
         self._expected = names.hub_tensor_shapes(config)
+        self._quantized: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None  # blocks and scales come together
 
     def check_complete(self, stored: names.Shapes) -> "TensorSource":
         """Fail early, naming the first stored tensor the config needs that no file holds."""
@@ -54,8 +62,41 @@ class TensorSource:
             )
         return self
 
+    def shards(self) -> dict[str, list[str]]:
+        """Hub tensor names grouped by the hub-layout file that holds (or would hold) them, in layout order.
+
+        A sharded hub checkpoint keeps its own files; anything else is one `model.safetensors`.
+        """
+        out: dict[str, list[str]] = {}
+        for name in self._expected:
+            file = self._describe(name).name if self.layout == "hub" else HUB_SINGLE
+            out.setdefault(file, []).append(name)
+        return out
+
+    def read_dense_experts(self, blocks_name: str) -> np.ndarray:
+        """The float32 weights [E, out, in] of the expert tensor pair `blocks_name` (and its `_scales`)."""
+        if self.dense_experts:
+            return np.swapaxes(self._read_dense(blocks_name), 1, 2).astype(np.float32)
+        return mxfp4.dequantize_experts(self.read(blocks_name), self.read(blocks_name.removesuffix("_blocks") + "_scales"))
+
+    def _read_dense(self, blocks_name: str) -> np.ndarray:
+        stored = names.dense_expert_name(blocks_name)
+        value = self._read_stored(stored)
+        shape, dtype = names.dense_expert_hub_shapes(self.config)[stored]
+        if tuple(value.shape) != shape or value.dtype.name != dtype:
+            raise CheckpointError(
+                f"{self._file_of[stored]}: tensor {stored!r} is {value.dtype.name}{list(value.shape)}, "
+                f"expected {dtype}{list(shape)} for this config"
+            )
+        return value
+
     def read(self, name: str) -> np.ndarray:
         """The hub tensor `name`, checked against the shape and dtype the config implies."""
+        if self.dense_experts and name.endswith(("_blocks", "_scales")):
+            blocks_name = name.removesuffix("_scales") + "_blocks" if name.endswith("_scales") else name
+            if self._quantized is None or self._quantized[0] != blocks_name:
+                self._quantized = (blocks_name, mxfp4.quantize_experts(np.swapaxes(self._read_dense(blocks_name), 1, 2)))
+            return self._quantized[1][name.endswith("_scales")]
         value = self._read_hub(name)
         shape, dtype = self._expected[name]
         if tuple(value.shape) != shape or value.dtype.name != dtype:
@@ -69,6 +110,8 @@ class TensorSource:
         return self._read_stored(name)
 
     def _describe(self, name: str) -> Path:
+        if self.dense_experts and name.endswith(("_blocks", "_scales")):
+            name = names.dense_expert_name(name.removesuffix("_scales") + "_blocks")
         return self._file_of.get(name, self.directory)
 
     def _read_stored(self, stored: str) -> np.ndarray:
@@ -182,7 +225,11 @@ def _open_hub(directory: Path, config: GptOssConfig) -> HubSource:
         files = {name: directory / HUB_SINGLE for name in _keys(directory / HUB_SINGLE)}
     else:
         raise CheckpointError(f"{directory}: has config.json but neither {HUB_INDEX} nor {HUB_SINGLE}")
-    return HubSource(directory, config, files).check_complete(names.hub_tensor_shapes(config))
+    source = HubSource(directory, config, files)
+    # bf16 experts (e.g. what transformers saves after dequantizing) instead of MXFP4 pairs
+    source.dense_experts = names.dense_expert_name("model.layers.0.mlp.experts.gate_up_proj_blocks") in files
+    stored = names.dense_expert_hub_shapes(config) if source.dense_experts else names.hub_tensor_shapes(config)
+    return source.check_complete(stored)
 
 
 def _open_original(directory: Path, config: GptOssConfig) -> OriginalSource:

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -54,7 +54,7 @@ def _save(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
     save_file({name: np.ascontiguousarray(t) for name, t in tensors.items()}, str(path), metadata=_METADATA)
 
 
-def _hub_config_json(config: GptOssConfig) -> dict[str, Any]:
+def hub_config_json(config: GptOssConfig) -> dict[str, Any]:
     hub = config.to_hub_config()
     # The released token ids (pad 199999, eos 200002) do not exist in a small test vocabulary, and
     # transformers' nn.Embedding rejects a padding_idx outside it: leave such ids out.
@@ -150,7 +150,7 @@ def write_hub_checkpoint(
             size += array.nbytes
 
     with _AtomicDirectory(directory, overwrite) as temp:
-        _write_json(temp / CONFIG_FILE, _hub_config_json(config))
+        _write_json(temp / CONFIG_FILE, hub_config_json(config))
         if single_file:
             _save(temp / SINGLE_FILE, arrays)
         else:
@@ -160,6 +160,33 @@ def write_hub_checkpoint(
                 _save(temp / file_name, shard)
                 weight_map.update({name: file_name for name in shard})
             _write_json(temp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return Path(directory)
+
+
+def write_hub_shards(
+    directory: str | os.PathLike,
+    config_json: Mapping[str, Any],
+    shards: Mapping[str, Callable[[], Mapping[str, np.ndarray]]],
+    *,
+    copy_files: Sequence[Path] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write a hub-layout checkpoint one shard at a time: `shards` maps each file name to a function that
+    makes its tensors, called when that file is written (so one shard is in memory at once). With more
+    than one file an index is written. `copy_files` (tokenizer files, ...) are copied alongside.
+    """
+    with _AtomicDirectory(directory, overwrite) as temp:
+        _write_json(temp / CONFIG_FILE, dict(config_json))
+        weight_map, total = {}, 0
+        for file_name, make in shards.items():
+            tensors = make()
+            _save(temp / file_name, tensors)
+            weight_map.update({name: file_name for name in tensors})
+            total += sum(int(np.asarray(t).nbytes) for t in tensors.values())
+        if len(shards) > 1:
+            _write_json(temp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        for path in copy_files:
+            shutil.copy2(path, temp / Path(path).name)
     return Path(directory)
 
 

@@ -1,0 +1,215 @@
+"""Write a fine-tuned model back to the Hugging Face hub layout, loadable by transformers, vLLM or us.
+
+    python -m train.export --base openai/gpt-oss-20b --adapters runs/sft-20b --out gpt-oss-20b-sft
+    python -m train.export --base <ckpt> --adapters <run dir> --out <dir> --experts bfloat16 --step 200
+
+LoRA runs: each adapted weight gets its adapter's update merged in (experts re-quantized to MXFP4 with the
+same block format, or written as bf16 with --experts bfloat16); every other tensor is copied from the
+base unchanged, byte for byte. Full fine-tuning runs: every weight comes from the run. The output keeps
+the base's shard files (one model.safetensors for an original-layout base), is written one shard at a
+time, and appears only when complete. Tokenizer files next to the base are copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+import yaml
+from flax import nnx
+
+from eval.common import run_command
+from gptoss_jax import harmony, mxfp4
+from gptoss_jax.checkpoint import names
+from gptoss_jax.checkpoint.load import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
+from gptoss_jax.checkpoint.reader import HUB_INDEX, HUB_PATTERNS, TensorSource, open_checkpoint
+from gptoss_jax.checkpoint.writer import hub_config_json, write_hub_shards
+from gptoss_jax.errors import ConfigError
+from gptoss_jax.lora import LoRAConfig, add_lora, merged_update
+from gptoss_jax.model import GptOss
+from train.config import from_dict
+from train.loop import restore_params
+
+EXPERT_FORMATS = ("mxfp4", "bfloat16")
+# The weight each LoRA target adapts, as a model parameter path (the loader's tables name its tensors).
+TARGET_PARAMS = {
+    "q": ("attn", "q_proj"),
+    "k": ("attn", "k_proj"),
+    "v": ("attn", "v_proj"),
+    "o": ("attn", "o_proj"),
+    "router": ("mlp", "router"),
+    "mlp1": ("mlp", "mlp1", "blocks"),
+    "mlp2": ("mlp", "mlp2", "blocks"),
+}
+_NOT_COPIED = ("config.json", "model*.safetensors", HUB_INDEX)
+
+
+def _run_config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError:
+        raise ConfigError(f"{path}: missing (not a training run directory?)") from None
+    if not isinstance(values, dict) or "lora" not in values:
+        raise ConfigError(f"{path}: not a training run config (no 'lora' key)")
+    return values
+
+
+class _Trained:
+    """New values of the tensors a run changed, by hub name; the rest is read from the base."""
+
+    def __init__(self, source: TensorSource, run_dir: Path, step: int | None):
+        self.source, self.config = source, source.config
+        run = _run_config(run_dir)
+        self.lora = None if run["lora"] is None else from_dict(LoRAConfig, run["lora"], "lora.")
+        experts = "mxfp4" if self.lora is not None else "bfloat16"
+
+        def build() -> GptOss:
+            model = GptOss(self.config, dtype="float32", experts=experts, rngs=nnx.Rngs(0))
+            return model if self.lora is None else add_lora(model, self.lora)
+
+        abstract = nnx.eval_shape(build)  # shapes only: no base weights are loaded
+        graphdef, trained, rest = nnx.split(abstract, nnx.Param if self.lora is None else nnx.LoRAParam, ...)
+        params, self.step = restore_params(run_dir, nnx.to_pure_dict(trained), step)
+        nnx.replace_by_pure_dict(trained, params)
+        self.model = nnx.merge(graphdef, trained, rest)
+        self.params = params
+        # hub name -> a function making the (unquantized, float32) weight it should now hold
+        self.changed: dict[str, Callable[[], np.ndarray]] = {}
+        if self.lora is None:
+            self._map_full_run()
+        else:
+            self._map_adapters()
+
+    def _map_adapters(self) -> None:
+        for layer in range(self.config.num_layers):
+            for target in self.lora.targets:
+                name = PER_LAYER[TARGET_PARAMS[target]].format(n=layer)
+                self.changed[name] = lambda name=name, layer=layer, target=target: self._merged(name, layer, target)
+
+    def _merged(self, name: str, layer: int, target: str) -> np.ndarray:
+        update = merged_update(self.model, layer, target)
+        if target in ("mlp1", "mlp2"):
+            base = self.source.read_dense_experts(name)
+        else:
+            base = self.source.read(name).astype(np.float32)
+        return base + update.reshape(base.shape)
+
+    def _map_full_run(self) -> None:
+        pattern = len(self.config.layer_pattern)
+        for path, name in TOP_LEVEL.items():
+            self.changed[name] = lambda path=path: self._value(path)
+        dense = {hub_path: model_path for model_path, hub_path in DENSE_EXPERTS.items()}
+        for inner, template in PER_LAYER.items():
+            if inner[-1] == "scales":
+                continue
+            inner = dense.get(inner[:-1], inner) if inner[-1] == "blocks" else inner
+            for layer in range(self.config.num_layers):
+                group, position = divmod(layer, pattern)
+                path = ("groups", "layers", position, *inner)
+                self.changed[template.format(n=layer)] = lambda path=path, group=group: self._value(path)[group]
+
+    def _value(self, path: tuple) -> np.ndarray:
+        value = self.params
+        for key in path:
+            value = value[key]
+        return np.asarray(value, np.float32)
+
+
+def _output_shards(trained: _Trained, experts: str) -> dict[str, Callable[[], dict[str, np.ndarray]]]:
+    """File name -> a function making that file's tensors, following the base's files."""
+    source = trained.source
+
+    def make(file_names: list[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        pending: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name in file_names:
+            is_scales = name.endswith("_scales")
+            blocks_name = name.removesuffix("_scales") + "_blocks" if is_scales else name
+            if blocks_name.endswith("_blocks") and (blocks_name in trained.changed or experts == "bfloat16"):
+                # An expert weight: blocks and scales are made together from the new float weights.
+                if blocks_name not in pending:
+                    new = trained.changed.get(blocks_name)
+                    weights = new() if new else source.read_dense_experts(blocks_name)
+                    pending[blocks_name] = weights if experts == "bfloat16" else mxfp4.quantize_experts(weights)
+                if experts == "bfloat16":
+                    if not is_scales:  # the hub's dense layout stores experts [E, in, out]
+                        out[names.dense_expert_name(name)] = np.swapaxes(pending[blocks_name], 1, 2).astype(ml_dtypes.bfloat16)
+                else:
+                    out[name] = pending[blocks_name][1 if is_scales else 0]
+            elif name in trained.changed:
+                out[name] = trained.changed[name]().astype(ml_dtypes.bfloat16)
+            else:
+                out[name] = source.read(name)  # unchanged: the base's bytes
+        return out
+
+    return {file: (lambda file_names=file_names: make(file_names)) for file, file_names in source.shards().items()}
+
+
+def _config_json(source: TensorSource, experts: str) -> dict:
+    if source.layout == "hub":
+        values = json.loads((source.directory / "config.json").read_text())
+    else:
+        values = hub_config_json(source.config)
+    if experts == "bfloat16":
+        values.pop("quantization_config", None)
+    return values
+
+
+def _tokenizer_files(directory: Path) -> list[Path]:
+    patterns = [pattern for pattern in HUB_PATTERNS if pattern not in _NOT_COPIED] + [harmony.VOCAB_FILE]
+    return sorted(path for path in directory.iterdir() if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in patterns))
+
+
+def export(
+    base: str | Path,
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    experts: str = "mxfp4",
+    step: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the base checkpoint with the run's training applied to `out` (hub layout); returns `out`."""
+    if experts not in EXPERT_FORMATS:
+        raise ConfigError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
+    source = open_checkpoint(base)
+    trained = _Trained(source, Path(run_dir), step)
+    return write_hub_shards(
+        out,
+        _config_json(source, experts),
+        _output_shards(trained, experts),
+        copy_files=_tokenizer_files(source.directory),
+        overwrite=overwrite,
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--base", required=True, help="the checkpoint the run started from (folder or hub repo id)")
+    parser.add_argument("--adapters", required=True, help="the run directory (holds config.yaml and checkpoints/)")
+    parser.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    parser.add_argument("--experts", default="mxfp4", help="mxfp4 (as released) or bfloat16")
+    parser.add_argument("--step", type=int, help="which checkpoint of the run (default: the latest)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, scratch: Path) -> int:
+    out = export(args.base, args.adapters, args.out, experts=args.experts, step=args.step, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""What every fine-tuning loop shares: the trainable/frozen split, AdamW, one jitted step with gradient
+accumulation, orbax checkpoints that resume exactly, and the metrics log.
+
+Trainable parameters are kept as a plain dict of float32 arrays (what optax and orbax handle best) and
+put back into the model inside the step; frozen ones (packed MXFP4 experts included) are passed to the
+step as arguments, never baked into the program as constants.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from gptoss_jax.errors import ConfigError
+from gptoss_jax.model import GptOss
+from train.config import OptimizerConfig
+
+# loss_fn(model, micro_batch, dropout_key) -> (objective summed over the micro-batch, sums of metrics).
+# metrics must hold "weight": what the summed objective is divided by (e.g. the count of learned tokens).
+LossFn = Callable[[GptOss, dict, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def make_optimizer(config: OptimizerConfig, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if config.warmup_steps else config.learning_rate,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(steps, config.warmup_steps + 1),
+        end_value=config.end_learning_rate,
+    )
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip),
+        optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay),
+    )
+    return optimizer, schedule
+
+
+class Trainer:
+    """Trains the parameters of `model` that match `trainable` (nnx.LoRAParam for adapters, nnx.Param for all).
+
+    Checkpoints go to run_dir/checkpoints (orbax: written to a temporary name, then renamed); the last
+    `keep` are kept. A new Trainer on a run_dir with checkpoints resumes from the latest.
+    """
+
+    def __init__(
+        self,
+        model: GptOss,
+        trainable: Any,
+        optimizer: OptimizerConfig,
+        steps: int,
+        run_dir: str | Path,
+        *,
+        loss_fn: LossFn,
+        seed: int = 0,
+        keep: int = 3,
+        use_dropout: bool = False,
+    ):
+        self.graphdef, state, self.frozen = nnx.split(model, trainable, ...)
+        self.params = nnx.to_pure_dict(jax.tree.map(lambda x: x.astype(jnp.float32), state))
+        # Only the structure: the step fills it with the parameters it is given.
+        self.template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), state)
+        self.optimizer, self.schedule = make_optimizer(optimizer, steps)
+        self.opt_state = self.optimizer.init(self.params)
+        self.step = 0
+        self.examples_seen = 0
+        self.key = jax.random.key(seed)
+        self.loss_fn, self.use_dropout = loss_fn, use_dropout
+        self.run_dir = Path(run_dir)
+        self.manager = ocp.CheckpointManager(
+            (self.run_dir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        )
+        self._step = jax.jit(self._step_impl, donate_argnums=(0, 1))
+
+    @property
+    def trainable_count(self) -> int:
+        return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(self.params))
+
+    def model(self, params: dict | None = None) -> GptOss:
+        """The model with `params` (default: the current ones) in place of the trainable weights."""
+        state = jax.tree.map(lambda x: x, self.template)  # a fresh State to fill
+        nnx.replace_by_pure_dict(state, self.params if params is None else params)
+        return nnx.merge(self.graphdef, state, self.frozen)
+
+    def _step_impl(self, params, opt_state, frozen, batch, key):
+        """Gradients summed over the micro-batches (leading axis), divided by the summed weight, one update."""
+
+        def micro(params, micro_batch, micro_key):
+            state = jax.tree.map(lambda x: x, self.template)
+            nnx.replace_by_pure_dict(state, params)
+            model = nnx.merge(self.graphdef, state, frozen)
+            return self.loss_fn(model, micro_batch, micro_key if self.use_dropout else None)
+
+        grad_fn = jax.value_and_grad(micro, has_aux=True)
+
+        def accumulate(carry, scanned):
+            grads, objective, metrics = carry
+            micro_batch, index = scanned
+            (value, sums), micro_grads = grad_fn(params, micro_batch, jax.random.fold_in(key, index))
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            metrics = {name: metrics[name] + sums[name] for name in metrics}
+            return (grads, objective + value, metrics), None
+
+        count = jax.tree.leaves(batch)[0].shape[0]
+        first_batch = jax.tree.map(lambda x: x[0], batch)
+        metric_shapes = jax.eval_shape(lambda: micro(params, first_batch, key)[1])
+        zeros = (
+            jax.tree.map(jnp.zeros_like, params),
+            jnp.zeros((), jnp.float32),
+            {name: jnp.zeros(shape.shape, shape.dtype) for name, shape in metric_shapes.items()},
+        )
+        (grads, objective, metrics), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(count)))
+        weight = jnp.maximum(metrics["weight"], 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        metrics = dict(metrics, loss=objective / weight, grad_norm=optax.tree.norm(grads))
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    def train_step(self, batch: dict[str, np.ndarray], examples: int) -> dict[str, float]:
+        """One optimizer step on `batch` ([micro-batches, rows, ...] arrays) that consumed `examples`."""
+        learning_rate = float(self.schedule(self.step))
+        key = jax.random.fold_in(self.key, self.step)
+        started = time.perf_counter()
+        self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.frozen, batch, key)
+        metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
+        seconds = time.perf_counter() - started
+        self.step += 1
+        self.examples_seen += examples
+        return dict(metrics, step=self.step, learning_rate=learning_rate, seconds=seconds)
+
+    # Checkpoints.
+
+    def _progress(self) -> dict:
+        return {
+            "step": self.step,
+            "examples_seen": self.examples_seen,
+            "rng_key": np.asarray(jax.random.key_data(self.key)).tolist(),
+        }
+
+    def save(self) -> None:
+        """Checkpoint the trainable parameters, optimizer state, step, data position and RNG."""
+        if self.step in self.manager.all_steps():
+            return
+        self.manager.save(
+            self.step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(self.params),
+                opt_state=ocp.args.StandardSave(self.opt_state),
+                progress=ocp.args.JsonSave(self._progress()),
+            ),
+        )
+        self.manager.wait_until_finished()
+
+    def restore_latest(self) -> bool:
+        """Resume from the newest checkpoint in run_dir, if there is one."""
+        step = self.manager.latest_step()
+        if step is None:
+            return False
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(self.params)),
+                opt_state=ocp.args.StandardRestore(_abstract(self.opt_state)),
+                progress=ocp.args.JsonRestore(),
+            ),
+        )
+        self.params, self.opt_state = restored.params, restored.opt_state
+        progress = restored.progress
+        self.step, self.examples_seen = progress["step"], progress["examples_seen"]
+        self.key = jax.random.wrap_key_data(jnp.asarray(progress["rng_key"], jnp.uint32))
+        return True
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def restore_params(run_dir: str | Path, abstract_params: dict, step: int | None = None) -> tuple[dict, int]:
+    """The trained parameters of a run (its latest checkpoint, or `step`), without the optimizer state."""
+    directory = (Path(run_dir) / "checkpoints").absolute()
+    if not directory.is_dir():
+        raise ConfigError(f"{run_dir}: no checkpoints/ folder (not a training run directory?)")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+    steps = manager.all_steps()
+    if not steps or (step is not None and step not in steps):
+        wanted = "any checkpoint" if step is None else f"a checkpoint of step {step} (has {sorted(steps)})"
+        raise ConfigError(f"{directory}: no {wanted}")
+    step = max(steps) if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    return restored.params, step
+
+
+class MetricsLog:
+    """metrics.jsonl in the run dir: one JSON object a step. On resume, lines past the restored step go."""
+
+    def __init__(self, path: str | Path, resumed_step: int):
+        self.path = Path(path)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text("".join(line + "\n" for line in kept))
+            os.replace(temporary, self.path)
+
+    def write(self, metrics: dict) -> None:
+        clean = {name: (None if isinstance(value, float) and not math.isfinite(value) else value)
+                 for name, value in metrics.items()}  # fmt: skip
+        with self.path.open("a") as file:
+            file.write(json.dumps(clean) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []

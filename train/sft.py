@@ -1,0 +1,126 @@
+"""Supervised fine-tuning on harmony conversations, with LoRA over packed MXFP4 experts or full fine-tuning.
+
+    python -m train.sft --config configs/sft-tiny.yaml                 # a tiny random model, minutes on CPU
+    python -m train.sft --config configs/sft-20b.yaml lora.rank=16 steps=500
+
+The loss is the mean negative log-likelihood of the assistant's tokens (everything after each assistant
+message's `<|start|>assistant` header). A run directory holds config.yaml (the resolved config),
+metrics.jsonl (a line a step) and checkpoints/ (orbax; a rerun resumes from the latest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import yaml
+from flax import nnx
+from tqdm import tqdm
+
+import gptoss_jax
+from eval.common import RANDOM, run_command, write_random_checkpoint
+from gptoss_jax import harmony, sharding
+from gptoss_jax.checkpoint.reader import open_checkpoint
+from gptoss_jax.lora import add_lora
+from train.config import SFTConfig, read_config, to_dict
+from train.data import example_order, load_dataset, make_batch
+from train.loop import MetricsLog, Trainer
+
+
+def sft_loss(model: gptoss_jax.GptOss, batch: dict, dropout_key) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Summed negative log-likelihood of the learned tokens, their count, and the count of all tokens."""
+    hidden, _ = model.hidden(batch["inputs"], batch["positions"], dropout_key=dropout_key)
+    logprobs = model.token_logprobs(hidden, batch["targets"])
+    weights = batch["weights"]
+    return -(logprobs * weights).sum(), {"weight": weights.sum(), "tokens": (batch["positions"] >= 0).sum()}
+
+
+def base_checkpoint(config: SFTConfig) -> Path:
+    """The checkpoint folder to fine-tune (a hub repo id is fetched); `random` is a tiny random model
+    written once into the run dir."""
+    if config.checkpoint != RANDOM:
+        return open_checkpoint(config.checkpoint).directory
+    folder = Path(config.run_dir) / "base"
+    return folder / "tiny-random" if (folder / "tiny-random").exists() else write_random_checkpoint(folder)
+
+
+def build_model(config: SFTConfig, checkpoint: Path) -> gptoss_jax.GptOss:
+    """The base model with fresh adapters (or, for full fine-tuning, as loaded)."""
+    mesh = sharding.make_mesh(config.mesh) if config.mesh else None
+    model = gptoss_jax.load(checkpoint, dtype=config.dtype, experts=config.experts, mesh=mesh)
+    return model if config.lora is None else add_lora(model, config.lora, seed=config.seed)
+
+
+def train(config: SFTConfig, progress: bool = True, stop_after: int | None = None) -> Trainer:
+    """Run (or resume) the fine-tuning described by `config`; returns the trainer at its last step.
+
+    stop_after: leave after this step, checkpointed, as a preempted run would (a later call resumes).
+    """
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = base_checkpoint(config)
+    encoding = harmony.load_encoding(checkpoint)
+    dataset = load_dataset(config.data, encoding, config.max_length, config.reasoning_effort)
+    for warning in dataset.warnings(config.data, config.max_length):
+        print(f"warning: {warning}", file=sys.stderr)
+
+    model = build_model(config, checkpoint)
+    trainer = Trainer(
+        model,
+        nnx.Param if config.lora is None else nnx.LoRAParam,
+        config.optimizer,
+        config.steps,
+        run_dir,
+        loss_fn=sft_loss,
+        seed=config.seed,
+        keep=config.keep,
+        use_dropout=config.lora is not None and config.lora.dropout > 0,
+    )
+    trainer.restore_latest()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    log = MetricsLog(run_dir / "metrics.jsonl", trainer.step)
+
+    per_step = config.batch_size * config.grad_accum
+    bar = tqdm(total=config.steps, initial=trainer.step, disable=not progress, desc="sft", unit="step")
+    last_step = config.steps if stop_after is None else min(stop_after, config.steps)
+    while trainer.step < last_step:
+        order = example_order(len(dataset.examples), config.seed, trainer.examples_seen, per_step)
+        batch = make_batch([dataset.examples[i] for i in order], config.batch_size, config.max_length)
+        metrics = trainer.train_step(batch, per_step)
+        metrics["tokens_per_second"] = metrics["tokens"] / metrics["seconds"]
+        log.write(metrics)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}"
+        )
+        if trainer.step % config.save_every == 0 or trainer.step == last_step:
+            trainer.save()
+    bar.close()
+    return trainer
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.sft", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="a YAML run config (configs/sft-*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. lora.rank=16")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, scratch: Path) -> int:
+    config = read_config(SFTConfig, args.config, args.overrides)
+    trainer = train(config, progress=not args.no_progress)
+    last = MetricsLog(Path(config.run_dir) / "metrics.jsonl", trainer.step).read()[-1:]
+    if last:
+        print(f"step {trainer.step}: loss {last[0]['loss']:.4f}; run in {config.run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
