@@ -100,6 +100,53 @@ def render_chat(
     "commentary". `tools` are {"name", "description", "parameters": JSON schema} (or OpenAI's
     {"type": "function", "function": {...}}).
     """
+    conversation = _conversation(messages, reasoning_effort, system, developer, tools)
+    return encoding.render_conversation_for_completion(oh.Conversation.from_messages(conversation), oh.Role.ASSISTANT)
+
+
+# An assistant message renders as <|start|>assistant then what the model itself writes.
+_ASSISTANT_HEADER_TOKENS = 2
+
+
+def render_training(
+    encoding: oh.HarmonyEncoding,
+    messages: list[ChatMessage],
+    *,
+    reasoning_effort: str = "medium",
+    system: str | None = None,
+    developer: str | None = None,
+    tools: list[dict] | None = None,
+) -> tuple[list[int], list[bool]]:
+    """A whole conversation as training tokens, and per token whether the model is trained to write it.
+
+    Rendered with openai-harmony's training rendering (the last assistant message ends in <|return|>, or
+    <|call|> for a tool call). As at inference, the analysis of turns before the latest user message is
+    dropped. Learned tokens: each assistant message after its `<|start|>assistant` header.
+    """
+    conversation = _conversation(messages, reasoning_effort, system, developer, tools)
+    users = [i for i, m in enumerate(conversation) if m.author.role == oh.Role.USER]
+    last_user = users[-1] if users else 0
+    kept = [m for i, m in enumerate(conversation) if not (i < last_user and m.channel == "analysis")]
+    config = oh.RenderConversationConfig(auto_drop_analysis=False)
+    tokens = encoding.render_conversation_for_training(oh.Conversation.from_messages(kept), config)
+    learned: list[bool] = []
+    for m in kept:
+        length = len(encoding.render(m))
+        header = _ASSISTANT_HEADER_TOKENS if m.author.role == oh.Role.ASSISTANT else length
+        learned += [False] * header + [True] * (length - header)
+    if len(learned) != len(tokens):  # the training rendering is the messages' renderings end to end
+        raise HarmonyError(f"harmony rendered {len(tokens)} tokens for messages of {len(learned)} tokens")
+    return tokens, learned
+
+
+def _conversation(
+    messages: list[ChatMessage],
+    reasoning_effort: str,
+    system: str | None,
+    developer: str | None,
+    tools: list[dict] | None,
+) -> list[oh.Message]:
+    """harmony messages: system (reasoning effort, identity), optional developer, then `messages`."""
     if reasoning_effort not in REASONING_EFFORTS:
         raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {reasoning_effort!r}")
     system_content = oh.SystemContent.new().with_reasoning_effort(_EFFORT[reasoning_effort])
@@ -129,7 +176,7 @@ def render_chat(
         msg = oh.Message.from_author_and_content(author, m.content)
         msg.channel, msg.recipient, msg.content_type = channel, recipient, m.content_type
         out.append(msg)
-    return encoding.render_conversation_for_completion(oh.Conversation.from_messages(out), oh.Role.ASSISTANT)
+    return out
 
 
 def _tool(spec: dict) -> oh.ToolDescription:
