@@ -11,32 +11,28 @@
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import jax
 
 import gptoss_jax
+from eval.common import (
+    UsageError,
+    add_checkpoint_args,
+    add_generation_args,
+    check_checkpoint_args,
+    check_generation_args,
+    checkpoint_directory,
+    run_command,
+)
 from gptoss_jax import harmony, sharding
 from gptoss_jax.chat import Chat, ChatReply
-from gptoss_jax.checkpoint.reader import open_checkpoint
-from gptoss_jax.checkpoint.random_weights import random_hub_tensors
-from gptoss_jax.checkpoint.writer import write_hub_checkpoint
 from gptoss_jax.engine import Generator
 from gptoss_jax.harmony import ChatMessage
-from gptoss_jax.sampling import SamplingParams
-
-RANDOM = "random"
-
-
-class UsageError(Exception):
-    """Bad command-line input, reported as one line."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,62 +42,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:]),
     )
-    parser.add_argument(
-        "--checkpoint",
-        default="openai/gpt-oss-20b",
-        help="a checkpoint folder (hub or original layout), a hub repo id, or 'random' for a tiny random model",
-    )
+    add_checkpoint_args(parser)
+    add_generation_args(parser, max_new_tokens=1024)
     parser.add_argument("--prompt", action="append", help="a user prompt; repeat for a batch (default: stdin)")
     parser.add_argument("--system", help="replace the model identity line of the system message")
     parser.add_argument("--developer", help="developer instructions")
-    parser.add_argument("--reasoning-effort", default="medium", help="low, medium or high")
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0, as OpenAI advises)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
     parser.add_argument("--show-reasoning", action="store_true", help="print the analysis channel too")
     parser.add_argument("--raw", action="store_true", help="complete the prompt text as is, with no chat format")
     parser.add_argument("--prompt-ids", help="comma-separated token ids to complete (implies --raw)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt, nothing else")
-    parser.add_argument("--mesh", help="shard over devices, e.g. expert=4,tensor=2 or data=2,expert=4 (default: one)")
     parser.add_argument("--distributed", action="store_true", help="join a multi-process run (TPU pod, Slurm)")
     parser.add_argument("--coordinator", help="multi-process run: the coordinator's host:port")
     parser.add_argument("--num-processes", type=int, help="multi-process run: how many processes")
     parser.add_argument("--process-id", type=int, help="multi-process run: this process's index")
     return parser.parse_args(argv)
-
-
-def check_args(args: argparse.Namespace) -> SamplingParams:
-    if args.reasoning_effort not in harmony.REASONING_EFFORTS:
-        raise UsageError(
-            f"--reasoning-effort must be one of {', '.join(harmony.REASONING_EFFORTS)}, got {args.reasoning_effort!r}"
-        )
-    if args.dtype not in ("bfloat16", "float32"):
-        raise UsageError(f"--dtype must be bfloat16 or float32, got {args.dtype!r}")
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    try:
-        return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
-def write_random_checkpoint(directory: Path) -> Path:
-    """A tiny random model with the full harmony vocabulary, plus the vocabulary file if bpe-openai has it."""
-    config = gptoss_jax.GptOssConfig.preset("tiny").replace(vocab_size=201088)
-    path = write_hub_checkpoint(directory / "tiny-random", config, random_hub_tensors(config, seed=0))
-    try:
-        import bpe_openai  # optional: ships o200k_base.tiktoken, so chat works with no network
-
-        packed = Path(bpe_openai.__file__).parent / "data" / "o200k_base.tiktoken.gz"
-        with gzip.open(packed) as source, open(path / harmony.VOCAB_FILE, "wb") as target:
-            shutil.copyfileobj(source, target)
-    except (ImportError, OSError):
-        pass
-    return path
 
 
 def read_prompts(args: argparse.Namespace) -> list[str] | None:
@@ -121,30 +75,22 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            return run(args, Path(scratch))
-    except (UsageError, gptoss_jax.GptOssError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(run, parse_args(argv))
 
 
 def run(args: argparse.Namespace, scratch: Path) -> int:
-    sampling = check_args(args)
+    sampling = check_generation_args(args)
+    check_checkpoint_args(args)
     if args.distributed or args.coordinator:
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     if jax.process_index() != 0:  # every process computes; the first one speaks
         sys.stdout = open(os.devnull, "w")
     prompts = read_prompts(args)
-    checkpoint = write_random_checkpoint(scratch) if args.checkpoint == RANDOM else args.checkpoint
     raw = args.raw or args.prompt_ids is not None
     # Find the checkpoint, then the vocabulary (perhaps next to it), then load: each failure comes before
     # the long part.
-    directory = open_checkpoint(checkpoint).directory
+    directory = checkpoint_directory(args.checkpoint, scratch)
     encoding = None if args.prompt_ids is not None else harmony.load_encoding(directory)
     start = time.perf_counter()
     model = gptoss_jax.load(directory, dtype=args.dtype, mesh=mesh)

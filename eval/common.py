@@ -1,0 +1,115 @@
+"""What the eval commands share: model and sampling options, the `random` checkpoint, error lines, atomic files."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
+
+import gptoss_jax
+from gptoss_jax import harmony
+from gptoss_jax.checkpoint.random_weights import random_hub_tensors
+from gptoss_jax.checkpoint.reader import open_checkpoint
+from gptoss_jax.checkpoint.writer import write_hub_checkpoint
+from gptoss_jax.sampling import SamplingParams
+
+RANDOM = "random"
+
+
+class UsageError(Exception):
+    """Bad command-line input, reported as one line."""
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --dtype, --mesh."""
+    parser.add_argument(
+        "--checkpoint",
+        default="openai/gpt-oss-20b",
+        help="a checkpoint folder (hub or original layout), a hub repo id, or 'random' for a tiny random model",
+    )
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
+    parser.add_argument("--mesh", help="shard over devices, e.g. expert=4,tensor=2 or data=2,expert=4 (default: one)")
+
+
+def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """--reasoning-effort, --max-new-tokens and the sampling options."""
+    parser.add_argument("--reasoning-effort", default="medium", help="low, medium or high")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0, as OpenAI advises)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def check_checkpoint_args(args: argparse.Namespace) -> None:
+    """Refuse a --dtype the model does not take."""
+    if args.dtype not in ("bfloat16", "float32"):
+        raise UsageError(f"--dtype must be bfloat16 or float32, got {args.dtype!r}")
+
+
+def check_generation_args(args: argparse.Namespace) -> SamplingParams:
+    """Refuse bad generation options; the sampling parameters they give."""
+    if args.reasoning_effort not in harmony.REASONING_EFFORTS:
+        raise UsageError(
+            f"--reasoning-effort must be one of {', '.join(harmony.REASONING_EFFORTS)}, got {args.reasoning_effort!r}"
+        )
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    try:
+        return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def write_random_checkpoint(directory: Path) -> Path:
+    """A tiny random model with the full harmony vocabulary, plus the vocabulary file if bpe-openai has it."""
+    config = gptoss_jax.GptOssConfig.preset("tiny").replace(vocab_size=201088)
+    path = write_hub_checkpoint(directory / "tiny-random", config, random_hub_tensors(config, seed=0))
+    try:
+        import bpe_openai  # optional: ships o200k_base.tiktoken, so chat works with no network
+
+        packed = Path(bpe_openai.__file__).parent / "data" / "o200k_base.tiktoken.gz"
+        with gzip.open(packed) as source, open(path / harmony.VOCAB_FILE, "wb") as target:
+            shutil.copyfileobj(source, target)
+    except (ImportError, OSError):
+        pass
+    return path
+
+
+def checkpoint_directory(checkpoint: str, scratch: Path) -> Path:
+    """The folder of a checkpoint given as a path, a hub repo id (fetched), or `random` (written into scratch)."""
+    return open_checkpoint(write_random_checkpoint(scratch) if checkpoint == RANDOM else checkpoint).directory
+
+
+def run_command(run: Callable[[argparse.Namespace, Path], int], args: argparse.Namespace) -> int:
+    """Call run(args, scratch folder); a failure becomes one `error:` line on stderr and a non-zero exit code."""
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            return run(args, Path(scratch))
+    except (UsageError, gptoss_jax.GptOssError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+@contextlib.contextmanager
+def atomic_text_file(path: Path) -> Iterator[TextIO]:
+    """A text file written under a temporary name and renamed onto `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            yield file
+        os.chmod(temp, 0o644)  # mkstemp makes it private
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
