@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
+import gptoss_jax
 from eval.common import run_command
 from gptoss_jax import harmony, mxfp4
 from gptoss_jax.checkpoint import names
@@ -61,27 +62,44 @@ def _run_config(run_dir: Path) -> dict:
     return values
 
 
+def _run_lora(run_dir: Path) -> LoRAConfig | None:
+    """The run's adapter settings; None for a full fine-tuning run."""
+    lora = _run_config(run_dir)["lora"]
+    return None if lora is None else from_dict(LoRAConfig, lora, "lora.")
+
+
+def _restore_run(model: GptOss, run_dir: Path, lora: LoRAConfig | None, step: int | None) -> tuple[GptOss, dict, int]:
+    """`model` with the run's trained weights (adapters attached first for a LoRA run), the weights, the step."""
+    if lora is not None:
+        model = add_lora(model, lora)
+    graphdef, trained, rest = nnx.split(model, nnx.Param if lora is None else nnx.LoRAParam, ...)
+    params, step = restore_params(run_dir, nnx.to_pure_dict(trained), step)
+    nnx.replace_by_pure_dict(trained, params)
+    return nnx.merge(graphdef, trained, rest), params, step
+
+
+def load_trained(
+    base: str | Path, run_dir: str | Path, *, dtype: str = "bfloat16", step: int | None = None, mesh=None
+) -> GptOss:
+    """The base model with a run's training applied (adapters kept separate, not merged): to chat with or
+    evaluate a fine-tuned model without exporting it."""
+    lora = _run_lora(Path(run_dir))
+    model = gptoss_jax.load(base, dtype=dtype, experts="mxfp4" if lora is not None else "bfloat16", mesh=mesh)
+    return _restore_run(model, Path(run_dir), lora, step)[0]
+
+
 class _Trained:
     """New values of the tensors a run changed, by hub name; the rest is read from the base."""
 
     def __init__(self, source: TensorSource, run_dir: Path, step: int | None):
         self.source, self.config = source, source.config
-        run = _run_config(run_dir)
-        self.lora = None if run["lora"] is None else from_dict(LoRAConfig, run["lora"], "lora.")
+        self.lora = _run_lora(run_dir)
         experts = "mxfp4" if self.lora is not None else "bfloat16"
-
-        def build() -> GptOss:
-            model = GptOss(self.config, dtype="float32", experts=experts, rngs=nnx.Rngs(0))
-            return model if self.lora is None else add_lora(model, self.lora)
-
-        abstract = nnx.eval_shape(build)  # shapes only: no base weights are loaded
-        graphdef, trained, rest = nnx.split(abstract, nnx.Param if self.lora is None else nnx.LoRAParam, ...)
-        params, self.step = restore_params(run_dir, nnx.to_pure_dict(trained), step)
-        nnx.replace_by_pure_dict(trained, params)
-        self.model = nnx.merge(graphdef, trained, rest)
-        self.params = params
-        # hub name -> a function making the (unquantized, float32) weight it should now hold
-        self.changed: dict[str, Callable[[], np.ndarray]] = {}
+        # Shapes only: the base's weights are read tensor by tensor as the shards are written.
+        abstract = nnx.eval_shape(lambda: GptOss(self.config, dtype="float32", experts=experts, rngs=nnx.Rngs(0)))
+        self.model, self.params, self.step = _restore_run(abstract, run_dir, self.lora, step)
+        # hub name -> a function making the (unquantized, float32) weight it should now hold, or None
+        self.changed: dict[str, Callable[[], np.ndarray | None]] = {}
         if self.lora is None:
             self._map_full_run()
         else:
@@ -93,8 +111,15 @@ class _Trained:
                 name = PER_LAYER[TARGET_PARAMS[target]].format(n=layer)
                 self.changed[name] = lambda name=name, layer=layer, target=target: self._merged(name, layer, target)
 
-    def _merged(self, name: str, layer: int, target: str) -> np.ndarray:
+    def new_value(self, name: str) -> np.ndarray | None:
+        """The float32 weight tensor `name` should now hold, or None if the run left it unchanged."""
+        make = self.changed.get(name)
+        return None if make is None else make()
+
+    def _merged(self, name: str, layer: int, target: str) -> np.ndarray | None:
         update = merged_update(self.model, layer, target)
+        if not update.any():  # an adapter that never trained: keep the base's bytes (and its -0.0s)
+            return None
         if target in ("mlp1", "mlp2"):
             base = self.source.read_dense_experts(name)
         else:
@@ -126,27 +151,32 @@ def _output_shards(trained: _Trained, experts: str) -> dict[str, Callable[[], di
     """File name -> a function making that file's tensors, following the base's files."""
     source = trained.source
 
+    def expert_pair(blocks_name: str):
+        """MXFP4 (blocks, scales), or the dense float weights for --experts bfloat16."""
+        new = trained.new_value(blocks_name)
+        if experts == "bfloat16":
+            return source.read_dense_experts(blocks_name) if new is None else new
+        if new is None:  # unchanged: the base's bytes
+            return source.read(blocks_name), source.read(blocks_name.removesuffix("_blocks") + "_scales")
+        return mxfp4.quantize_experts(new)
+
     def make(file_names: list[str]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        pending: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        pairs: dict[str, tuple[np.ndarray, np.ndarray] | np.ndarray] = {}  # blocks and scales come together
         for name in file_names:
             is_scales = name.endswith("_scales")
             blocks_name = name.removesuffix("_scales") + "_blocks" if is_scales else name
-            if blocks_name.endswith("_blocks") and (blocks_name in trained.changed or experts == "bfloat16"):
-                # An expert weight: blocks and scales are made together from the new float weights.
-                if blocks_name not in pending:
-                    new = trained.changed.get(blocks_name)
-                    weights = new() if new else source.read_dense_experts(blocks_name)
-                    pending[blocks_name] = weights if experts == "bfloat16" else mxfp4.quantize_experts(weights)
-                if experts == "bfloat16":
-                    if not is_scales:  # the hub's dense layout stores experts [E, in, out]
-                        out[names.dense_expert_name(name)] = np.swapaxes(pending[blocks_name], 1, 2).astype(ml_dtypes.bfloat16)
-                else:
-                    out[name] = pending[blocks_name][1 if is_scales else 0]
-            elif name in trained.changed:
-                out[name] = trained.changed[name]().astype(ml_dtypes.bfloat16)
-            else:
-                out[name] = source.read(name)  # unchanged: the base's bytes
+            if blocks_name.endswith("_blocks"):
+                if blocks_name not in pairs:
+                    pairs[blocks_name] = expert_pair(blocks_name)
+                if experts == "mxfp4":
+                    out[name] = pairs[blocks_name][int(is_scales)]
+                elif not is_scales:  # the hub's dense layout stores experts [E, in, out]
+                    dense = np.swapaxes(pairs[blocks_name], 1, 2).astype(ml_dtypes.bfloat16)
+                    out[names.dense_expert_name(name)] = dense
+                continue
+            new = trained.new_value(name)
+            out[name] = source.read(name) if new is None else new.astype(ml_dtypes.bfloat16)
         return out
 
     return {file: (lambda file_names=file_names: make(file_names)) for file, file_names in source.shards().items()}

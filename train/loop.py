@@ -191,14 +191,41 @@ def restore_params(run_dir: str | Path, abstract_params: dict, step: int | None 
     directory = (Path(run_dir) / "checkpoints").absolute()
     if not directory.is_dir():
         raise ConfigError(f"{run_dir}: no checkpoints/ folder (not a training run directory?)")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-    steps = manager.all_steps()
-    if not steps or (step is not None and step not in steps):
-        wanted = "any checkpoint" if step is None else f"a checkpoint of step {step} (has {sorted(steps)})"
-        raise ConfigError(f"{directory}: no {wanted}")
-    step = max(steps) if step is None else step
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    handlers = {
+        "params": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
+        "progress": ocp.JsonCheckpointHandler(),
+    }
+    options = ocp.CheckpointManagerOptions(create=False)
+    with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as manager:
+        steps = manager.all_steps()
+        if not steps or (step is not None and step not in steps):
+            wanted = "any checkpoint" if step is None else f"a checkpoint of step {step} (has {sorted(steps)})"
+            raise ConfigError(f"{directory}: no {wanted}")
+        step = max(steps) if step is None else step
+        _check_fits(manager.item_metadata(step)["params"], abstract_params, f"{directory}: checkpoint {step}")
+        arguments = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(abstract_params)))
+        restored = manager.restore(step, args=arguments)
     return restored.params, step
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {
+        ".".join(str(getattr(key, "key", key)) for key in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _check_fits(saved_metadata: Any, abstract_params: dict, what: str) -> None:
+    """Fail with one line naming the first parameter the saved ones lack or hold in another shape."""
+    saved = _shapes(saved_metadata)
+    for name, shape in _shapes(abstract_params).items():
+        if name not in saved:
+            raise ConfigError(f"{what} does not fit this model: it has no parameter {name}")
+        if saved[name] != shape:
+            raise ConfigError(
+                f"{what} does not fit this model: parameter {name} is {list(saved[name])}, the model needs {list(shape)}"
+            )
 
 
 class MetricsLog:
