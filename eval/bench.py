@@ -4,6 +4,7 @@
     python -m eval.bench --preset gpt-oss-20b --layers 4 --compare transformers
     python -m eval.bench --checkpoint /models/gpt-oss-20b --batch 1 --batch 16
     python -m eval.bench --plan --preset gpt-oss-120b --context 8192          # bytes per device, no weights
+    python -m eval.bench --plan --train --preset gpt-oss-20b --context 2048   # a LoRA training step's bytes
 
 The roofline divides the bytes one decode step must read (attention and router weights, the chosen
 experts' packed bytes, the unembedding, the valid part of the KV cache) by a memory bandwidth measured
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import sys
 import tempfile
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import gptoss_jax
+from gptoss_jax.checkpoint import names
 from gptoss_jax.checkpoint.load import from_tensors
 from gptoss_jax.checkpoint.random_weights import random_hub_tensors
 from gptoss_jax.checkpoint.writer import write_hub_checkpoint
@@ -55,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plan", action="store_true", help="compile the decode step on abstract shapes only")
     parser.add_argument("--context", type=int, default=8192, help="plan mode: KV cache length")
     parser.add_argument("--mesh", help="plan mode: a mesh such as expert=8 (needs that many devices)")
+    parser.add_argument("--train", action="store_true", help="plan mode: a LoRA fine-tuning step (--context tokens a row)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="plan mode with --train: adapter rank")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser.parse_args(argv)
 
@@ -237,10 +242,60 @@ def plan(args: argparse.Namespace) -> dict:
     }
 
 
+def plan_training(args: argparse.Namespace) -> dict:
+    """Compile one LoRA fine-tuning step (train.sft's) on abstract shapes: bytes held while training."""
+    from gptoss_jax.lora import LoRAConfig, add_lora
+    from train.config import OptimizerConfig
+    from train.loop import TrainStep
+    from train.sft import sft_loss
+
+    config = config_from(args)
+    lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+    abstract = nnx.eval_shape(lambda: add_lora(GptOss(config, dtype=args.dtype, rngs=nnx.Rngs(0)), lora))
+    step = TrainStep(abstract, nnx.LoRAParam, OptimizerConfig(), 1000, sft_loss)
+    opt_state = jax.eval_shape(step.optimizer.init, step.initial_params)
+    rows = (args.batch or [1])[0]
+    tokens = jax.ShapeDtypeStruct((1, rows, args.context), jnp.int32)
+    batch = {"inputs": tokens, "positions": tokens, "targets": tokens,
+             "weights": jax.ShapeDtypeStruct(tokens.shape, jnp.float32)}  # fmt: skip
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+        step.initial_params, opt_state, step.frozen, batch, jax.random.key(0)
+    ).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+
+    def size(tree) -> int:
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+
+    # What the same weights take with the experts decoded to bf16, the usual way to fine-tune gpt-oss.
+    bf16_bytes = sum(math.prod(shape) * 2 for shape, _ in names.dense_expert_hub_shapes(config).values())
+    return {
+        "preset": args.preset,
+        "layers": config.num_layers,
+        "batch": rows,
+        "context": args.context,
+        "lora_rank": args.lora_rank,
+        "compile_s": compile_s,
+        "training": {
+            "frozen_weights_bytes": size(step.frozen),
+            "adapter_bytes": size(step.initial_params),
+            "optimizer_bytes": size(opt_state),
+            "temp_bytes": memory.temp_size_in_bytes,
+            "total_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
+            + memory.output_size_in_bytes - memory.alias_size_in_bytes,
+            "bf16_weights_bytes": bf16_bytes,
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        report = plan(args) if args.plan else run(args)
+        if args.plan:
+            report = plan_training(args) if args.train else plan(args)
+        else:
+            report = run(args)
     except (gptoss_jax.GptOssError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -289,6 +344,18 @@ def run(args: argparse.Namespace) -> dict:
 
 def table(report: dict) -> str:
     """A readable summary of a report."""
+    if "training" in report:
+        memory = {name: value / 2**30 for name, value in report["training"].items()}
+        return "\n".join(
+            [
+                f"plan: LoRA rank {report['lora_rank']} fine-tuning step of {report['preset']} ({report['layers']} "
+                f"layers), batch {report['batch']} x {report['context']} tokens; compiled in {report['compile_s']:.1f} s",
+                f"  frozen weights {memory['frozen_weights_bytes']:.2f} GiB (MXFP4 experts), adapters "
+                f"{memory['adapter_bytes']:.3f} GiB, optimizer {memory['optimizer_bytes']:.3f} GiB, temporaries "
+                f"{memory['temp_bytes']:.2f} GiB: total {memory['total_bytes']:.2f} GiB "
+                f"(the weights alone with bf16 experts: {memory['bf16_weights_bytes']:.2f} GiB)",
+            ]
+        )
     if "per_device" in report:
         device = report["per_device"]
         return "\n".join(

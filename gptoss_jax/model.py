@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import SLIDING, GptOssConfig
-from gptoss_jax.sharding import spec_for
+from gptoss_jax.sharding import MESH_AXES, spec_for
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EXPERT_FORMATS = ("mxfp4", "bfloat16")
@@ -473,11 +473,27 @@ def expert_outputs(
     # The down projection's bias is added once, by the first slice of the intermediate dimension.
     bias2 = params["mlp2_bias"] * first_tensor_shard
     adapters = _ExpertAdapters(params, lora or {}, dtype)
-    if tokens.shape[0] * config.experts_per_token <= config.num_experts:
+    path = expert_path(tokens.shape[0] * config.experts_per_token, config.num_experts)
+    if path == "gathered":
         out = _gathered(tokens, local, weights, params, bias2, adapters, config, dtype)
+    elif path == "tiled":
+        out = _tiled(tokens, jnp.where(held, local, local_count), weights, params, bias2, adapters, config, dtype, sharded)
     else:
         out = _grouped(tokens, jnp.where(held, local, local_count), weights, params, bias2, adapters, config, dtype)
     return jax.lax.psum(out, ("expert", "tensor")) if sharded else out
+
+
+def expert_path(pairs: int, num_experts: int) -> str:
+    """How the experts run for `pairs` (token, chosen expert) pairs: the one place that decides.
+
+    gathered: few pairs (decode); each pair decodes its expert's weights.
+    tiled: CPU. Pairs sorted by expert in tiles of one expert each; a tile decodes its expert's weights
+      and runs the whole expert MLP. (XLA's CPU ragged_dot computes every group against every row.)
+    grouped: other backends. jax.lax.ragged_dot over all experts' decoded weights.
+    """
+    if pairs <= num_experts:
+        return "gathered"
+    return "tiled" if jax.default_backend() == "cpu" else "grouped"
 
 
 class _ExpertAdapters:
@@ -486,8 +502,8 @@ class _ExpertAdapters:
     def __init__(self, params: dict, settings: dict[str, tuple[float, float]], dtype):
         self.params, self.settings, self.dtype = params, settings, dtype
 
-    def _input(self, name: str, x: jax.Array) -> jax.Array:
-        key = self.params.get("dropout_key")
+    def _input(self, name: str, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        key = self.params.get("dropout_key") if key is None else key
         key = None if key is None else jax.random.fold_in(key, name == "mlp2")
         return _dropout(x, self.settings[name][1], key)
 
@@ -498,6 +514,16 @@ class _ExpertAdapters:
         a, b = self.params[f"{name}_lora"]["a"][experts], self.params[f"{name}_lora"]["b"][experts]
         low = _matmul(equation, self._input(name, x), a, self.dtype)
         return self.settings[name][0] * _matmul("nkr,nkor->nko", low, b, self.dtype)
+
+    def tile(self, name: str, x: jax.Array, expert: jax.Array, index: jax.Array) -> jax.Array | float:
+        """Update for a tile of rows [T, in] that all go to `expert` (tile `index` of the scan)."""
+        if name not in self.settings:
+            return 0.0
+        adapter = self.params[f"{name}_lora"]
+        key = self.params.get("dropout_key")
+        x = self._input(name, x, None if key is None else jax.random.fold_in(key, index))
+        low = _matmul("ti,ri->tr", x, adapter["a"][expert], self.dtype)
+        return self.settings[name][0] * _matmul("tr,or->to", low, adapter["b"][expert], self.dtype)
 
     def grouped(self, name: str, x: jax.Array, group_sizes: jax.Array) -> jax.Array | float:
         """Update for rows sorted by expert, as two grouped matmuls through the rank."""
@@ -526,6 +552,63 @@ def _gathered(tokens, experts, weights, params, bias2, adapters, config, dtype) 
     y = y + adapters.gathered("mlp2", "nki,nkri->nkr", h, experts)
     y = y + bias2[experts].astype(jnp.float32)
     return jnp.einsum("nkd,nk->nd", y, weights)
+
+
+def _tile_rows(pairs: int, num_experts: int) -> int:
+    """Rows a tile: about the mean pairs an expert gets (a power of two, 8..256), so padding stays small."""
+    mean = max(1, pairs // num_experts)
+    return min(256, max(8, 1 << (mean - 1).bit_length()))
+
+
+def _tiled(tokens, experts, weights, params, bias2, adapters, config, dtype, sharded: bool) -> jax.Array:
+    """Many tokens on CPU: sort (token, expert) pairs by expert, pad each expert's run to whole tiles, and
+    scan over tiles; each tile decodes one expert's weights and applies its MLP.
+
+    experts holds local expert ids, or local_count for pairs held elsewhere (they get no tile and weight 0).
+    The scan body is rematerialised, so a backward pass keeps each tile's input, not its decoded weights.
+    """
+    k = config.experts_per_token
+    local_count = params["mlp1_bias"].shape[0]
+    pairs, hidden = tokens.shape[0] * k, tokens.shape[1]
+    tile = _tile_rows(pairs, local_count)
+    tiles = -(-pairs // tile) + local_count  # enough for every expert's run rounded up to whole tiles
+    flat_experts = experts.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    sorted_experts = flat_experts[order]
+    sizes = jnp.bincount(flat_experts, length=local_count + 1)[:local_count]
+    padded = -(-sizes // tile) * tile
+    padded_end = jnp.cumsum(padded)
+    expert_of_row = jnp.minimum(sorted_experts, local_count - 1)
+    rank_in_run = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[expert_of_row]
+    slot = jnp.where(sorted_experts < local_count, padded_end[expert_of_row] - padded[expert_of_row] + rank_in_run, tiles * tile)
+    rows = jnp.zeros((tiles * tile, hidden), tokens.dtype).at[slot].set(tokens[order // k], mode="drop")
+    tile_start = jnp.arange(tiles) * tile
+    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, tile_start, side="right"), local_count - 1)
+    in_use = tile_start < padded_end[-1]
+
+    @jax.checkpoint
+    def one_tile(_, scanned):
+        x, expert, used, index = scanned
+
+        def mlp(x):
+            h = _matmul("td,od->to", x, decode_experts(params["mlp1"], dtype, expert), dtype)
+            h = h + adapters.tile("mlp1", x, expert, index)
+            h = _swiglu(h + params["mlp1_bias"][expert].astype(jnp.float32), config)
+            y = _matmul("ti,di->td", h, decode_experts(params["mlp2"], dtype, expert), dtype)
+            y = y + adapters.tile("mlp2", h, expert, index)
+            return y + bias2[expert].astype(jnp.float32)
+
+        def skip(x):  # a tile past the last expert's run; in shard_map, zeros vary like the MLP's output
+            zeros = jnp.zeros((tile, hidden), jnp.float32)
+            return jax.lax.pcast(zeros, MESH_AXES, to="varying") if sharded else zeros
+
+        return None, jax.lax.cond(used, mlp, skip, x)
+
+    scanned = (rows.reshape(tiles, tile, hidden), tile_expert, in_use, jnp.arange(tiles))
+    _, outputs = jax.lax.scan(one_tile, None, scanned)
+    y = outputs.reshape(tiles * tile, hidden).at[slot].get(mode="fill", fill_value=0.0)
+    y = y * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((tokens.shape[0], hidden), jnp.float32).at[order // k].add(y)
 
 
 def _grouped(tokens, experts, weights, params, bias2, adapters, config, dtype) -> jax.Array:

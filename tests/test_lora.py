@@ -51,8 +51,9 @@ def test_fresh_adapters_leave_logits_unchanged_exactly(hub_checkpoint, long_toke
     np.testing.assert_array_equal(np.asarray(model(long_tokens)), before)
 
 
-@pytest.mark.parametrize("length", [1, 72], ids=["gathered_experts", "grouped_experts"])
-def test_adapters_apply_the_merged_update(hub_checkpoint, long_tokens, length):
+@pytest.mark.parametrize("length, path", [(1, "gathered"), (72, "tiled"), (72, "grouped")])
+def test_adapters_apply_the_merged_update(hub_checkpoint, long_tokens, length, path, monkeypatch):
+    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda pairs, experts: path)
     model = add_lora(gptoss_jax.load(hub_checkpoint, dtype="float32", experts="bfloat16"), ALL)
     _randomize_adapters(model)
     base = gptoss_jax.load(hub_checkpoint, dtype="float32", experts="bfloat16")

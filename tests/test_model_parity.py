@@ -63,6 +63,14 @@ def test_few_token_path_that_gathers_chosen_experts_matches_transformers(hub_che
     assert relative_error(ours, transformers_logits(hub_checkpoint, tokens, torch.float32)) <= 1e-4
 
 
+@pytest.mark.parametrize("path", ["tiled", "grouped"])
+def test_each_many_token_expert_path_matches_transformers(hub_checkpoint, long_tokens, reference_fp32, path, monkeypatch):
+    # CPU runs the tiled path; GPU and TPU the grouped ragged_dot one: check both here.
+    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda pairs, experts: path)
+    ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="float32")(long_tokens))
+    assert relative_error(ours, reference_fp32) <= 1e-4
+
+
 def test_bfloat16_experts_decoded_at_load_give_the_packed_models_logits(hub_checkpoint, long_tokens):
     packed = gptoss_jax.load(hub_checkpoint, dtype="float32", experts="mxfp4")
     dense = gptoss_jax.load(hub_checkpoint, dtype="float32", experts="bfloat16")

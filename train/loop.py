@@ -46,60 +46,33 @@ def make_optimizer(config: OptimizerConfig, steps: int) -> tuple[optax.GradientT
     return optimizer, schedule
 
 
-class Trainer:
-    """Trains the parameters of `model` that match `trainable` (nnx.LoRAParam for adapters, nnx.Param for all).
+class TrainStep:
+    """The pure training step for the parameters of `model` that match `trainable` (nnx.LoRAParam for
+    adapters, nnx.Param for every weight): jit it, or lower it on abstract shapes to plan memory.
 
-    Checkpoints go to run_dir/checkpoints (orbax: written to a temporary name, then renamed); the last
-    `keep` are kept. A new Trainer on a run_dir with checkpoints resumes from the latest.
+    `model` may be abstract (nnx.eval_shape): the step only keeps its structure and the frozen state.
     """
 
-    def __init__(
-        self,
-        model: GptOss,
-        trainable: Any,
-        optimizer: OptimizerConfig,
-        steps: int,
-        run_dir: str | Path,
-        *,
-        loss_fn: LossFn,
-        seed: int = 0,
-        keep: int = 3,
-        use_dropout: bool = False,
-    ):
+    def __init__(self, model: GptOss, trainable: Any, optimizer: OptimizerConfig, steps: int, loss_fn: LossFn,
+                 use_dropout: bool = False):  # fmt: skip
         self.graphdef, state, self.frozen = nnx.split(model, trainable, ...)
-        self.params = nnx.to_pure_dict(jax.tree.map(lambda x: x.astype(jnp.float32), state))
-        # Only the structure: the step fills it with the parameters it is given.
+        # Trained parameters are float32 whatever the model's dtype; the template is only their structure.
         self.template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), state)
+        self.initial_params = nnx.to_pure_dict(jax.tree.map(_as_float32, state))
         self.optimizer, self.schedule = make_optimizer(optimizer, steps)
-        self.opt_state = self.optimizer.init(self.params)
-        self.step = 0
-        self.examples_seen = 0
-        self.key = jax.random.key(seed)
         self.loss_fn, self.use_dropout = loss_fn, use_dropout
-        self.run_dir = Path(run_dir)
-        self.manager = ocp.CheckpointManager(
-            (self.run_dir / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
-        )
-        self._step = jax.jit(self._step_impl, donate_argnums=(0, 1))
 
-    @property
-    def trainable_count(self) -> int:
-        return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(self.params))
-
-    def model(self, params: dict | None = None) -> GptOss:
-        """The model with `params` (default: the current ones) in place of the trainable weights."""
+    def model(self, params: dict, frozen: Any = None) -> GptOss:
+        """The model with `params` in place of the trainable weights."""
         state = jax.tree.map(lambda x: x, self.template)  # a fresh State to fill
-        nnx.replace_by_pure_dict(state, self.params if params is None else params)
-        return nnx.merge(self.graphdef, state, self.frozen)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state, self.frozen if frozen is None else frozen)
 
-    def _step_impl(self, params, opt_state, frozen, batch, key):
+    def __call__(self, params, opt_state, frozen, batch, key):
         """Gradients summed over the micro-batches (leading axis), divided by the summed weight, one update."""
 
         def micro(params, micro_batch, micro_key):
-            state = jax.tree.map(lambda x: x, self.template)
-            nnx.replace_by_pure_dict(state, params)
-            model = nnx.merge(self.graphdef, state, frozen)
+            model = self.model(params, frozen)
             return self.loss_fn(model, micro_batch, micro_key if self.use_dropout else None)
 
         grad_fn = jax.value_and_grad(micro, has_aux=True)
@@ -127,12 +100,58 @@ class Trainer:
         metrics = dict(metrics, loss=objective / weight, grad_norm=optax.tree.norm(grads))
         return optax.apply_updates(params, updates), opt_state, metrics
 
+
+def _as_float32(x):
+    return jax.ShapeDtypeStruct(x.shape, jnp.float32) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(jnp.float32)
+
+
+class Trainer:
+    """Runs a TrainStep from step 0 or from the latest checkpoint in run_dir.
+
+    Checkpoints go to run_dir/checkpoints (orbax: written to a temporary name, then renamed); the last
+    `keep` are kept.
+    """
+
+    def __init__(
+        self,
+        model: GptOss,
+        trainable: Any,
+        optimizer: OptimizerConfig,
+        steps: int,
+        run_dir: str | Path,
+        *,
+        loss_fn: LossFn,
+        seed: int = 0,
+        keep: int = 3,
+        use_dropout: bool = False,
+    ):
+        self.train_fn = TrainStep(model, trainable, optimizer, steps, loss_fn, use_dropout)
+        self.params = self.train_fn.initial_params
+        self.opt_state = self.train_fn.optimizer.init(self.params)
+        self.step = 0
+        self.examples_seen = 0
+        self.key = jax.random.key(seed)
+        self.run_dir = Path(run_dir)
+        self.manager = ocp.CheckpointManager(
+            (self.run_dir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        )
+        self._step = jax.jit(self.train_fn, donate_argnums=(0, 1))
+
+    @property
+    def trainable_count(self) -> int:
+        return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(self.params))
+
+    def model(self) -> GptOss:
+        """The model with the current trained weights."""
+        return self.train_fn.model(self.params)
+
     def train_step(self, batch: dict[str, np.ndarray], examples: int) -> dict[str, float]:
         """One optimizer step on `batch` ([micro-batches, rows, ...] arrays) that consumed `examples`."""
-        learning_rate = float(self.schedule(self.step))
+        learning_rate = float(self.train_fn.schedule(self.step))
         key = jax.random.fold_in(self.key, self.step)
         started = time.perf_counter()
-        self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.frozen, batch, key)
+        self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.train_fn.frozen, batch, key)
         metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
         seconds = time.perf_counter() - started
         self.step += 1

@@ -78,7 +78,10 @@ def train(config: SFTConfig, progress: bool = True, stop_after: int | None = Non
         keep=config.keep,
         use_dropout=config.lora is not None and config.lora.dropout > 0,
     )
-    trainer.restore_latest()
+    resumed = trainer.restore_latest()
+    if progress:
+        what = f"resuming at step {trainer.step}" if resumed else "starting"
+        print(f"{config.run_dir}: {what}; training {trainer.trainable_count:,} parameters", file=sys.stderr)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     log = MetricsLog(run_dir / "metrics.jsonl", trainer.step)
 
