@@ -307,22 +307,104 @@ class Attention(nnx.Module):
 
         group = c.num_heads // c.num_kv_heads
         q = q.reshape(batch, length, c.num_kv_heads, group, c.head_dim)
-        scores = _matmul("btngk,bsnk->bngts", q, keys, dtype) * c.head_dim**-0.5
-
-        query_at, key_at = positions[:, :, None], key_positions[:, None, :]  # [B, T, S]
-        allowed = (key_at >= 0) & (key_at <= query_at)
-        if sliding:
-            allowed &= query_at - key_at < c.sliding_window
-        scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
-
-        # The sink is one more logit per (head, query) that takes probability mass and is then dropped.
-        sinks = self.sinks[...].astype(jnp.float32).reshape(1, c.num_kv_heads, group, 1, 1)
-        sinks = jnp.broadcast_to(sinks, (*scores.shape[:-1], 1))
-        probs = jax.nn.softmax(jnp.concatenate([scores, sinks], axis=-1), axis=-1)[..., :-1]
-
-        out = _matmul("bngts,bsnk->btngk", probs, values, dtype).reshape(batch, length, c.num_heads, c.head_dim)
+        sinks = self.sinks[...].astype(jnp.float32).reshape(c.num_kv_heads, group)
+        if keys is k and length > ATTENTION_BLOCK:  # a long run of new tokens attending to themselves
+            out = _attend_blockwise(q, k, v, positions, sinks, sliding, c, dtype)
+        else:
+            out = _attend(q, keys, values, positions, key_positions, sinks, sliding, c, dtype)
+        out = out.reshape(batch, length, c.num_heads, c.head_dim)
         out = _project(OUT_EQUATION, out, self.o_proj[...], dtype, self.o_lora, _site_key(dropout_key, 3))
         return out + self.o_bias[...].astype(jnp.float32), cache
+
+
+# Queries (and keys) a block when a long sequence attends to itself: scores are never [T, T] at once.
+ATTENTION_BLOCK = 256
+
+
+def _allowed(query_positions, key_positions, sliding: bool, config: GptOssConfig) -> jax.Array:
+    """[B, T, S]: which keys each query sees (causal, -1 is padding, sliding layers within the window)."""
+    query_at, key_at = query_positions[:, :, None], key_positions[:, None, :]
+    allowed = (key_at >= 0) & (key_at <= query_at)
+    return allowed & (query_at - key_at < config.sliding_window) if sliding else allowed
+
+
+def _attend(q, keys, values, positions, key_positions, sinks, sliding: bool, config, dtype) -> jax.Array:
+    """Softmax attention with sinks. q [B, T, kv_heads, group, head_dim]; keys, values [B, S, kv_heads,
+    head_dim]; sinks [kv_heads, group]. Returns float32 [B, T, kv_heads, group, head_dim]."""
+    scores = _matmul("btngk,bsnk->bngts", q, keys, dtype) * config.head_dim**-0.5
+    allowed = _allowed(positions, key_positions, sliding, config)
+    scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
+    # The sink is one more logit per (head, query) that takes probability mass and is then dropped.
+    sinks = jnp.broadcast_to(sinks[None, :, :, None, None], (*scores.shape[:-1], 1))
+    probs = jax.nn.softmax(jnp.concatenate([scores, sinks], axis=-1), axis=-1)[..., :-1]
+    return _matmul("bngts,bsnk->btngk", probs, values, dtype)
+
+
+def _attend_blockwise(q, k, v, positions, sinks, sliding: bool, config, dtype) -> jax.Array:
+    """`_attend` of a sequence to itself, a block of queries at a time (rematerialised in a backward pass).
+
+    Sliding layers: a block sees only the keys from `sliding_window` before it (this assumes positions
+    grow by at least one per token, as they do with right padding). Full layers: an online softmax over
+    key blocks, skipping blocks after the queries'. Memory per step: one block of scores.
+    """
+    batch, length = positions.shape
+    block = ATTENTION_BLOCK
+    blocks = -(-length // block)
+    pad = blocks * block - length
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    query_positions = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+    scale = config.head_dim**-0.5
+
+    if sliding:
+        reach = -(-config.sliding_window // block) * block  # keys before a block its queries may see
+        k = jnp.pad(k, ((0, 0), (reach, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (reach, pad), (0, 0), (0, 0)))
+        key_positions = jnp.pad(positions, ((0, 0), (reach, pad)), constant_values=-1)
+
+        def one_block(index):
+            start = index * block
+            rows = jax.lax.dynamic_slice_in_dim(q, start, block, axis=1)
+            at = jax.lax.dynamic_slice_in_dim(query_positions, start, block, axis=1)
+            span = [jax.lax.dynamic_slice_in_dim(x, start, reach + block, axis=1) for x in (k, v, key_positions)]
+            return _attend(rows, span[0], span[1], at, span[2], sinks, True, config, dtype)
+
+    else:
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        key_positions = query_positions
+
+        def one_block(index):
+            start = index * block
+            rows = jax.lax.dynamic_slice_in_dim(q, start, block, axis=1)
+            at = jax.lax.dynamic_slice_in_dim(query_positions, start, block, axis=1)
+            # Running max, normaliser and weighted sum, started from the sink logit alone.
+            top = jnp.broadcast_to(sinks[None, :, :, None], (batch, *sinks.shape, block))
+            init = (top, jnp.ones_like(top), jnp.zeros(rows.shape, jnp.float32))
+
+            def key_block(carry, key_index):
+                def update(carry):
+                    top, total, acc = carry
+                    begin = key_index * block
+                    keys, values, key_at = (
+                        jax.lax.dynamic_slice_in_dim(x, begin, block, axis=1) for x in (k, v, key_positions)
+                    )
+                    scores = _matmul("btngk,bsnk->bngts", rows, keys, dtype) * scale
+                    scores = jnp.where(_allowed(at, key_at, False, config)[:, None, None], scores, -jnp.inf)
+                    new_top = jnp.maximum(top, scores.max(axis=-1))
+                    weights = jnp.exp(scores - new_top[..., None])
+                    shrink = jnp.exp(top - new_top)
+                    total = total * shrink + weights.sum(axis=-1)
+                    acc = acc * jnp.moveaxis(shrink, -1, 1)[..., None] + _matmul("bngts,bsnk->btngk", weights, values, dtype)
+                    return new_top, total, acc
+
+                return jax.lax.cond(key_index <= index, update, lambda carry: carry, carry), None
+
+            (top, total, acc), _ = jax.lax.scan(key_block, init, jnp.arange(blocks))
+            return acc / jnp.moveaxis(total, -1, 1)[..., None]
+
+    out = jax.lax.map(jax.checkpoint(one_block), jnp.arange(blocks))  # [blocks, B, block, n, g, head_dim]
+    out = jnp.moveaxis(out, 0, 1).reshape(batch, blocks * block, *out.shape[3:])
+    return out[:, :length]
 
 
 class PackedExpertWeights(nnx.Module):
