@@ -39,6 +39,9 @@ class Completion:
     tokens: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
+    # With Generator(record_routes=True): the experts each fed token went through, int32
+    # [num_groups, pattern, len(prompt) + len(tokens) - 1, k] (prompt, then every token but the last).
+    routes: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +62,19 @@ def bucket(n: int, minimum: int) -> int:
 class Generator:
     """Compiled prefill/decode for one model; reuse it across calls to reuse the compiled programs."""
 
-    def __init__(self, model: GptOss):
+    def __init__(self, model: GptOss, record_routes: bool = False):
+        """record_routes: also return which experts every token went through (for RL's router replay)."""
         self.model = model
         self.config = model.config
+        self.record_routes = record_routes
         self.graphdef, self.state = nnx.split(model)
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(3,))
         self._decode = jax.jit(self._decode_impl, static_argnums=(3,), donate_argnums=(1,))
+
+    def update(self, model: GptOss) -> None:
+        """Use `model`'s weights from now on (same structure: the compiled programs are reused)."""
+        self.model = model
+        self.state = nnx.state(model)
 
     def compiled_programs(self) -> int:
         """How many programs have been compiled so far (prefill and decode shapes)."""
@@ -76,24 +86,24 @@ class Generator:
         model = nnx.merge(self.graphdef, state)
         steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         positions = jnp.where(steps[None, :] < lengths[:, None], steps[None, :], -1)
-        hidden, cache = model.hidden(tokens, positions, cache)
+        hidden, cache, routes = model.forward(tokens, positions, cache)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
         key, step_key = jax.random.split(key)
         token, logprob = sample(model.logits(last), step_key, sampling)
-        return (cache, token, lengths, key), token, logprob
+        return (cache, token, lengths, key), token, logprob, routes if self.record_routes else None
 
     def _decode_impl(self, state, carry, sampling, num_steps):
         model = nnx.merge(self.graphdef, state)
 
         def step(carry, _):
             cache, token, position, key = carry
-            logits, cache = model(token[:, None], position[:, None], cache)
+            hidden, cache, routes = model.forward(token[:, None], position[:, None], cache)
             key, step_key = jax.random.split(key)
-            token, logprob = sample(logits[:, 0], step_key, sampling)
-            return (cache, token, position + 1, key), (token, logprob)
+            token, logprob = sample(model.logits(hidden[:, 0]), step_key, sampling)
+            return (cache, token, position + 1, key), (token, logprob, routes[..., 0, :] if self.record_routes else None)
 
-        carry, (tokens, logprobs) = jax.lax.scan(step, carry, None, length=num_steps)
-        return carry, tokens.T, logprobs.T
+        carry, (tokens, logprobs, routes) = jax.lax.scan(step, carry, None, length=num_steps)
+        return carry, tokens.T, logprobs.T, routes  # routes: [steps, groups, pattern, B, k]
 
     # Public API.
 
@@ -108,6 +118,10 @@ class Generator:
         chunk: int = 1,
     ) -> Iterator[TokenEvent]:
         """Yield each row's tokens as they are made (in steps of `chunk` tokens)."""
+        return self._stream(prompts, max_new_tokens, sampling, seed, stop_tokens, chunk, None)
+
+    def _stream(self, prompts, max_new_tokens, sampling, seed, stop_tokens, chunk, routes_out: list | None):
+        """`stream`; with record_routes, appends the prefill's then each decode chunk's routes to routes_out."""
         prompts = self._check(prompts, max_new_tokens, stop_tokens)
         rows = len(prompts)
         data_parallel = 1 if self.model.mesh is None else self.model.mesh.shape["data"]
@@ -130,10 +144,12 @@ class Generator:
         sampling_arrays = sampling.as_arrays(batch)
         cache = KVCache.create(self.config, batch, cache_length, self.model.dtype, self.model.mesh)
 
-        carry, token, logprob = self._prefill(
+        carry, token, logprob, routes = self._prefill(
             self.state, tokens, lengths, cache, sampling_arrays, jax.random.key(seed)
         )
         token, logprob = np.asarray(token), np.asarray(logprob)
+        if routes_out is not None:
+            routes_out.append(np.asarray(routes))
         # Which rows have ended is tracked here only: a finished row keeps stepping on the device (shapes
         # are static) and its later tokens are dropped.
         finished = np.isin(token, list(stop_tokens)) | (max_new_tokens == 1)
@@ -141,8 +157,10 @@ class Generator:
             yield TokenEvent(row, int(token[row]), float(logprob[row]), bool(finished[row]))
         produced = 1
         while produced < max_new_tokens and not finished[:rows].all():
-            carry, tokens_out, logprobs_out = self._decode(self.state, carry, sampling_arrays, chunk)
+            carry, tokens_out, logprobs_out, routes = self._decode(self.state, carry, sampling_arrays, chunk)
             tokens_out, logprobs_out = np.asarray(tokens_out), np.asarray(logprobs_out)
+            if routes_out is not None:
+                routes_out.append(np.asarray(routes))
             for step in range(chunk):
                 if produced >= max_new_tokens:
                     break
@@ -165,19 +183,22 @@ class Generator:
     ) -> list[Completion]:
         """Generate for every prompt at once; one Completion per prompt, in order."""
         completions = [Completion([], [], "length") for _ in prompts]
-        for event in self.stream(
-            prompts,
-            max_new_tokens=max_new_tokens,
-            sampling=sampling,
-            seed=seed,
-            stop_tokens=stop_tokens,
-            chunk=DECODE_CHUNK,
-        ):
+        routes: list | None = [] if self.record_routes else None
+        for event in self._stream(prompts, max_new_tokens, sampling, seed, stop_tokens, DECODE_CHUNK, routes):
             completion = completions[event.row]
             completion.tokens.append(event.token)
             completion.logprobs.append(event.logprob)
             if event.token in stop_tokens:
                 completion.finish_reason = "stop"
+        if routes is not None:
+            prompt_routes = routes[0]  # [groups, pattern, batch, prompt bucket, k]
+            decoded = np.concatenate(routes[1:], axis=0) if len(routes) > 1 else prompt_routes[:, :, :, :0][None]
+            decoded = np.moveaxis(decoded, 0, 3)  # [groups, pattern, batch, steps, k]
+            for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+                fed = len(completion.tokens) - 1  # every generated token but the last went through the model
+                completion.routes = np.concatenate(
+                    [prompt_routes[:, :, row, : len(prompt)], decoded[:, :, row, :fed]], axis=2
+                )
         return completions
 
     def _check(self, prompts, max_new_tokens: int, stop_tokens) -> list[list[int]]:

@@ -480,7 +480,14 @@ class MoE(nnx.Module):
         self.dtype = dtype
         self.mesh = None  # set by gptoss_jax.sharding.shard_model
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, dropout_key: jax.Array | None = None, route: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(output [B, T, D], the chosen experts int32 [B, T, k]).
+
+        route: replay these experts [B, T, k] instead of the router's top-k (router replay in RL); their
+        weights are still the softmax of the router's logits for them, so the router keeps its gradient.
+        """
         c, dtype = self.config, self.dtype
         batch, length, hidden = x.shape
         tokens = x.reshape(batch * length, hidden)
@@ -488,7 +495,11 @@ class MoE(nnx.Module):
             ROUTER_EQUATION, tokens, self.router[...], dtype, self.router_lora, _site_key(dropout_key, 4)
         )
         router_logits = router_logits + self.router_bias[...].astype(jnp.float32)
-        top_logits, experts = jax.lax.top_k(router_logits, c.experts_per_token)
+        if route is None:
+            top_logits, experts = jax.lax.top_k(router_logits, c.experts_per_token)
+        else:
+            experts = route.reshape(batch * length, c.experts_per_token).astype(jnp.int32)
+            top_logits = jnp.take_along_axis(router_logits, experts, axis=-1)
         weights = jax.nn.softmax(top_logits, axis=-1)  # over the k chosen experts only
         params = {
             "mlp1": self.mlp1.arrays(),
@@ -528,7 +539,7 @@ class MoE(nnx.Module):
                 in_specs=(rows, rows, rows, specs),
                 out_specs=rows,
             )(tokens, experts, weights, params)
-        return out.reshape(batch, length, hidden)
+        return out.reshape(batch, length, hidden), experts.reshape(batch, length, c.experts_per_token)
 
 
 def expert_outputs(
@@ -735,10 +746,13 @@ class Block(nnx.Module):
         sliding: bool,
         cache: LayerCache | None = None,
         dropout_key: jax.Array | None = None,
-    ) -> tuple[jax.Array, LayerCache | None]:
+        route: jax.Array | None = None,
+    ) -> tuple[jax.Array, LayerCache | None, jax.Array]:
+        """(new residual stream, updated cache, the experts chosen for each token)."""
         attended, cache = self.attn(self.attn_norm(x), positions, sliding, cache, dropout_key)
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x), dropout_key), cache
+        mixed, experts = self.mlp(self.mlp_norm(x), dropout_key, route)
+        return x + mixed, cache, experts
 
 
 class LayerGroup(nnx.Module):
@@ -754,13 +768,18 @@ class LayerGroup(nnx.Module):
         positions: jax.Array,
         caches: tuple[LayerCache, ...] | None = None,
         dropout_key: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
-        updated = []
+        routes: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[LayerCache, ...] | None, jax.Array]:
+        """routes: [pattern, B, T, k] experts to replay, one entry per layer of the group; the experts
+        chosen are returned in the same shape."""
+        updated, chosen = [], []
         for index, (layer, sliding) in enumerate(zip(self.layers, self.sliding)):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-            x, cache = layer(x, positions, sliding, None if caches is None else caches[index], key)
+            cache = None if caches is None else caches[index]
+            x, cache, experts = layer(x, positions, sliding, cache, key, None if routes is None else routes[index])
             updated.append(cache)
-        return x, None if caches is None else tuple(updated)
+            chosen.append(experts)
+        return x, None if caches is None else tuple(updated), jnp.stack(chosen)
 
 
 class GptOss(nnx.Module):
@@ -817,10 +836,29 @@ class GptOss(nnx.Module):
         cache: KVCache | None = None,
         *,
         dropout_key: jax.Array | None = None,
+        routes: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """The final-normed hidden states float32 [B, T, D] (and the updated cache, if one is given).
 
         dropout_key: turns on the LoRA adapters' dropout (training); without it the forward is deterministic.
+        routes: experts to replay instead of the routers' choices (see `forward`).
+        """
+        hidden, cache, _ = self.forward(tokens, positions, cache, dropout_key=dropout_key, routes=routes)
+        return hidden, cache
+
+    def forward(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
+        routes: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None, jax.Array]:
+        """(final-normed hidden states [B, T, D], updated cache or None, experts chosen).
+
+        Experts are int32 [num_groups, pattern, B, T, k]: layer g * pattern + p is [g, p]. Passing them
+        back as `routes` replays them (router replay: the same tokens through the same experts).
         """
         tokens = jnp.asarray(tokens, jnp.int32)
         if positions is None:
@@ -828,17 +866,18 @@ class GptOss(nnx.Module):
         positions = jnp.asarray(positions, jnp.int32)
         x = self.embed[...][tokens].astype(jnp.float32)
         graphdef, stacked = nnx.split(self.groups)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.config.num_groups)
 
         if cache is None:
             # Rematerialised: a backward pass keeps each group's input only, not its activations.
             @jax.checkpoint
             def run_group(x, scanned):
-                group_state, key = scanned
-                return nnx.merge(graphdef, group_state)(x, positions, dropout_key=key)[0], None
+                group_state, key, route = scanned
+                x, _, chosen = nnx.merge(graphdef, group_state)(x, positions, dropout_key=key, routes=route)
+                return x, chosen
 
-            keys = None if dropout_key is None else jax.random.split(dropout_key, self.config.num_groups)
-            x, _ = jax.lax.scan(run_group, x, (stacked, keys))
-            return self.norm(x), None
+            x, chosen = jax.lax.scan(run_group, x, (stacked, keys, routes))
+            return self.norm(x), None, chosen
 
         # The cache rides in the carry and is updated in place at each group's index. Whether it starts
         # empty is static, so it is told to each layer but not carried.
@@ -847,14 +886,14 @@ class GptOss(nnx.Module):
 
         def run_cached_group(carry, scanned):
             x, layers = carry
-            group_state, index = scanned
+            group_state, index, key, route = scanned
             mine = tuple(layer.group(index, was_empty) for layer, was_empty in zip(layers, empty))
-            x, mine = nnx.merge(graphdef, group_state)(x, positions, mine)
-            return (x, tuple(layer.with_group(index, new) for layer, new in zip(layers, mine))), None
+            x, mine, chosen = nnx.merge(graphdef, group_state)(x, positions, mine, key, route)
+            return (x, tuple(layer.with_group(index, new) for layer, new in zip(layers, mine))), chosen
 
         indices = jnp.arange(self.config.num_groups)
-        (x, layers), _ = jax.lax.scan(run_cached_group, (x, carried), (stacked, indices))
-        return self.norm(x), KVCache(layers)
+        (x, layers), chosen = jax.lax.scan(run_cached_group, (x, carried), (stacked, indices, keys, routes))
+        return self.norm(x), KVCache(layers), chosen
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Unembed final-normed hidden states: float32 [..., vocab]."""
@@ -868,6 +907,15 @@ class GptOss(nnx.Module):
         Tokens are unembedded `chunk` at a time and the chunks are recomputed in a backward pass, so a
         training step never stores a [tokens, vocab] array (201088 floats a token for gpt-oss).
         """
+        return self._unembed_chunks(hidden, targets, chunk, with_entropy=False)[0]
+
+    def token_logprobs_and_entropy(
+        self, hidden: jax.Array, targets: jax.Array, chunk: int = 1024
+    ) -> tuple[jax.Array, jax.Array]:
+        """`token_logprobs` and the entropy of each next-token distribution (float32 [...], in nats)."""
+        return self._unembed_chunks(hidden, targets, chunk, with_entropy=True)
+
+    def _unembed_chunks(self, hidden, targets, chunk: int, with_entropy: bool) -> tuple[jax.Array, jax.Array]:
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
         flat_targets = targets.reshape(-1)
         count = flat_hidden.shape[0]
@@ -880,10 +928,15 @@ class GptOss(nnx.Module):
         def one_chunk(_, chunk_inputs):
             h, t = chunk_inputs
             logits = self.logits(h)
+            normaliser = jax.nn.logsumexp(logits, axis=-1)
             chosen = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-            return None, chosen - jax.nn.logsumexp(logits, axis=-1)
+            if with_entropy:
+                entropy = normaliser - (jax.nn.softmax(logits, axis=-1) * logits).sum(axis=-1)
+            else:
+                entropy = jnp.zeros_like(normaliser)
+            return None, (chosen - normaliser, entropy)
 
-        _, out = jax.lax.scan(
+        _, (out, entropy) = jax.lax.scan(
             one_chunk, None, (flat_hidden.reshape(-1, chunk, hidden.shape[-1]), flat_targets.reshape(-1, chunk))
         )
-        return out.reshape(-1)[:count].reshape(targets.shape)
+        return tuple(x.reshape(-1)[:count].reshape(targets.shape) for x in (out, entropy))

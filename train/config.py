@@ -118,6 +118,10 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r}: expected a mapping")
         return from_dict(kind, value, key + ".")
+    if kind is dict or typing.get_origin(kind) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping")
+        return dict(value)
     if typing.get_origin(kind) is tuple:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):

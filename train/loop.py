@@ -28,6 +28,7 @@ from train.config import OptimizerConfig
 
 # loss_fn(model, micro_batch, dropout_key) -> (objective summed over the micro-batch, sums of metrics).
 # metrics must hold "weight": what the summed objective is divided by (e.g. the count of learned tokens).
+# Metrics are added over micro-batches, except those named "*_max", which keep the largest.
 LossFn = Callable[[GptOss, dict, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -82,7 +83,7 @@ class TrainStep:
             micro_batch, index = scanned
             (value, sums), micro_grads = grad_fn(params, micro_batch, jax.random.fold_in(key, index))
             grads = jax.tree.map(jnp.add, grads, micro_grads)
-            metrics = {name: metrics[name] + sums[name] for name in metrics}
+            metrics = {name: _combine(name, metrics[name], sums[name]) for name in metrics}
             return (grads, objective + value, metrics), None
 
         count = jax.tree.leaves(batch)[0].shape[0]
@@ -99,6 +100,10 @@ class TrainStep:
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         metrics = dict(metrics, loss=objective / weight, grad_norm=optax.tree.norm(grads))
         return optax.apply_updates(params, updates), opt_state, metrics
+
+
+def _combine(name: str, total: jax.Array, value: jax.Array) -> jax.Array:
+    return jnp.maximum(total, value) if name.endswith("_max") else total + value
 
 
 def _as_float32(x):

@@ -1,0 +1,343 @@
+"""RL fine-tuning of the GRPO family: in-process rollouts, verifiable rewards, router replay.
+
+    python -m train.grpo --config configs/grpo-tiny.yaml          # a toy reward a random model can learn
+    python -m train.grpo --config configs/grpo-20b.yaml loss=dapo num_generations=16
+
+Each step takes `prompts_per_step` prompts, samples `num_generations` harmony completions of each with
+the inference engine (same model, same weights, no second copy), scores them with the reward, turns the
+rewards into group advantages and takes `num_iterations` optimizer steps on the batch. Rollout and
+trainer share one forward, and with router replay (on by default) the trainer sends every token through
+the experts the rollout chose, so on the first pass the ratio is 1 up to float rounding (the measured
+log-prob gap is logged). The KL reference is the model as it started (for LoRA: adapters at zero, which
+is the base model exactly), evaluated in the same program, never a second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+from flax import nnx
+from tqdm import tqdm
+
+import gptoss_jax
+from eval.common import run_command
+from gptoss_jax import harmony
+from gptoss_jax.errors import ConfigError
+from gptoss_jax.lora import LoRAConfig
+from gptoss_jax.sampling import SamplingParams
+from train.config import OptimizerConfig, read_config, to_dict
+from train.data import DataError, example_order
+from train.loop import MetricsLog, Trainer
+from train.rewards import Sample, arithmetic_task, load_reward, score
+from train.rl import LOSSES, PolicyLoss, group_advantages, policy_objective
+from train.sft import base_checkpoint, build_model
+
+ROW_BUCKET = 64  # completions are padded to a multiple of this many tokens (few compiled shapes)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO-family RL (see configs/grpo-*.yaml for annotated examples)."""
+
+    checkpoint: str  # a checkpoint folder, a hub repo id, or "random"
+    run_dir: str
+    prompts: str = ""  # JSONL of {"prompt": ..., fields the reward reads}; empty: the built-in arithmetic task
+    task_size: int = 512  # problems in the built-in task
+    steps: int = 100
+    prompts_per_step: int = 4
+    num_generations: int = 8  # completions per prompt (a group)
+    max_new_tokens: int = 256
+    max_prompt_length: int = 512  # longer prompts are skipped (and counted)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reasoning_effort: str = "low"
+    reward: str = "train.rewards:numeric_answer"  # module:function
+    reward_kwargs: dict = dataclasses.field(default_factory=dict)
+    loss: str = "grpo"  # grpo, dr_grpo, dapo, gspo
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0  # KL weight (k3 estimator) to the starting model
+    num_iterations: int = 1  # optimizer steps per batch of rollouts
+    micro_batch: int = 8  # completions per micro-batch of the training step
+    router_replay: bool = True
+    dtype: str = "bfloat16"
+    experts: str = "mxfp4"
+    lora: LoRAConfig | None = LoRAConfig()
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5)
+    save_every: int = 20
+    keep: int = 3
+    seed: int = 0
+    mesh: str = ""
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "num_iterations",
+                     "micro_batch", "save_every", "keep", "task_size", "max_prompt_length"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if (self.prompts_per_step * self.num_generations) % self.micro_batch:
+            raise ConfigError(
+                f"micro_batch={self.micro_batch} must divide prompts_per_step * num_generations = "
+                f"{self.prompts_per_step * self.num_generations}"
+            )
+        if self.lora is None and self.experts != "bfloat16":
+            raise ConfigError("full fine-tuning (lora: null) needs experts: bfloat16 (MXFP4 bytes cannot be trained)")
+
+    @property
+    def policy_loss(self) -> PolicyLoss:
+        return PolicyLoss(self.loss, self.epsilon_low, self.epsilon_high, self.beta, self.max_new_tokens)
+
+
+@dataclasses.dataclass
+class Prompts:
+    examples: list[dict]  # each has "prompt" and the reward's fields
+    tokens: list[list[int]]  # rendered for the assistant's turn
+    skipped_too_long: int = 0
+
+
+def load_prompts(config: GRPOConfig, encoding) -> Prompts:
+    """The prompts (a JSONL file or the arithmetic task), rendered; too-long ones skipped and counted."""
+    if config.prompts:
+        try:
+            lines = Path(config.prompts).read_text().splitlines()
+        except OSError as error:
+            raise DataError(f"{config.prompts}: cannot read prompts ({error.strerror})") from None
+        examples = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{config.prompts}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise DataError(f"{config.prompts}:{number}: expected an object with a string 'prompt'")
+            examples.append(record)
+    else:
+        examples = arithmetic_task(config.task_size, config.seed)
+    prompts = Prompts([], [])
+    for example in examples:
+        message = [harmony.ChatMessage("user", example["prompt"])]
+        tokens = harmony.render_chat(encoding, message, reasoning_effort=config.reasoning_effort)
+        if len(tokens) > config.max_prompt_length:
+            prompts.skipped_too_long += 1
+            continue
+        prompts.examples.append(example)
+        prompts.tokens.append(tokens)
+    if not prompts.examples:
+        raise DataError(f"{config.prompts or 'task'}: no prompt fits max_prompt_length={config.max_prompt_length}")
+    return prompts
+
+
+def rl_loss(settings: PolicyLoss):
+    """The TrainStep loss: the policy objective on the batch's rows, with the rollout's experts if given."""
+
+    def loss(model: gptoss_jax.GptOss, batch: dict, dropout_key) -> tuple[jax.Array, dict[str, jax.Array]]:
+        hidden, _, _ = model.forward(batch["inputs"], batch["positions"], dropout_key=dropout_key,
+                                     routes=batch.get("routes"))  # fmt: skip
+        new, entropy = model.token_logprobs_and_entropy(hidden, batch["targets"])
+        objective, metrics = policy_objective(
+            settings, new, batch["old_logprobs"], batch.get("ref_logprobs"), batch["advantages"], batch["mask"]
+        )
+        metrics["entropy"] = (entropy * batch["mask"]).sum()
+        return objective, metrics
+
+    return loss
+
+
+def build_batch(prompts: list[list[int]], completions, advantages: np.ndarray, micro_batch: int,
+                replay: bool) -> dict[str, np.ndarray]:  # fmt: skip
+    """Rows of prompt + completion, [micro-batches, micro_batch, L]: inputs, positions, targets, the
+    completion mask, the rollout's log-probs, advantages, and (replay) the experts every input went through."""
+    longest = max(len(p) + len(c.tokens) - 1 for p, c in zip(prompts, completions))
+    length = -(-longest // ROW_BUCKET) * ROW_BUCKET
+    rows = len(prompts)
+    batch = {
+        "inputs": np.zeros((rows, length), np.int32),
+        "positions": np.full((rows, length), -1, np.int32),
+        "targets": np.zeros((rows, length), np.int32),
+        "mask": np.zeros((rows, length), np.float32),
+        "old_logprobs": np.zeros((rows, length), np.float32),
+        "advantages": np.asarray(advantages, np.float32),
+    }
+    if replay:
+        groups, pattern, _, k = completions[0].routes.shape
+        routes = np.zeros((groups, pattern, rows, length, k), np.int32)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        sequence = list(prompt) + list(completion.tokens)
+        n = len(sequence) - 1
+        batch["inputs"][row, :n] = sequence[:-1]
+        batch["positions"][row, :n] = np.arange(n)
+        batch["targets"][row, :n] = sequence[1:]
+        start = len(prompt) - 1  # the target of input start is the first completion token
+        batch["mask"][row, start:n] = 1.0
+        batch["old_logprobs"][row, start:n] = completion.logprobs
+        if replay:
+            routes[:, :, row, :n] = completion.routes
+    micro = rows // micro_batch
+    out = {name: value.reshape(micro, micro_batch, *value.shape[1:]) for name, value in batch.items()}
+    if replay:
+        out["routes"] = np.moveaxis(routes.reshape(groups, pattern, micro, micro_batch, length, k), 2, 0)
+    return out
+
+
+class GRPO:
+    """The run: model, trainer, rollout engine, prompts, reward."""
+
+    def __init__(self, config: GRPOConfig):
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = base_checkpoint(config)
+        self.encoding = harmony.load_encoding(checkpoint)
+        self.prompts = load_prompts(config, self.encoding)
+        self.reward = load_reward(config.reward)
+        model = build_model(config, checkpoint)
+        self.trainer = Trainer(
+            model,
+            nnx.Param if config.lora is None else nnx.LoRAParam,
+            config.optimizer,
+            config.steps * config.num_iterations,
+            self.run_dir,
+            loss_fn=rl_loss(config.policy_loss),
+            seed=config.seed,
+            keep=config.keep,
+            use_dropout=config.lora is not None and config.lora.dropout > 0,
+        )
+        self.reference = self.trainer.params  # the starting weights (LoRA: b = 0, the base model exactly)
+        self.resumed = self.trainer.restore_latest()
+        self.generator = gptoss_jax.Generator(self.trainer.model(), record_routes=config.router_replay)
+        self._reference_logprobs = jax.jit(self._reference_impl)
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step // self.config.num_iterations
+
+    def _reference_impl(self, params, frozen, batch):
+        model = self.trainer.train_fn.model(params, frozen)
+        hidden, _, _ = model.forward(batch["inputs"], batch["positions"], routes=batch.get("routes"))
+        return model.token_logprobs(hidden, batch["targets"])
+
+    def rollout(self) -> tuple[list[list[int]], list, list[Sample], list[dict]]:
+        """Sample every completion of this step's prompts with the current weights."""
+        config = self.config
+        order = example_order(len(self.prompts.examples), config.seed, self.trainer.examples_seen, config.prompts_per_step)
+        prompts = [self.prompts.tokens[i] for i in order for _ in range(config.num_generations)]
+        fields = [self.prompts.examples[i] for i in order for _ in range(config.num_generations)]
+        self.generator.update(self.trainer.model())
+        completions = self.generator.generate(
+            prompts,
+            max_new_tokens=config.max_new_tokens,
+            sampling=SamplingParams(temperature=config.temperature, top_p=config.top_p),
+            seed=config.seed * 1_000_003 + self.step,
+            stop_tokens=harmony.stop_tokens(self.encoding),
+        )
+        samples = []
+        for completion in completions:
+            messages = harmony.parse_completion(self.encoding, completion.tokens)
+            finals = [m.content for m in messages if m.role == "assistant" and m.channel == "final"]
+            samples.append(Sample(completion.tokens, harmony.decode_text(self.encoding, completion.tokens), messages,
+                                  "".join(finals) if finals else None, completion.finish_reason))  # fmt: skip
+        return prompts, completions, samples, fields
+
+    def run_step(self) -> dict:
+        """One RL step: rollouts, rewards, advantages, `num_iterations` optimizer steps."""
+        config = self.config
+        started = time.perf_counter()
+        prompts, completions, samples, fields = self.rollout()
+        rollout_seconds = time.perf_counter() - started
+        texts = [example["prompt"] for example in fields]
+        rewards = np.asarray(score(self.reward, config.reward, texts, samples, fields, config.reward_kwargs, self.step + 1))
+        grouped = rewards.reshape(config.prompts_per_step, config.num_generations)
+        advantages = group_advantages(grouped, config.policy_loss.scales_rewards).reshape(-1)
+        batch = build_batch(prompts, completions, advantages, config.micro_batch, config.router_replay)
+        if config.beta > 0:
+            batch["ref_logprobs"] = np.stack(
+                [np.asarray(self._reference_logprobs(self.reference, self.trainer.train_fn.frozen,
+                                                     {name: value[i] for name, value in batch.items()}))
+                 for i in range(batch["inputs"].shape[0])]
+            )  # fmt: skip
+        passes = []
+        for iteration in range(config.num_iterations):
+            examples = config.prompts_per_step if iteration == 0 else 0
+            passes.append(self.trainer.train_step(batch, examples))
+        first, last = passes[0], passes[-1]
+        lengths = np.array([len(c.tokens) for c in completions])
+        tokens = first["tokens"]
+        metrics = {
+            "step": self.step,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "zero_variance_groups": float((grouped.std(axis=1) == 0).mean()),
+            "loss": last["loss"],
+            "kl": first["kl"] / max(tokens, 1.0),
+            "clip_low": last["clipped_low"] / max(last["clip_count"], 1.0),
+            "clip_high": last["clipped_high"] / max(last["clip_count"], 1.0),
+            "entropy": first["entropy"] / max(tokens, 1.0),
+            "completion_length_mean": float(lengths.mean()),
+            "completion_length_max": int(lengths.max()),
+            "truncated": float(np.mean([c.finish_reason == "length" for c in completions])),
+            "logprob_gap_mean": first["logprob_gap"] / max(tokens, 1.0),
+            "logprob_gap_max": first["logprob_gap_max"],
+            "grad_norm": last["grad_norm"],
+            "learning_rate": last["learning_rate"],
+            "rollout_tokens_per_second": float(lengths.sum()) / rollout_seconds,
+            "train_tokens_per_second": sum(p["tokens"] for p in passes) / sum(p["seconds"] for p in passes),
+        }
+        return metrics
+
+
+def train(config: GRPOConfig, progress: bool = True, stop_after: int | None = None) -> GRPO:
+    """Run (or resume) the RL run described by `config`; returns it at its last step."""
+    run = GRPO(config)
+    if run.prompts.skipped_too_long:
+        print(f"warning: skipped {run.prompts.skipped_too_long} prompt(s) longer than "
+              f"max_prompt_length={config.max_prompt_length}", file=sys.stderr)  # fmt: skip
+    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    log = MetricsLog(run.run_dir / "metrics.jsonl", run.step)
+    last_step = config.steps if stop_after is None else min(stop_after, config.steps)
+    bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc="grpo", unit="step")
+    while run.step < last_step:
+        metrics = run.run_step()
+        log.write(metrics)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",
+                        len=f"{metrics['completion_length_mean']:.0f}")  # fmt: skip
+        if run.step % config.save_every == 0 or run.step == last_step:
+            run.trainer.save()
+    bar.close()
+    return run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.grpo", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="a YAML run config (configs/grpo-*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. beta=0.01")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, scratch: Path) -> int:
+    config = read_config(GRPOConfig, args.config, args.overrides)
+    rl = train(config, progress=not args.no_progress)
+    last = MetricsLog(Path(config.run_dir) / "metrics.jsonl", rl.step).read()[-1:]
+    if last:
+        print(f"step {rl.step}: reward {last[0]['reward_mean']:.3f}; run in {config.run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
