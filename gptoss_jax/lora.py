@@ -130,3 +130,12 @@ def merged_update(model: GptOss, layer: int, target: str) -> np.ndarray:
         return lora.scale * np.einsum("eor,eri->eoi", b, a)
     rank = a.shape[0]
     return lora.scale * (b.reshape(-1, rank) @ a.reshape(rank, -1))
+
+
+def adapters_off(adapter_params: dict) -> dict:
+    """The same adapter parameters (a pure dict, as nnx.to_pure_dict gives) with every `b` at zero: the
+    model they make is the base model exactly, with no second copy of its weights."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, value: jax.numpy.zeros_like(value) if getattr(path[-1], "key", None) == "b" else value,
+        adapter_params,
+    )

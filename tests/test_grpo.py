@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gptoss_jax
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import LoRAConfig
 from train import grpo
@@ -159,3 +160,15 @@ def test_grpo_config_errors_are_named():
         grpo.GRPOConfig(checkpoint="random", run_dir="r", micro_batch=3)
     with pytest.raises(ConfigError, match="loss must be one of grpo, dr_grpo, dapo, gspo"):
         grpo.GRPOConfig(checkpoint="random", run_dir="r", loss="ppo")
+
+
+def test_kl_to_the_adapters_off_reference_starts_at_zero_and_grows(tmp_path, harmony_checkpoint, harmony_vocab_dir):
+    config = grpo_config(tmp_path, harmony_checkpoint, steps=3, prompts_per_step=2, num_generations=4, micro_batch=4,
+                         max_new_tokens=8, beta=0.1)  # fmt: skip
+    run = grpo.train(config, progress=False)
+    kl = [json.loads(line)["kl"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(kl[0]) < 1e-6 < kl[-1], kl  # the reference is the starting model: the base, adapters off
+    base = run.trainer.train_fn.model(run.reference)
+    plain = gptoss_jax.load(harmony_checkpoint, dtype="float32")
+    tokens = np.arange(1, 30)[None] * 1009
+    np.testing.assert_array_equal(np.asarray(base(tokens)), np.asarray(plain(tokens)))

@@ -14,7 +14,7 @@ NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
 
 
 def test_the_colab_folder_holds_the_notebooks():
-    assert {"01_quickstart.ipynb", "03_many_devices.ipynb"} <= {path.name for path in NOTEBOOKS}
+    assert {"01_quickstart.ipynb", "02_finetune_rl.ipynb", "03_many_devices.ipynb"} <= {path.name for path in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
@@ -23,6 +23,9 @@ def test_the_notebook_runs_to_the_end(path, harmony_checkpoint, harmony_vocab_di
     # (random models rarely stop by themselves), harmony reads TIKTOKEN_ENCODINGS_BASE (see harmony_vocab_dir).
     monkeypatch.setenv("GPTOSS_CHECKPOINT", str(harmony_checkpoint))
     monkeypatch.setenv("GPTOSS_MAX_NEW_TOKENS", "24")
+    # The RL notebook: a few steps of the toy reward a random model can learn (it never does arithmetic).
+    monkeypatch.setenv("GPTOSS_RL_STEPS", "3")
+    monkeypatch.setenv("GPTOSS_RL_TOY_REWARD", "1")
     notebook = nbformat.read(path, as_version=4)
     # One extra cell at the end says which interpreter ran the notebook: it must be this one.
     notebook.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.executable)"))

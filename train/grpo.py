@@ -8,8 +8,8 @@ the inference engine (same model, same weights, no second copy), scores them wit
 rewards into group advantages and takes `num_iterations` optimizer steps on the batch. Rollout and
 trainer share one forward, and with router replay (on by default) the trainer sends every token through
 the experts the rollout chose, so on the first pass the ratio is 1 up to float rounding (the measured
-log-prob gap is logged). The KL reference is the model as it started (for LoRA: adapters at zero, which
-is the base model exactly), evaluated in the same program, never a second copy of the weights.
+log-prob gap is logged). The KL reference is the model as it started: for LoRA the adapters switched off
+(the base model exactly, no second copy of the weights); for full fine-tuning a copy of the starting weights.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
@@ -31,7 +32,7 @@ import gptoss_jax
 from eval.common import run_command
 from gptoss_jax import harmony
 from gptoss_jax.errors import ConfigError
-from gptoss_jax.lora import LoRAConfig
+from gptoss_jax.lora import LoRAConfig, adapters_off
 from gptoss_jax.sampling import SamplingParams
 from train.config import OptimizerConfig, read_config, to_dict
 from train.data import DataError, example_order
@@ -213,10 +214,18 @@ class GRPO:
             keep=config.keep,
             use_dropout=config.lora is not None and config.lora.dropout > 0,
         )
-        self.reference = self.trainer.params  # the starting weights (LoRA: b = 0, the base model exactly)
+        # Full fine-tuning keeps the starting weights for the KL term (LoRA needs no copy: see `reference`).
+        needs_copy = config.lora is None and config.beta > 0
+        self._starting = jax.tree.map(jnp.copy, self.trainer.params) if needs_copy else None
         self.resumed = self.trainer.restore_latest()
         self.generator = gptoss_jax.Generator(self.trainer.model(), record_routes=config.router_replay)
         self._reference_logprobs = jax.jit(self._reference_impl)
+
+    @property
+    def reference(self) -> dict | None:
+        """The KL reference's trainable weights: the adapters switched off (the base model exactly), or
+        for full fine-tuning the starting weights when beta > 0."""
+        return adapters_off(self.trainer.params) if self.config.lora is not None else self._starting
 
     @property
     def step(self) -> int:
