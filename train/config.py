@@ -7,6 +7,7 @@ as numbers).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -61,6 +62,15 @@ class SFTConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lora is None and self.experts != "bfloat16":
             raise ConfigError("full fine-tuning (lora: null) needs experts: bfloat16 (MXFP4 bytes cannot be trained)")
+
+
+def run_arguments(argv: list[str] | None, prog: str, doc: str, example: str) -> argparse.Namespace:
+    """What every training command takes: --config FILE, `key=value` overrides, --no-progress."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    parser.add_argument("--config", help="a YAML run config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"override any config key, e.g. {example}")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    return parser.parse_args(argv)
 
 
 def read_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:

@@ -49,12 +49,13 @@ class Dataset:
         return out
 
 
-def read_conversations(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, parsed line) for each non-blank line; a malformed line is a DataError naming it."""
+def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; an unreadable file or a line that is not a JSON
+    object is a DataError naming the file and line."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as error:
-        raise DataError(f"{path}: cannot read data ({error.strerror})") from None
+        raise DataError(f"{path}: cannot read {what} ({error.strerror})") from None
     out = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -63,9 +64,18 @@ def read_conversations(path: str | Path) -> list[tuple[int, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-            raise DataError(f"{path}:{number}: expected an object with a 'messages' list")
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object")
         out.append((number, record))
+    return out
+
+
+def read_conversations(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, parsed line) for each conversation; a malformed line is a DataError naming it."""
+    out = read_jsonl(path, "data")
+    for number, record in out:
+        if not isinstance(record.get("messages"), list):
+            raise DataError(f"{path}:{number}: expected an object with a 'messages' list")
     return out
 
 

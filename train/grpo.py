@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,8 +33,8 @@ from gptoss_jax import harmony
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import LoRAConfig, adapters_off
 from gptoss_jax.sampling import SamplingParams
-from train.config import OptimizerConfig, read_config, to_dict
-from train.data import DataError, example_order
+from train.config import OptimizerConfig, read_config, run_arguments, to_dict
+from train.data import DataError, example_order, read_jsonl
 from train.loop import MetricsLog, Trainer
 from train.rewards import Sample, arithmetic_task, load_reward, score
 from train.rl import LOSSES, PolicyLoss, group_advantages, policy_objective
@@ -108,19 +107,9 @@ class Prompts:
 def load_prompts(config: GRPOConfig, encoding) -> Prompts:
     """The prompts (a JSONL file or the arithmetic task), rendered; too-long ones skipped and counted."""
     if config.prompts:
-        try:
-            lines = Path(config.prompts).read_text().splitlines()
-        except OSError as error:
-            raise DataError(f"{config.prompts}: cannot read prompts ({error.strerror})") from None
         examples = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{config.prompts}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        for number, record in read_jsonl(config.prompts, "prompts"):
+            if not isinstance(record.get("prompt"), str):
                 raise DataError(f"{config.prompts}:{number}: expected an object with a string 'prompt'")
             examples.append(record)
     else:
@@ -327,14 +316,6 @@ def train(config: GRPOConfig, progress: bool = True, stop_after: int | None = No
     return run
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.grpo", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="a YAML run config (configs/grpo-*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. beta=0.01")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
-    return parser.parse_args(argv)
-
-
 def run(args: argparse.Namespace, scratch: Path) -> int:
     config = read_config(GRPOConfig, args.config, args.overrides)
     rl = train(config, progress=not args.no_progress)
@@ -345,7 +326,7 @@ def run(args: argparse.Namespace, scratch: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(run, parse_args(argv))
+    return run_command(run, run_arguments(argv, "python -m train.grpo", __doc__, "beta=0.01"))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from eval.common import RANDOM, run_command, write_random_checkpoint
 from gptoss_jax import harmony, sharding
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.lora import add_lora
-from train.config import SFTConfig, read_config, to_dict
+from train.config import SFTConfig, read_config, run_arguments, to_dict
 from train.data import example_order, load_dataset, make_batch
 from train.loop import MetricsLog, Trainer
 
@@ -104,14 +104,6 @@ def train(config: SFTConfig, progress: bool = True, stop_after: int | None = Non
     return trainer
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.sft", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="a YAML run config (configs/sft-*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. lora.rank=16")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
-    return parser.parse_args(argv)
-
-
 def run(args: argparse.Namespace, scratch: Path) -> int:
     config = read_config(SFTConfig, args.config, args.overrides)
     trainer = train(config, progress=not args.no_progress)
@@ -122,7 +114,7 @@ def run(args: argparse.Namespace, scratch: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(run, parse_args(argv))
+    return run_command(run, run_arguments(argv, "python -m train.sft", __doc__, "lora.rank=16"))
 
 
 if __name__ == "__main__":
