@@ -192,6 +192,11 @@ class GRPO:
         self.prompts = load_prompts(config, self.encoding)
         self.reward = load_reward(config.reward)
         model = build_model(config, checkpoint)
+        if config.max_prompt_length + config.max_new_tokens > model.config.max_context:
+            raise ConfigError(
+                f"max_prompt_length + max_new_tokens = {config.max_prompt_length + config.max_new_tokens} exceeds "
+                f"the model's context of {model.config.max_context} tokens"
+            )
         self.trainer = Trainer(
             model,
             nnx.Param if config.lora is None else nnx.LoRAParam,
