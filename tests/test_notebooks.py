@@ -24,7 +24,7 @@ def test_the_notebook_runs_to_the_end(path, harmony_checkpoint, harmony_vocab_di
     monkeypatch.setenv("GPTOSS_CHECKPOINT", str(harmony_checkpoint))
     monkeypatch.setenv("GPTOSS_MAX_NEW_TOKENS", "24")
     # The RL notebook: a few steps of the toy reward a random model can learn (it never does arithmetic).
-    monkeypatch.setenv("GPTOSS_RL_STEPS", "3")
+    monkeypatch.setenv("GPTOSS_RL_STEPS", "2")
     monkeypatch.setenv("GPTOSS_RL_TOY_REWARD", "1")
     notebook = nbformat.read(path, as_version=4)
     # One extra cell at the end says which interpreter ran the notebook: it must be this one.

@@ -27,7 +27,7 @@ def make_config(run_dir: Path, checkpoint: Path, **changes) -> SFTConfig:
         checkpoint=str(checkpoint),
         data=str(DATA),
         run_dir=str(run_dir),
-        steps=12,
+        steps=10,
         batch_size=4,
         max_length=128,
         dtype="float32",
@@ -60,7 +60,7 @@ def test_sft_loss_falls_and_the_adapters_raise_the_answers_likelihood(tmp_path, 
     trainer = sft.train(config, progress=False)
     curve = losses(tmp_path / "run")
     assert len(curve) == config.steps
-    assert np.mean(curve[-3:]) < 0.6 * np.mean(curve[:2]), curve
+    assert np.mean(curve[-3:]) < 0.7 * np.mean(curve[:2]), curve
 
     examples = load_dataset(DATA, harmony.load_encoding(), config.max_length, "low").examples[:8]
     base = gptoss_jax.load(harmony_checkpoint, dtype="float32")
@@ -73,19 +73,19 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, harmony_checkpoint, h
     data = tmp_path / "ten.jsonl"
     data.write_text("\n".join(DATA.read_text().splitlines()[:10]) + "\n")
     changes = dict(
-        data=str(data), steps=8, batch_size=2, grad_accum=2, save_every=3,
+        data=str(data), steps=6, batch_size=2, grad_accum=2, save_every=2,
         lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.1),
     )  # fmt: skip
     straight = sft.train(make_config(tmp_path / "straight", harmony_checkpoint, **changes), progress=False)
-    sft.train(make_config(tmp_path / "resumed", harmony_checkpoint, **changes), progress=False, stop_after=4)
+    sft.train(make_config(tmp_path / "resumed", harmony_checkpoint, **changes), progress=False, stop_after=3)
     resumed = sft.train(make_config(tmp_path / "resumed", harmony_checkpoint, **changes), progress=False)
 
-    assert resumed.step == straight.step == 8
+    assert resumed.step == straight.step == 6
     np.testing.assert_allclose(losses(tmp_path / "resumed"), losses(tmp_path / "straight"), rtol=0, atol=1e-6)
     for ours, theirs in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params)):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=1e-6)
-    # Saved every 3 steps, at the stop and at the end; the last 3 kept.
-    assert sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [4, 6, 8]
+    # Saved every 2 steps and at the stop (3); the last 3 kept.
+    assert sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [3, 4, 6]
 
 
 def test_full_fine_tuning_trains_every_weight(tmp_path, harmony_checkpoint, harmony_vocab_dir):

@@ -128,13 +128,21 @@ def load_prompts(config: GRPOConfig, encoding) -> Prompts:
     return prompts
 
 
+def completion_hidden(model: gptoss_jax.GptOss, batch: dict, dropout_key=None) -> jax.Array:
+    """Hidden states [R, W, D] of each row's completion window (the forward runs over the whole row, with
+    the rollout's experts if the batch has them; only the window is unembedded)."""
+    hidden, _, _ = model.forward(batch["inputs"], batch["positions"], dropout_key=dropout_key,
+                                 routes=batch.get("routes"))  # fmt: skip
+    window = batch["window_start"][:, None] + jnp.arange(batch["targets"].shape[1])[None, :]
+    window = jnp.minimum(window, hidden.shape[1] - 1)
+    return jnp.take_along_axis(hidden, window[:, :, None], axis=1)
+
+
 def rl_loss(settings: PolicyLoss):
-    """The TrainStep loss: the policy objective on the batch's rows, with the rollout's experts if given."""
+    """The TrainStep loss: the policy objective on the batch's completion windows."""
 
     def loss(model: gptoss_jax.GptOss, batch: dict, dropout_key) -> tuple[jax.Array, dict[str, jax.Array]]:
-        hidden, _, _ = model.forward(batch["inputs"], batch["positions"], dropout_key=dropout_key,
-                                     routes=batch.get("routes"))  # fmt: skip
-        new, entropy = model.token_logprobs_and_entropy(hidden, batch["targets"])
+        new, entropy = model.token_logprobs_and_entropy(completion_hidden(model, batch, dropout_key), batch["targets"])
         objective, metrics = policy_objective(
             settings, new, batch["old_logprobs"], batch.get("ref_logprobs"), batch["advantages"], batch["mask"]
         )
@@ -144,19 +152,21 @@ def rl_loss(settings: PolicyLoss):
     return loss
 
 
-def build_batch(prompts: list[list[int]], completions, advantages: np.ndarray, micro_batch: int,
-                replay: bool) -> dict[str, np.ndarray]:  # fmt: skip
-    """Rows of prompt + completion, [micro-batches, micro_batch, L]: inputs, positions, targets, the
-    completion mask, the rollout's log-probs, advantages, and (replay) the experts every input went through."""
+def build_batch(prompts: list[list[int]], completions, advantages: np.ndarray, micro_batch: int, replay: bool,
+                window: int) -> dict[str, np.ndarray]:  # fmt: skip
+    """Arrays [micro-batches, micro_batch, ...]: each row's prompt + completion (inputs, positions, and with
+    replay the experts every input went through, [.., L]), and its completion window of `window` tokens
+    (targets, mask, the rollout's log-probs, [.., W]) starting at input `window_start`; advantages."""
     longest = max(len(p) + len(c.tokens) - 1 for p, c in zip(prompts, completions))
     length = -(-longest // ROW_BUCKET) * ROW_BUCKET
     rows = len(prompts)
     batch = {
         "inputs": np.zeros((rows, length), np.int32),
         "positions": np.full((rows, length), -1, np.int32),
-        "targets": np.zeros((rows, length), np.int32),
-        "mask": np.zeros((rows, length), np.float32),
-        "old_logprobs": np.zeros((rows, length), np.float32),
+        "window_start": np.zeros(rows, np.int32),
+        "targets": np.zeros((rows, window), np.int32),
+        "mask": np.zeros((rows, window), np.float32),
+        "old_logprobs": np.zeros((rows, window), np.float32),
         "advantages": np.asarray(advantages, np.float32),
     }
     if replay:
@@ -167,10 +177,11 @@ def build_batch(prompts: list[list[int]], completions, advantages: np.ndarray, m
         n = len(sequence) - 1
         batch["inputs"][row, :n] = sequence[:-1]
         batch["positions"][row, :n] = np.arange(n)
-        batch["targets"][row, :n] = sequence[1:]
-        start = len(prompt) - 1  # the target of input start is the first completion token
-        batch["mask"][row, start:n] = 1.0
-        batch["old_logprobs"][row, start:n] = completion.logprobs
+        batch["window_start"][row] = len(prompt) - 1  # this input's target is the first completion token
+        made = len(completion.tokens)
+        batch["targets"][row, :made] = completion.tokens
+        batch["mask"][row, :made] = 1.0
+        batch["old_logprobs"][row, :made] = completion.logprobs
         if replay:
             routes[:, :, row, :n] = completion.routes
     micro = rows // micro_batch
@@ -227,8 +238,7 @@ class GRPO:
 
     def _reference_impl(self, params, frozen, batch):
         model = self.trainer.train_fn.model(params, frozen)
-        hidden, _, _ = model.forward(batch["inputs"], batch["positions"], routes=batch.get("routes"))
-        return model.token_logprobs(hidden, batch["targets"])
+        return model.token_logprobs(completion_hidden(model, batch), batch["targets"])
 
     def rollout(self) -> tuple[list[list[int]], list, list[Sample], list[dict]]:
         """Sample every completion of this step's prompts with the current weights."""
@@ -262,7 +272,8 @@ class GRPO:
         rewards = np.asarray(score(self.reward, config.reward, texts, samples, fields, config.reward_kwargs, self.step + 1))
         grouped = rewards.reshape(config.prompts_per_step, config.num_generations)
         advantages = group_advantages(grouped, config.policy_loss.scales_rewards).reshape(-1)
-        batch = build_batch(prompts, completions, advantages, config.micro_batch, config.router_replay)
+        batch = build_batch(prompts, completions, advantages, config.micro_batch, config.router_replay,
+                            config.max_new_tokens)  # fmt: skip
         if config.beta > 0:
             batch["ref_logprobs"] = np.stack(
                 [np.asarray(self._reference_logprobs(self.reference, self.trainer.train_fn.frozen,
