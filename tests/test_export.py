@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.numpy import load_file
 
 import gptoss_jax
@@ -104,3 +107,22 @@ def test_export_errors_are_one_line_and_leave_nothing(tmp_path, harmony_checkpoi
     assert error.startswith(f"error: {trained_run / 'checkpoints'}: checkpoint 3 does not fit this model")
     assert error.count("\n") == 1
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["other"]
+
+
+def test_a_full_fine_tuning_run_exports_every_trained_weight(tmp_path, harmony_checkpoint, harmony_vocab_dir):
+    config = make_config(
+        tmp_path / "full", harmony_checkpoint, steps=2, lora=None, experts="bfloat16",
+        optimizer=OptimizerConfig(learning_rate=1e-3),
+    )  # fmt: skip
+    trained = sft.train(config, progress=False).model()
+    out = export.export(harmony_checkpoint, tmp_path / "full", tmp_path / "out", experts="bfloat16")
+    loaded = gptoss_jax.load(out, dtype="float32", experts="bfloat16")
+    base = gptoss_jax.load(harmony_checkpoint, dtype="float32", experts="bfloat16")
+    # Every exported weight is the trained one rounded to bf16 (the hub layout's dtype), bit for bit.
+    leaves = [jax.tree.leaves(nnx.state(model, nnx.Param)) for model in (trained, loaded, base)]
+    changed = 0
+    for trained_value, exported_value, base_value in zip(*leaves):
+        rounded = np.asarray(trained_value, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(exported_value, np.float32), rounded)
+        changed += not np.array_equal(rounded, np.asarray(base_value, np.float32))
+    assert changed > len(leaves[0]) // 2  # most weights moved by more than bf16's rounding in two steps

@@ -150,6 +150,7 @@ class _Trained:
 def _output_shards(trained: _Trained, experts: str) -> dict[str, Callable[[], dict[str, np.ndarray]]]:
     """File name -> a function making that file's tensors, following the base's files."""
     source = trained.source
+    expected = names.hub_tensor_shapes(source.config)
 
     def expert_pair(blocks_name: str):
         """MXFP4 (blocks, scales), or the dense float weights for --experts bfloat16."""
@@ -176,7 +177,10 @@ def _output_shards(trained: _Trained, experts: str) -> dict[str, Callable[[], di
                     out[names.dense_expert_name(name)] = dense
                 continue
             new = trained.new_value(name)
-            out[name] = source.read(name) if new is None else new.astype(ml_dtypes.bfloat16)
+            if new is None:
+                out[name] = source.read(name)  # unchanged: the base's bytes
+            else:  # a model parameter split into heads goes back to the hub's flat shape
+                out[name] = new.reshape(expected[name][0]).astype(ml_dtypes.bfloat16)
         return out
 
     return {file: (lambda file_names=file_names: make(file_names)) for file, file_names in source.shards().items()}
