@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptoss_jax import mxfp4
+from gptoss_jax import kernels, mxfp4
 from gptoss_jax.config import SLIDING, GptOssConfig
 from gptoss_jax.sharding import MESH_AXES, spec_for
 
@@ -130,16 +130,29 @@ def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float) -> jax.Arra
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
-def _matmul(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+def _matmul(equation: str, x: jax.Array, w: jax.Array, dtype, layer: jax.Array | None = None) -> jax.Array:
     """einsum in the compute dtype with float32 accumulation and a float32 result.
 
-    XLA's CPU dot takes a path about 20x slower when the left operand contributes a single row (one token
-    decoding): there the product runs on two copies of the row and one is kept.
+    layer: w is a stack over layers [L, ...] (see GptOss.forward) and this picks one.
+    A product of a few rows with a weight (decoding), written as x [rows..., in...] and w [out..., in...],
+    runs in the CPU matvec kernel, which reads the weight once at the memory's speed, in place in its
+    stack. Without the kernels, XLA's CPU dot takes a path about 20x slower when the left operand
+    contributes a single row: there the product runs on two copies of the row and one is kept.
     """
-    x, w = x.astype(dtype), w.astype(dtype)
+    x = x.astype(dtype)
     inputs, output = equation.split("->")
     lhs, rhs = inputs.split(",")
     rows = math.prod(size for label, size in zip(lhs, x.shape) if label not in rhs)
+    if rows <= kernels.MATVEC_MAX_ROWS and jnp.dtype(dtype) == jnp.bfloat16 and kernels.available():
+        contracted = "".join(label for label in lhs if label in rhs)
+        free_x, free_w = lhs[: len(lhs) - len(contracted)], rhs[: len(rhs) - len(contracted)]
+        contracts_trailing = lhs.endswith(contracted) and rhs.endswith(contracted)
+        if contracts_trailing and output == free_x + free_w and not set(contracted) & set(output):
+            out_shape = w.shape[-len(rhs) :][: len(free_w)]
+            stack = w.reshape(*w.shape[: w.ndim - len(rhs)], math.prod(out_shape), -1)
+            out = kernels.bf16_matvec(x.reshape(rows, -1), stack, layer)
+            return out.reshape(*x.shape[: len(free_x)], *out_shape)
+    w = kernels.layer_slice(w, layer).astype(dtype)
     if rows == 1 and jax.default_backend() == "cpu":
         twice = jnp.stack([x, x])
         return jnp.einsum(f"Z{lhs},{rhs}->Z{output}", twice, w, preferred_element_type=jnp.float32)[0]
@@ -196,10 +209,10 @@ class LoRA(nnx.Module):
 
 
 def _project(
-    equation: str, x: jax.Array, weight: jax.Array, dtype, lora: LoRA | None, key: jax.Array | None
+    equation: str, x: jax.Array, weight: jax.Array, dtype, lora: LoRA | None, key: jax.Array | None, layer=None
 ) -> jax.Array:
-    """A dense projection plus its adapter's update, if it has one."""
-    out = _matmul(equation, x, weight, dtype)
+    """A dense projection plus its adapter's update, if it has one (layer: see _matmul)."""
+    out = _matmul(equation, x, weight, dtype, layer)
     return out if lora is None else out + lora.dense(equation, x, dtype, key)
 
 
@@ -279,13 +292,17 @@ class Attention(nnx.Module):
         sliding: bool,
         cache: LayerCache | None = None,
         dropout_key: jax.Array | None = None,
+        layer: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        """x: [B, T, D]; positions: [B, T] (-1 marks padding). Attends to `cache` and the new tokens."""
+        """x: [B, T, D]; positions: [B, T] (-1 marks padding). Attends to `cache` and the new tokens.
+
+        layer: this layer's index when the projection weights are whole stacks over layers (GptOss.forward).
+        """
         c, dtype = self.config, self.dtype
         batch, length, _ = x.shape
 
         def project(weight, bias, lora, site):
-            out = _project(QKV_EQUATION, x, weight[...], dtype, lora, _site_key(dropout_key, site))
+            out = _project(QKV_EQUATION, x, weight[...], dtype, lora, _site_key(dropout_key, site), layer)
             return out + bias[...].astype(jnp.float32)
 
         q = project(self.q_proj, self.q_bias, self.q_lora, 0)
@@ -313,7 +330,7 @@ class Attention(nnx.Module):
         else:
             out = _attend(q, keys, values, positions, key_positions, sinks, sliding, c, dtype)
         out = out.reshape(batch, length, c.num_heads, c.head_dim)
-        out = _project(OUT_EQUATION, out, self.o_proj[...], dtype, self.o_lora, _site_key(dropout_key, 3))
+        out = _project(OUT_EQUATION, out, self.o_proj[...], dtype, self.o_lora, _site_key(dropout_key, 3), layer)
         return out + self.o_bias[...].astype(jnp.float32), cache
 
 
@@ -437,13 +454,24 @@ class DenseExpertWeights(nnx.Module):
         return {"weight": self.weight[...]}
 
 
-def decode_experts(weights: dict[str, jax.Array], dtype, experts: jax.Array | None = None) -> jax.Array:
-    """[E, out, in] weights from either form, or [*experts.shape, out, in] for just the chosen experts."""
-    if experts is not None:
-        weights = {name: array[experts] for name, array in weights.items()}
+def decode_experts(weights: dict[str, jax.Array], dtype, experts: jax.Array | None = None, layer=None) -> jax.Array:
+    """[E, out, in] weights from either form, or [*experts.shape, out, in] for just the chosen experts.
+
+    layer: packed bytes come stacked over layers ([L, E, ...], see GptOss.forward) and this picks one.
+    """
     if "weight" in weights:
-        return weights["weight"].astype(dtype)
-    return mxfp4.dequantize(weights["blocks"], weights["scales"], dtype)
+        weight = weights["weight"]
+        return (weight if experts is None else weight[experts]).astype(dtype)
+    blocks, scales = weights["blocks"], weights["scales"]
+    if experts is not None and experts.ndim == 0 and kernels.available():
+        return kernels.mxfp4_dequantize(blocks, scales, experts, dtype, layer)
+    if experts is None:
+        blocks, scales = kernels.layer_slice(blocks, layer), kernels.layer_slice(scales, layer)
+    elif layer is None:
+        blocks, scales = blocks[experts], scales[experts]
+    else:  # one gather of the chosen experts of one layer, no copy of the whole layer
+        blocks, scales = blocks[layer, experts], scales[layer, experts]
+    return mxfp4.dequantize(blocks, scales, dtype)
 
 
 def _weight_specs(module: nnx.Module, mesh) -> dict[str, Any]:
@@ -481,12 +509,18 @@ class MoE(nnx.Module):
         self.mesh = None  # set by gptoss_jax.sharding.shard_model
 
     def __call__(
-        self, x: jax.Array, dropout_key: jax.Array | None = None, route: jax.Array | None = None
+        self,
+        x: jax.Array,
+        dropout_key: jax.Array | None = None,
+        route: jax.Array | None = None,
+        layer: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """(output [B, T, D], the chosen experts int32 [B, T, k]).
 
         route: replay these experts [B, T, k] instead of the router's top-k (router replay in RL); their
         weights are still the softmax of the router's logits for them, so the router keeps its gradient.
+        layer: this layer's index when the packed expert bytes are the whole stack over layers
+        (GptOss.forward passes them so, since slicing a layer out inside the scan would copy it).
         """
         c, dtype = self.config, self.dtype
         batch, length, hidden = x.shape
@@ -510,6 +544,8 @@ class MoE(nnx.Module):
         adapters = {name: getattr(self, f"{name}_lora") for name in ("mlp1", "mlp2")}
         adapters = {name: lora for name, lora in adapters.items() if lora is not None}
         params.update({f"{name}_lora": {"a": lora.a[...], "b": lora.b[...]} for name, lora in adapters.items()})
+        if layer is not None and isinstance(self.mlp1, PackedExpertWeights):
+            params["layer"] = jnp.asarray(layer, jnp.int32)
         if adapters and dropout_key is not None:
             params["dropout_key"] = _site_key(dropout_key, 5)
         apply = functools.partial(
@@ -530,8 +566,9 @@ class MoE(nnx.Module):
                 "mlp2_bias": own["mlp2_bias"],
             }
             specs.update({f"{name}_lora": _weight_specs(lora, mesh) for name, lora in adapters.items()})
-            if "dropout_key" in params:
-                specs["dropout_key"] = PartitionSpec()
+            for replicated in ("dropout_key", "layer"):
+                if replicated in params:
+                    specs[replicated] = PartitionSpec()
             rows = PartitionSpec("data")
             out = jax.shard_map(
                 functools.partial(apply, sharded=True),
@@ -566,8 +603,10 @@ def expert_outputs(
     # The down projection's bias is added once, by the first slice of the intermediate dimension.
     bias2 = params["mlp2_bias"] * first_tensor_shard
     adapters = _ExpertAdapters(params, lora or {}, dtype)
-    path = expert_path(tokens.shape[0] * config.experts_per_token, config.num_experts)
-    if path == "gathered":
+    path = expert_path(tokens.shape[0] * config.experts_per_token, config.num_experts, "blocks" in params["mlp1"])
+    if path == "fused":
+        out = _fused(tokens, jnp.where(held, local, local_count), weights, params, bias2, adapters, config, dtype)
+    elif path == "gathered":
         out = _gathered(tokens, local, weights, params, bias2, adapters, config, dtype)
     elif path == "tiled":
         out = _tiled(tokens, jnp.where(held, local, local_count), weights, params, bias2, adapters, config, dtype, sharded)
@@ -576,17 +615,26 @@ def expert_outputs(
     return jax.lax.psum(out, ("expert", "tensor")) if sharded else out
 
 
-def expert_path(pairs: int, num_experts: int) -> str:
+def expert_path(pairs: int, num_experts: int, packed: bool = True) -> str:
     """How the experts run for `pairs` (token, chosen expert) pairs: the one place that decides.
 
-    gathered: few pairs (decode); each pair decodes its expert's weights.
-    tiled: CPU. Pairs sorted by expert in tiles of one expert each; a tile decodes its expert's weights
-      and runs the whole expert MLP. (XLA's CPU ragged_dot computes every group against every row.)
+    fused: CPU with its kernels, MXFP4 weights, decode-sized batches; one kernel reads each chosen
+      expert's packed bytes once and applies them to every token that chose it.
+    gathered: few pairs elsewhere; each pair decodes its expert's weights.
+    tiled: CPU, more pairs. Pairs sorted by expert in tiles of one expert each; a tile decodes its expert's
+      weights and runs the whole expert MLP. (XLA's CPU ragged_dot computes every group against every row.)
     grouped: other backends. jax.lax.ragged_dot over all experts' decoded weights.
     """
+    cpu = jax.default_backend() == "cpu"
+    if cpu and packed and pairs <= FUSED_MAX_PAIRS_PER_EXPERT * num_experts and kernels.available():
+        return "fused"
     if pairs <= num_experts:
         return "gathered"
-    return "tiled" if jax.default_backend() == "cpu" else "grouped"
+    return "tiled" if cpu else "grouped"
+
+
+# Up to this many pairs per expert on average, reading packed bytes beats decoding them for a matmul.
+FUSED_MAX_PAIRS_PER_EXPERT = 2
 
 
 class _ExpertAdapters:
@@ -638,13 +686,32 @@ def _swiglu(h: jax.Array, config: GptOssConfig) -> jax.Array:
 
 def _gathered(tokens, experts, weights, params, bias2, adapters, config, dtype) -> jax.Array:
     """Few tokens: decode only the chosen experts' weights and apply them token by token."""
-    h = _matmul("nd,nkod->nko", tokens, decode_experts(params["mlp1"], dtype, experts), dtype)
+    h = _matmul("nd,nkod->nko", tokens, decode_experts(params["mlp1"], dtype, experts, params.get("layer")), dtype)
     h = h + adapters.gathered("mlp1", "nd,nkrd->nkr", tokens, experts)
     h = _swiglu(h + params["mlp1_bias"][experts].astype(jnp.float32), config)
-    y = _matmul("nki,nkdi->nkd", h, decode_experts(params["mlp2"], dtype, experts), dtype)
+    y = _matmul("nki,nkdi->nkd", h, decode_experts(params["mlp2"], dtype, experts, params.get("layer")), dtype)
     y = y + adapters.gathered("mlp2", "nki,nkri->nkr", h, experts)
     y = y + bias2[experts].astype(jnp.float32)
     return jnp.einsum("nkd,nk->nd", y, weights)
+
+
+def _fused(tokens, experts, weights, params, bias2, adapters, config, dtype) -> jax.Array:
+    """Decode-sized batches on CPU: the MXFP4 kernel reads each chosen expert's bytes once.
+
+    experts holds local expert ids, or local_count for pairs held elsewhere (the kernel gives them zeros).
+    """
+    held = experts < params["mlp1_bias"].shape[0]
+    index = jnp.minimum(experts, params["mlp1_bias"].shape[0] - 1)
+    x = tokens.astype(dtype).astype(jnp.float32)  # the same rounding of the input as the matmul paths
+    layer = params.get("layer")
+    h = kernels.mxfp4_expert_matvec(x, experts, params["mlp1"]["blocks"], params["mlp1"]["scales"], layer)
+    h = h + adapters.gathered("mlp1", "nd,nkrd->nkr", tokens, index)
+    h = _swiglu(h + params["mlp1_bias"][index].astype(jnp.float32), config)
+    pairs = h.reshape(-1, h.shape[-1]).astype(dtype).astype(jnp.float32)  # each pair's own input to mlp2
+    y = kernels.mxfp4_expert_matvec(pairs, experts.reshape(-1, 1), params["mlp2"]["blocks"], params["mlp2"]["scales"], layer)
+    y = y.reshape(*h.shape[:2], -1) + adapters.gathered("mlp2", "nki,nkri->nkr", h, index)
+    y = y + bias2[index].astype(jnp.float32)
+    return jnp.einsum("nkd,nk->nd", y, jnp.where(held, weights, 0.0))
 
 
 def _tile_rows(pairs: int, num_experts: int) -> int:
@@ -684,10 +751,10 @@ def _tiled(tokens, experts, weights, params, bias2, adapters, config, dtype, sha
         x, expert, used, index = scanned
 
         def mlp(x):
-            h = _matmul("td,od->to", x, decode_experts(params["mlp1"], dtype, expert), dtype)
+            h = _matmul("td,od->to", x, decode_experts(params["mlp1"], dtype, expert, params.get("layer")), dtype)
             h = h + adapters.tile("mlp1", x, expert, index)
             h = _swiglu(h + params["mlp1_bias"][expert].astype(jnp.float32), config)
-            y = _matmul("ti,di->td", h, decode_experts(params["mlp2"], dtype, expert), dtype)
+            y = _matmul("ti,di->td", h, decode_experts(params["mlp2"], dtype, expert, params.get("layer")), dtype)
             y = y + adapters.tile("mlp2", h, expert, index)
             return y + bias2[expert].astype(jnp.float32)
 
@@ -719,11 +786,11 @@ def _grouped(tokens, experts, weights, params, bias2, adapters, config, dtype) -
     group_sizes = jnp.bincount(flat_experts, length=local_count + 1)[:local_count].astype(jnp.int32)
 
     rows = tokens[token_of]
-    w1 = jnp.swapaxes(decode_experts(params["mlp1"], dtype), 1, 2)  # [E, in, out]
+    w1 = jnp.swapaxes(decode_experts(params["mlp1"], dtype, None, params.get("layer")), 1, 2)  # [E, in, out]
     h = jax.lax.ragged_dot(rows.astype(dtype), w1, group_sizes, preferred_element_type=jnp.float32)
     h = h + adapters.grouped("mlp1", rows, group_sizes)
     h = _swiglu(h + params["mlp1_bias"][sorted_experts].astype(jnp.float32), config)
-    w2 = jnp.swapaxes(decode_experts(params["mlp2"], dtype), 1, 2)
+    w2 = jnp.swapaxes(decode_experts(params["mlp2"], dtype, None, params.get("layer")), 1, 2)
     y = jax.lax.ragged_dot(h.astype(dtype), w2, group_sizes, preferred_element_type=jnp.float32)
     y = y + adapters.grouped("mlp2", h, group_sizes)
     y = (y + bias2[sorted_experts].astype(jnp.float32)) * weights.reshape(-1)[order][:, None]
@@ -747,11 +814,12 @@ class Block(nnx.Module):
         cache: LayerCache | None = None,
         dropout_key: jax.Array | None = None,
         route: jax.Array | None = None,
+        layer: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None, jax.Array]:
-        """(new residual stream, updated cache, the experts chosen for each token)."""
-        attended, cache = self.attn(self.attn_norm(x), positions, sliding, cache, dropout_key)
+        """(new residual stream, updated cache, the experts chosen for each token); layer: see MoE."""
+        attended, cache = self.attn(self.attn_norm(x), positions, sliding, cache, dropout_key, layer)
         x = x + attended
-        mixed, experts = self.mlp(self.mlp_norm(x), dropout_key, route)
+        mixed, experts = self.mlp(self.mlp_norm(x), dropout_key, route, layer)
         return x + mixed, cache, experts
 
 
@@ -769,17 +837,24 @@ class LayerGroup(nnx.Module):
         caches: tuple[LayerCache, ...] | None = None,
         dropout_key: jax.Array | None = None,
         routes: jax.Array | None = None,
+        group: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[LayerCache, ...] | None, jax.Array]:
         """routes: [pattern, B, T, k] experts to replay, one entry per layer of the group; the experts
-        chosen are returned in the same shape."""
+        chosen are returned in the same shape. group: this group's index when the packed expert bytes
+        are the whole stack over groups (see GptOss.forward)."""
         updated, chosen = [], []
         for index, (layer, sliding) in enumerate(zip(self.layers, self.sliding)):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
             cache = None if caches is None else caches[index]
-            x, cache, experts = layer(x, positions, sliding, cache, key, None if routes is None else routes[index])
+            route = None if routes is None else routes[index]
+            x, cache, experts = layer(x, positions, sliding, cache, key, route, group)
             updated.append(cache)
             chosen.append(experts)
         return x, None if caches is None else tuple(updated), jnp.stack(chosen)
+
+
+# The stacked weights GptOss.forward passes whole into its scan over layer groups (with the group's index).
+WHOLE_STACKS = nnx.Any(PackedBytes, *(nnx.PathContains(name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")))
 
 
 class GptOss(nnx.Module):
@@ -865,18 +940,23 @@ class GptOss(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         positions = jnp.asarray(positions, jnp.int32)
         x = self.embed[...][tokens].astype(jnp.float32)
-        graphdef, stacked = nnx.split(self.groups)
+        # The scan slices each group's weights out of the stack, which copies them; the big ones (packed
+        # expert bytes, attention projections) are instead passed whole, with the group's index, to code
+        # that reads just what it needs of them in place.
+        graphdef, packed, stacked = nnx.split(self.groups, WHOLE_STACKS, ...)
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.config.num_groups)
+        indices = jnp.arange(self.config.num_groups)
 
         if cache is None:
             # Rematerialised: a backward pass keeps each group's input only, not its activations.
             @jax.checkpoint
             def run_group(x, scanned):
-                group_state, key, route = scanned
-                x, _, chosen = nnx.merge(graphdef, group_state)(x, positions, dropout_key=key, routes=route)
+                group_state, index, key, route = scanned
+                group = nnx.merge(graphdef, packed, group_state)
+                x, _, chosen = group(x, positions, dropout_key=key, routes=route, group=index)
                 return x, chosen
 
-            x, chosen = jax.lax.scan(run_group, x, (stacked, keys, routes))
+            x, chosen = jax.lax.scan(run_group, x, (stacked, indices, keys, routes))
             return self.norm(x), None, chosen
 
         # The cache rides in the carry and is updated in place at each group's index. Whether it starts
@@ -888,10 +968,9 @@ class GptOss(nnx.Module):
             x, layers = carry
             group_state, index, key, route = scanned
             mine = tuple(layer.group(index, was_empty) for layer, was_empty in zip(layers, empty))
-            x, mine, chosen = nnx.merge(graphdef, group_state)(x, positions, mine, key, route)
+            x, mine, chosen = nnx.merge(graphdef, packed, group_state)(x, positions, mine, key, route, index)
             return (x, tuple(layer.with_group(index, new) for layer, new in zip(layers, mine))), chosen
 
-        indices = jnp.arange(self.config.num_groups)
         (x, layers), chosen = jax.lax.scan(run_cached_group, (x, carried), (stacked, indices, keys, routes))
         return self.norm(x), KVCache(layers), chosen
 

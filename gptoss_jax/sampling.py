@@ -114,16 +114,20 @@ def sample(logits: jax.Array, key: jax.Array, params_arrays: dict[str, jax.Array
     top_k, top_p, min_p = params_arrays["top_k"], params_arrays["top_p"], params_arrays["min_p"]
     is_greedy = temperature <= 0
 
-    # Greedy rows divide by 1 so they stay finite; their sample is discarded below.
-    scaled = logits / jnp.where(is_greedy, 1.0, temperature)[:, None]
-    # Skip the vocabulary sort when no sampling row filters anything (the common plain-sampling case).
-    needs_filter = jnp.any(~is_greedy & ((top_k > 0) | (top_p < 1) | (min_p > 0)))
-    filtered = jax.lax.cond(
-        needs_filter, lambda x: filter_logits(x, top_k, top_p, min_p), lambda x: x, scaled
-    )
-    # categorical draws Gumbel noise of shape [B, V]: every row gets its own independent draw.
-    sampled = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    tokens = jnp.where(is_greedy, greedy(logits), sampled)
+    def draw(logits):
+        # Greedy rows divide by 1 so they stay finite; their sample is discarded below.
+        scaled = logits / jnp.where(is_greedy, 1.0, temperature)[:, None]
+        # Skip the vocabulary sort when no sampling row filters anything (the common plain-sampling case).
+        needs_filter = jnp.any(~is_greedy & ((top_k > 0) | (top_p < 1) | (min_p > 0)))
+        filtered = jax.lax.cond(
+            needs_filter, lambda x: filter_logits(x, top_k, top_p, min_p), lambda x: x, scaled
+        )
+        # categorical draws Gumbel noise of shape [B, V]: every row gets its own independent draw.
+        sampled = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        return jnp.where(is_greedy, greedy(logits), sampled)
+
+    # An all-greedy batch skips the random draw over the vocabulary (a few ms a step on a CPU).
+    tokens = jax.lax.cond(jnp.all(is_greedy), greedy, draw, logits)
 
     # log_softmax at one token, without materialising the full [B, V] log_softmax.
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]

@@ -1,0 +1,170 @@
+"""CPU kernels for decoding (cpu_kernels.cc), compiled on first use and called through XLA's FFI.
+
+On the CPU, XLA decodes MXFP4 element by element and runs one-row products well below the memory
+bandwidth, which is what bounds decoding. The kernels read each weight byte once instead. They are
+built with the system C++ compiler into a cache folder ($GPTOSS_JAX_CACHE, default
+~/.cache/gptoss_jax) the first time a CPU computation asks for them; when that is not possible (no
+compiler, or GPTOSS_JAX_KERNELS=0) the model runs its plain XLA paths, which compute the same values.
+Gradients (rarely needed: decoding shapes) come from those XLA formulations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from gptoss_jax import mxfp4
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+TARGETS = {
+    "gptoss_mxfp4_expert_matvec": "GptossMxfp4ExpertMatvec",
+    "gptoss_mxfp4_dequantize_bf16": "GptossMxfp4DequantizeBf16",
+    "gptoss_mxfp4_dequantize_f32": "GptossMxfp4DequantizeF32",
+    "gptoss_bf16_matvec": "GptossBf16Matvec",
+}
+# Rows up to which a bf16 product runs in the matvec kernel rather than XLA's dot.
+MATVEC_MAX_ROWS = 2
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("GPTOSS_JAX_CACHE", Path.home() / ".cache" / "gptoss_jax"))
+
+
+def _compile() -> Path:
+    """The shared library for this source, compiler flags and jax version (built if missing)."""
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + jax.__version__.encode()).hexdigest()[:16]
+    library = _cache_dir() / f"cpu_kernels-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CXX", "c++")
+    # Build beside the target and rename: concurrent first uses never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        built = Path(scratch) / library.name
+        command = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        os.replace(built, library)
+    return library
+
+
+@functools.cache
+def _load() -> bool:
+    if os.environ.get("GPTOSS_JAX_KERNELS", "1") == "0":
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_compile()))
+    except (OSError, RuntimeError) as error:
+        warnings.warn(f"gptoss_jax: CPU kernels unavailable, using plain XLA (slower decoding): {error}")
+        return False
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return True
+
+
+def available() -> bool:
+    """Whether computations placed on the CPU use the kernels (building them on the first call)."""
+    return jax.default_backend() == "cpu" and _load()
+
+
+def _call(target: str, result: jax.ShapeDtypeStruct, *args):
+    return jax.ffi.ffi_call(target, result, vmap_method="sequential")(*args)
+
+
+# ---- MXFP4 experts applied to token rows -------------------------------------------------------------
+#
+# Packed weights are [E, N, K/32, 16] blocks and [E, N, K/32] scales, or the same stacked over layers
+# ([L, E, ...]) with `layer` saying which: a scanned model passes its whole stack, since slicing one layer
+# out of it inside the scan would copy that layer's bytes on every step.
+
+
+def layer_slice(array, layer):
+    """array[layer] for a stack over layers (layer not None), else the array itself."""
+    return array if layer is None else array[layer]
+
+
+def _expert_matvec_reference(x, experts, blocks, scales, layer):
+    experts = jnp.clip(experts, 0, blocks.shape[-4] - 1)
+    blocks, scales = layer_slice(blocks, layer)[experts], layer_slice(scales, layer)[experts]
+    weights = mxfp4.dequantize(blocks, scales, jnp.float32)  # [T, k, N, K]
+    return jnp.einsum("td,tknd->tkn", x, weights, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def mxfp4_expert_matvec(x, experts, blocks, scales, layer=None):
+    """out [T, k, N] = x [T, K] (float32) against expert experts[t, j]'s MXFP4 weights [N, K].
+
+    Each chosen expert's bytes are read once per step, whatever the number of tokens that chose it.
+    An expert id outside 0..E-1 gives zeros (experts held on another device).
+    """
+    tokens, k = experts.shape
+    out = jax.ShapeDtypeStruct((tokens, k, blocks.shape[-3]), jnp.float32)
+    layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    return _call("gptoss_mxfp4_expert_matvec", out, x.astype(jnp.float32), experts.astype(jnp.int32), blocks, scales, layer)
+
+
+def _expert_matvec_forward(x, experts, blocks, scales, layer=None):
+    return mxfp4_expert_matvec(x, experts, blocks, scales, layer), (x, experts, blocks, scales, layer)
+
+
+def _expert_matvec_backward(saved, g):
+    x, experts, blocks, scales, layer = saved
+    _, pullback = jax.vjp(lambda x: _expert_matvec_reference(x, experts, blocks, scales, layer), x)
+    held = (experts >= 0) & (experts < blocks.shape[-4])
+    (dx,) = pullback(jnp.where(held[..., None], g, 0.0))
+    return dx, None, None, None, None
+
+
+mxfp4_expert_matvec.defvjp(_expert_matvec_forward, _expert_matvec_backward)
+
+
+def mxfp4_dequantize(blocks, scales, expert, dtype, layer=None):
+    """Expert `expert`'s weights [N, K] in `dtype`: mxfp4.dequantize(blocks[expert], ...), exactly."""
+    dtype = jnp.dtype(dtype)
+    target = {jnp.dtype(jnp.bfloat16): "gptoss_mxfp4_dequantize_bf16", jnp.dtype(jnp.float32): "gptoss_mxfp4_dequantize_f32"}
+    if dtype not in target:
+        return mxfp4.dequantize(layer_slice(blocks, layer)[expert], layer_slice(scales, layer)[expert], dtype)
+    out = jax.ShapeDtypeStruct((blocks.shape[-3], blocks.shape[-2] * mxfp4.BLOCK_SIZE), dtype)
+    index = jnp.stack([jnp.asarray(0 if layer is None else layer, jnp.int32), jnp.asarray(expert, jnp.int32)])
+    return _call(target[dtype], out, blocks, scales, index)
+
+
+# ---- bf16 products with few rows ---------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def bf16_matvec(x, w, layer=None):
+    """float32 [R, N] = x [R, K] @ w[N, K].T, both bf16, accumulated in float32 (for small R).
+
+    w may be a stack over layers [L, N, K] with `layer` picking one (read in place, not copied out).
+    """
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), jnp.float32)
+    layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    return _call("gptoss_bf16_matvec", out, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), layer)
+
+
+def _matvec_forward(x, w, layer=None):
+    return bf16_matvec(x, w, layer), (x, w, layer)
+
+
+def _matvec_backward(saved, g):
+    x, w, layer = saved
+    dx = jnp.einsum("rn,nk->rk", g, layer_slice(w, layer).astype(jnp.float32))
+    dw = jnp.einsum("rn,rk->nk", g, x.astype(jnp.float32))
+    if layer is not None:
+        dw = jnp.zeros(w.shape, jnp.float32).at[layer].set(dw)
+    return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+bf16_matvec.defvjp(_matvec_forward, _matvec_backward)

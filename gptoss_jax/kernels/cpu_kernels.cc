@@ -1,0 +1,405 @@
+// CPU kernels for the memory-bound steps of decoding, called from XLA through its FFI.
+//
+// XLA's CPU backend dequantizes MXFP4 element by element and runs one-row matrix products far below
+// the memory bandwidth. These three kernels read each weight byte once:
+//   gptoss_mxfp4_expert_matvec: x [T, K] against the chosen experts' packed weights -> [T, k, N]
+//   gptoss_mxfp4_dequantize:    one expert's packed weights -> dense [N, K] (bf16 or f32)
+//   gptoss_bf16_matvec:         a few rows x [R, K] (bf16) against w [N, K] (bf16) -> f32 [R, N]
+//
+// MXFP4 layout (see gptoss_jax/mxfp4.py): per output row, K/32 blocks of 16 bytes; byte j holds element
+// 2j in its low nibble and 2j+1 in its high nibble; one uint8 scale per block, value = fp4 * 2**(s-127).
+// A block's 16 possible values are built with integer arithmetic on float32 bit patterns (exact for
+// every scale, subnormals included) and looked up with one permute per 16 elements.
+//
+// Built on first use by gptoss_jax/kernels/__init__.py with the system C++ compiler (-march=native);
+// without AVX-512 the portable loops below are used instead of the intrinsics.
+
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define GPTOSS_AVX512 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// float32 bits of the 8 fp4 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+constexpr int32_t kMagnitudeBits[8] = {0x00000000, 0x3F000000, 0x3F800000, 0x3FC00000,
+                                       0x40000000, 0x40400000, 0x40800000, 0x40C00000};
+
+// float32 bits of magnitude * 2**(scale - 127), exact (the same rule as mxfp4._ldexp_bits).
+inline int32_t ScaledMagnitude(int32_t bits, int32_t scale) {
+  if (bits == 0) return 0;
+  int32_t exponent = (bits >> 23) + scale - 127;
+  int32_t mantissa = bits & 0x7FFFFF;
+  if (exponent >= 255) return 0x7F800000;
+  if (exponent >= 1) return (exponent << 23) | mantissa;
+  int32_t shift = std::min(1 - exponent, 31);
+  return (mantissa | 0x800000) >> shift;
+}
+
+// The 16 values of codes 0..15 at one scale, as float32 bits (codes 8..15 are the negatives).
+inline void BlockTable(int32_t scale, int32_t table[16]) {
+  for (int c = 0; c < 8; ++c) {
+    table[c] = ScaledMagnitude(kMagnitudeBits[c], scale);
+    table[c + 8] = table[c] | static_cast<int32_t>(0x80000000u);
+  }
+}
+
+inline float BitsToFloat(int32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// BlockTable of every scale, built once: a block's table is then one 64-byte load.
+struct AllTables {
+  alignas(64) int32_t bits[256][16];
+  AllTables() {
+    for (int s = 0; s < 256; ++s) BlockTable(s, bits[s]);
+  }
+};
+const AllTables& Tables() {
+  static const AllTables tables;
+  return tables;
+}
+
+#ifdef GPTOSS_AVX512
+inline __m512 BlockTableVector(const AllTables& tables, uint8_t scale) {
+  return _mm512_castsi512_ps(_mm512_load_si512(tables.bits[scale]));
+}
+#endif
+
+// Splits n items into parts run on XLA's own intra-op threads and the calling thread, calling
+// body(begin, end) on each part. Every participant claims parts from a shared counter, so the caller
+// finishes the work itself when the pool is busy (no waiting on queued tasks, no deadlock), and a
+// task that starts late finds nothing left and touches nothing of the caller's.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const Body& body) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n / std::max<int64_t>(grain, 1), 4 * threads));
+  if (parts == 1 || threads == 1) {
+    body(0, n);
+    return;
+  }
+  struct Progress {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto progress = std::make_shared<Progress>();
+  std::function<void(int64_t)> run_part = [&body, n, parts](int64_t p) { body(n * p / parts, n * (p + 1) / parts); };
+  auto claim = [progress, parts](const std::function<void(int64_t)>* run) {
+    for (int64_t p; (p = progress->next.fetch_add(1)) < parts;) {
+      (*run)(p);
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  // Helpers get a pointer to run_part only while parts remain; once every part is claimed they never call it.
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([claim, run = &run_part] { claim(run); });
+  claim(&run_part);
+  while (progress->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+}
+
+// Calls f(std::integral_constant<int, count>) for count in 1..8, so loops over rows unroll and the
+// accumulators stay in registers.
+template <typename F>
+void WithCount(int count, F f) {
+  switch (count) {
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 7: return f(std::integral_constant<int, 7>());
+    default: return f(std::integral_constant<int, 8>());
+  }
+}
+constexpr int kMaxTokens = 8;
+
+// One output row of an expert for kTokens token rows, each given as even and odd halves (the even
+// elements x[2j] and the odd ones x[2j+1]), so low and high nibbles meet their inputs without
+// interleaving. Low and high products go to separate accumulators: two independent FMA chains.
+template <int kTokens>
+void ExpertRow(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const float* const* even,
+               const float* const* odd, float* out) {
+  const AllTables& tables = Tables();
+#ifdef GPTOSS_AVX512
+  __m512 acc_low[kTokens], acc_high[kTokens];
+  for (int t = 0; t < kTokens; ++t) acc_low[t] = acc_high[t] = _mm512_setzero_ps();
+  const __m512i low_mask = _mm512_set1_epi32(0x0F);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 table = BlockTableVector(tables, scales[g]);
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
+    __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), table);
+    __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+    for (int t = 0; t < kTokens; ++t) {
+      acc_low[t] = _mm512_fmadd_ps(low, _mm512_loadu_ps(even[t] + 16 * g), acc_low[t]);
+      acc_high[t] = _mm512_fmadd_ps(high, _mm512_loadu_ps(odd[t] + 16 * g), acc_high[t]);
+    }
+  }
+  for (int t = 0; t < kTokens; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc_low[t], acc_high[t]));
+#else
+  float acc[kTokens] = {0};
+  for (int64_t g = 0; g < groups; ++g) {
+    const int32_t* table = tables.bits[scales[g]];
+    for (int j = 0; j < 16; ++j) {
+      uint8_t byte = blocks[16 * g + j];
+      float low = BitsToFloat(table[byte & 0x0F]), high = BitsToFloat(table[byte >> 4]);
+      for (int t = 0; t < kTokens; ++t) acc[t] += low * even[t][16 * g + j] + high * odd[t][16 * g + j];
+    }
+  }
+  for (int t = 0; t < kTokens; ++t) out[t] = acc[t];
+#endif
+}
+
+// The trailing [E, N, G, 16] of packed blocks, and how many such stacks lead them ([L, E, N, G, 16]: the
+// layers of a scanned model, passed whole with a layer index so that no layer's bytes are copied out).
+struct PackedShape {
+  int64_t stacks, num_experts, n_out, groups;
+};
+
+bool ReadPackedShape(ffi::Buffer<ffi::U8>& blocks, ffi::Buffer<ffi::U8>& scales, PackedShape* shape) {
+  auto bd = blocks.dimensions();
+  const size_t rank = bd.size();
+  if (rank < 4 || bd[rank - 1] != 16) return false;
+  shape->num_experts = bd[rank - 4];
+  shape->n_out = bd[rank - 3];
+  shape->groups = bd[rank - 2];
+  shape->stacks = 1;
+  for (size_t i = 0; i + 4 < rank; ++i) shape->stacks *= bd[i];
+  return scales.element_count() * 16 == blocks.element_count();
+}
+
+ffi::Error Mxfp4ExpertMatvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::U8> all_blocks,
+                             ffi::Buffer<ffi::U8> all_scales, ffi::Buffer<ffi::S32> layer,
+                             ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
+  auto xd = x.dimensions(), ed = experts.dimensions();
+  PackedShape shape;
+  if (xd.size() != 2 || ed.size() != 2 || ed[0] != xd[0] || !ReadPackedShape(all_blocks, all_scales, &shape) ||
+      shape.groups * 32 != xd[1])
+    return ffi::Error::InvalidArgument("gptoss_mxfp4_expert_matvec: x [T, K], experts [T, k], blocks [..., E, N, K/32, 16]");
+  const int64_t rows = xd[0], width = xd[1], k = ed[1], num_experts = shape.num_experts, n_out = shape.n_out,
+                groups = shape.groups;
+  const int64_t half = width / 2;
+  const int64_t stack = std::clamp<int64_t>(layer.typed_data()[0], 0, shape.stacks - 1);
+  const uint8_t* blocks_data = all_blocks.typed_data() + stack * num_experts * n_out * groups * 16;
+  const uint8_t* scales_data = all_scales.typed_data() + stack * num_experts * n_out * groups;
+
+  // Even and odd halves of every token row.
+  std::vector<float> split(rows * width);
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* row = x.typed_data() + t * width;
+    for (int64_t j = 0; j < half; ++j) {
+      split[t * width + j] = row[2 * j];
+      split[t * width + half + j] = row[2 * j + 1];
+    }
+  }
+  // The (token, slot) pairs of each expert, in runs of at most kMaxTokens.
+  std::vector<std::vector<int64_t>> pairs_of(num_experts);
+  for (int64_t p = 0; p < rows * k; ++p) {
+    int32_t e = experts.typed_data()[p];
+    if (e >= 0 && e < num_experts) pairs_of[e].push_back(p);
+  }
+  struct Run { int64_t expert; int64_t first; int count; };
+  std::vector<Run> runs;
+  for (int64_t e = 0; e < num_experts; ++e)
+    for (size_t i = 0; i < pairs_of[e].size(); i += kMaxTokens)
+      runs.push_back({e, static_cast<int64_t>(i), static_cast<int>(std::min<size_t>(kMaxTokens, pairs_of[e].size() - i))});
+  float* result = out->typed_data();
+  std::fill(result, result + rows * k * n_out, 0.0f);  // pairs naming no expert here stay zero
+
+  // Work item = (run, output row); split across threads in contiguous ranges.
+  const int64_t items = static_cast<int64_t>(runs.size()) * n_out;
+  ParallelFor(pool, items, 256, [&](int64_t begin, int64_t end) {
+    const float* even[kMaxTokens];
+    const float* odd[kMaxTokens];
+    float values[kMaxTokens];
+    for (int64_t item = begin; item < end; ++item) {
+      const Run& run = runs[item / n_out];
+      const int64_t n = item % n_out;
+      for (int i = 0; i < run.count; ++i) {
+        int64_t token = pairs_of[run.expert][run.first + i] / k;
+        even[i] = split.data() + token * width;
+        odd[i] = even[i] + half;
+      }
+      const int64_t row = run.expert * n_out + n;
+      WithCount(run.count, [&](auto tokens) {
+        ExpertRow<tokens()>(blocks_data + row * groups * 16, scales_data + row * groups, groups, even,
+                            odd, values);
+      });
+      for (int i = 0; i < run.count; ++i) result[pairs_of[run.expert][run.first + i] * n_out + n] = values[i];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Dequantize expert `index` into out [N, K] as float32 bits (kBf16: their top halves, which is exact:
+// fp4 values times a power of two have at most 2 significant bits, and even the smallest, 2**-128, sits
+// in the top half).
+template <bool kBf16>
+ffi::Error Dequantize(ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> index,
+                      int64_t out_elements, void* out, ffi::ThreadPool& pool) {
+  PackedShape shape;
+  if (!ReadPackedShape(blocks, scales, &shape) || index.element_count() != 2)
+    return ffi::Error::InvalidArgument("gptoss_mxfp4_dequantize: blocks [..., E, N, G, 16], index (layer, expert)");
+  const int64_t n_out = shape.n_out, groups = shape.groups;
+  if (out_elements != n_out * groups * 32) return ffi::Error::InvalidArgument("gptoss_mxfp4_dequantize: output shape");
+  const int64_t stack = std::clamp<int64_t>(index.typed_data()[0], 0, shape.stacks - 1);
+  const int64_t expert = std::clamp<int64_t>(index.typed_data()[1], 0, shape.num_experts - 1);
+  const int64_t offset = (stack * shape.num_experts + expert) * n_out * groups;
+  const uint8_t* b = blocks.typed_data() + offset * 16;
+  const uint8_t* s = scales.typed_data() + offset;
+  uint16_t* out16 = static_cast<uint16_t*>(out);
+  int32_t* out32 = static_cast<int32_t*>(out);
+  const AllTables& tables = Tables();
+  ParallelFor(pool, n_out * groups, 1024, [&](int64_t begin, int64_t end) {
+#ifdef GPTOSS_AVX512
+    const __m512i low_mask = _mm512_set1_epi32(0x0F);
+    // Interleave low (even elements) and high (odd elements) lanes: l0 h0 l1 h1 ... (index 16+ = high).
+    const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int64_t g = begin; g < end; ++g) {
+      __m512i table = _mm512_castps_si512(BlockTableVector(tables, s[g]));
+      __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * g)));
+      __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, low_mask), table);
+      __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);
+      __m512i v0 = _mm512_permutex2var_epi32(low, first_half, high);
+      __m512i v1 = _mm512_permutex2var_epi32(low, second_half, high);
+      if constexpr (kBf16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + 32 * g), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v0, 16)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + 32 * g + 16), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v1, 16)));
+      } else {
+        _mm512_storeu_si512(out32 + 32 * g, v0);
+        _mm512_storeu_si512(out32 + 32 * g + 16, v1);
+      }
+    }
+#else
+    for (int64_t g = begin; g < end; ++g) {
+      const int32_t* table = tables.bits[s[g]];
+      for (int j = 0; j < 32; ++j) {
+        uint8_t byte = b[16 * g + j / 2];
+        int32_t bits = table[j % 2 ? byte >> 4 : byte & 0x0F];
+        if constexpr (kBf16) out16[32 * g + j] = static_cast<uint16_t>(static_cast<uint32_t>(bits) >> 16);
+        else out32[32 * g + j] = bits;
+      }
+    }
+#endif
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Mxfp4DequantizeBf16(ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> index,
+                               ffi::ResultBuffer<ffi::BF16> out, ffi::ThreadPool pool) {
+  return Dequantize<true>(blocks, scales, index, out->element_count(), out->untyped_data(), pool);
+}
+
+ffi::Error Mxfp4DequantizeF32(ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> index,
+                              ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
+  return Dequantize<false>(blocks, scales, index, out->element_count(), out->untyped_data(), pool);
+}
+
+// sums[r] = sum_j x[r, j] * w[j] for kRows bf16 rows x (row stride `stride`) and one bf16 row w,
+// float32 accumulation.
+template <int kRows>
+void Bf16Rows(const uint16_t* x, int64_t stride, const uint16_t* w, int64_t width, float* sums) {
+  int64_t j = 0;
+  for (int r = 0; r < kRows; ++r) sums[r] = 0.0f;
+#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
+  __m512 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  for (; j + 32 <= width; j += 32) {
+    __m512bh wv = (__m512bh)_mm512_loadu_si512(w + j);
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(x + r * stride + j), wv);
+  }
+  for (int r = 0; r < kRows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+#elif defined(GPTOSS_AVX512)
+  auto widen = [](const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  };
+  __m512 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  for (; j + 16 <= width; j += 16) {
+    __m512 wv = widen(w + j);
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_fmadd_ps(widen(x + r * stride + j), wv, acc[r]);
+  }
+  for (int r = 0; r < kRows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+#endif
+  for (; j < width; ++j) {
+    float wv = BitsToFloat(static_cast<int32_t>(w[j]) << 16);
+    for (int r = 0; r < kRows; ++r) sums[r] += BitsToFloat(static_cast<int32_t>(x[r * stride + j]) << 16) * wv;
+  }
+}
+
+// out[r, n] = sum_k x[r, k] * w[n, k] with bf16 inputs and float32 accumulation, rows in runs of 8.
+// w may be a stack [..., N, K] (the layers of a scanned model), `layer` picking one.
+ffi::Error Bf16Matvec(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> layer,
+                      ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() < 2 || xd[1] != wd[wd.size() - 1])
+    return ffi::Error::InvalidArgument("gptoss_bf16_matvec: x [R, K], w [..., N, K]");
+  const int64_t rows = xd[0], width = xd[1], n_out = wd[wd.size() - 2];
+  const int64_t stacks = static_cast<int64_t>(w.element_count()) / (n_out * width);
+  const int64_t stack = std::clamp<int64_t>(layer.typed_data()[0], 0, stacks - 1);
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w.untyped_data()) + stack * n_out * width;
+  float* result = out->typed_data();
+  ParallelFor(pool, n_out, 64, [&](int64_t begin, int64_t end) {
+    float sums[8];
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+        const int count = static_cast<int>(std::min<int64_t>(8, rows - r0));
+        WithCount(count, [&](auto kRows) { Bf16Rows<kRows()>(xs + r0 * width, width, ws + n * width, width, sums); });
+        for (int r = 0; r < count; ++r) result[(r0 + r) * n_out + n] = sums[r];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4ExpertMatvec, Mxfp4ExpertMatvec,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4DequantizeBf16, Mxfp4DequantizeBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4DequantizeF32, Mxfp4DequantizeF32,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Matvec, Bf16Matvec,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());
