@@ -3,6 +3,7 @@
     python -m eval.bench --preset gpt-oss-20b --layers 4                     # random MXFP4 weights, no disk
     python -m eval.bench --preset gpt-oss-20b --layers 4 --compare transformers
     python -m eval.bench --checkpoint /models/gpt-oss-20b --batch 1 --batch 16
+    python -m eval.bench --preset gpt-oss-20b --write-random /tmp/random-20b   # then --checkpoint it
     python -m eval.bench --plan --preset gpt-oss-120b --context 8192          # bytes per device, no weights
     python -m eval.bench --plan --train --preset gpt-oss-20b --context 2048   # a LoRA training step's bytes
 
@@ -29,7 +30,7 @@ from flax import nnx
 import gptoss_jax
 from gptoss_jax.checkpoint import names
 from gptoss_jax.checkpoint.load import from_tensors
-from gptoss_jax.checkpoint.random_weights import random_hub_tensors
+from gptoss_jax.checkpoint.random_weights import random_hub_tensors, write_random_hub_checkpoint
 from gptoss_jax.checkpoint.writer import write_hub_checkpoint
 from gptoss_jax.config import FULL, GptOssConfig
 from gptoss_jax.engine import Generator
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train", action="store_true", help="plan mode: a LoRA fine-tuning step (--context tokens a row)")
     parser.add_argument("--lora-rank", type=int, default=16, help="plan mode with --train: adapter rank")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--write-random", metavar="DIR", help="write the random model of --preset/--layers to DIR (hub layout) and exit"
+    )
     return parser.parse_args(argv)
 
 
@@ -292,6 +296,10 @@ def plan_training(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.write_random:
+            path = write_random_hub_checkpoint(args.write_random, config_from(args))
+            print(f"wrote a random {args.preset} ({config_from(args).num_layers} layers) to {path}")
+            return 0
         if args.plan:
             report = plan_training(args) if args.train else plan(args)
         else:

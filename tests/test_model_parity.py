@@ -55,10 +55,12 @@ def test_both_layouts_and_the_single_file_give_the_same_logits(
     np.testing.assert_array_equal(hub, single)
 
 
-def test_few_token_path_that_gathers_chosen_experts_matches_transformers(hub_checkpoint, tiny_config):
-    # batch * length * top_k <= num_experts takes the path that decodes only the chosen experts.
+@pytest.mark.parametrize("path", ["fused", "gathered"])
+def test_each_few_token_expert_path_matches_transformers(hub_checkpoint, tiny_config, path, monkeypatch):
+    # Decoding: the CPU kernel reading the chosen experts' packed bytes, or XLA decoding just those experts.
     tokens = np.array([[5, 300, 17]], dtype=np.int32)
-    assert tokens.size * tiny_config.experts_per_token <= tiny_config.num_experts
+    assert gptoss_jax.model.expert_path(tokens.size * tiny_config.experts_per_token, tiny_config.num_experts) == "fused"
+    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args: path)
     ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="float32")(tokens))
     assert relative_error(ours, transformers_logits(hub_checkpoint, tokens, torch.float32)) <= 1e-4
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import functools
 import math
 import statistics
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from gptoss_jax.checkpoint.names import BF16, hub_tensor_shapes
+from gptoss_jax.checkpoint.writer import hub_config_json, shard_file_name, write_hub_shards
 from gptoss_jax.config import GptOssConfig
 
 # Generate big tensors in pieces of this many values: temporaries stay in cache (fastest, measured).
@@ -70,20 +72,47 @@ def _std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     return 0.0, 1.0 / math.sqrt(shape[-1])
 
 
+def _random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    if name.endswith("_blocks"):
+        return _bytes(rng, shape)
+    if name.endswith("_scales"):
+        return rng.integers(_SCALE_LOW, _SCALE_HIGH + 1, size=shape, dtype=np.uint8)
+    assert dtype == BF16, name
+    mean, std = _std(name, shape)
+    return _normal(rng, shape, std, mean)
+
+
 def random_hub_tensors(config: GptOssConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Random tensors with the hub layout's names, shapes and dtypes (bf16 as ml_dtypes.bfloat16).
 
     Deterministic in `seed` (numpy's default_rng); tensors are drawn in `hub_tensor_shapes` order.
     """
     rng = np.random.default_rng(seed)
-    tensors: dict[str, np.ndarray] = {}
-    for name, (shape, dtype) in hub_tensor_shapes(config).items():
-        if name.endswith("_blocks"):
-            tensors[name] = _bytes(rng, shape)
-        elif name.endswith("_scales"):
-            tensors[name] = rng.integers(_SCALE_LOW, _SCALE_HIGH + 1, size=shape, dtype=np.uint8)
-        else:
-            assert dtype == BF16, name
-            mean, std = _std(name, shape)
-            tensors[name] = _normal(rng, shape, std, mean)
-    return tensors
+    return {name: _random_tensor(rng, name, shape, dtype) for name, (shape, dtype) in hub_tensor_shapes(config).items()}
+
+
+def write_random_hub_checkpoint(directory, config: GptOssConfig, seed: int = 0) -> Path:
+    """A random model of any size written in the hub layout one layer at a time (one shard per layer and
+    one for the rest), so that writing the full 20b or 120b shape holds one shard in memory, not the model.
+
+    Same distributions as `random_hub_tensors`; each shard draws from its own generator (seed, shard).
+    """
+    shapes = hub_tensor_shapes(config)
+    def layer_of(name: str) -> int:
+        return int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+
+    shard_names = [-1, *range(config.num_layers)]
+    files = {index: shard_file_name(number, len(shard_names)) for number, index in enumerate(shard_names)}
+
+    def make(index: int):
+        def tensors() -> dict[str, np.ndarray]:
+            rng = np.random.default_rng([seed, index + 1])
+            return {
+                name: _random_tensor(rng, name, shape, dtype)
+                for name, (shape, dtype) in shapes.items()
+                if layer_of(name) == index
+            }
+
+        return tensors
+
+    return write_hub_shards(directory, hub_config_json(config), {files[index]: make(index) for index in shard_names})

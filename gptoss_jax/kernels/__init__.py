@@ -30,6 +30,7 @@ TARGETS = {
     "gptoss_mxfp4_dequantize_bf16": "GptossMxfp4DequantizeBf16",
     "gptoss_mxfp4_dequantize_f32": "GptossMxfp4DequantizeF32",
     "gptoss_bf16_matvec": "GptossBf16Matvec",
+    "gptoss_copy_layer": "GptossCopyLayer",
 }
 # Rows up to which a bf16 product runs in the matvec kernel rather than XLA's dot.
 MATVEC_MAX_ROWS = 2
@@ -41,7 +42,8 @@ def _cache_dir() -> Path:
 
 def _compile() -> Path:
     """The shared library for this source, compiler flags and jax version (built if missing)."""
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+    arch = os.environ.get("GPTOSS_JAX_KERNEL_ARCH", "native")  # e.g. x86-64-v3 to build the non-AVX-512 loops
+    flags = ["-O3", f"-march={arch}", "-std=c++17", "-shared", "-fPIC"]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + jax.__version__.encode()).hexdigest()[:16]
     library = _cache_dir() / f"cpu_kernels-{key}.so"
     if library.exists():
@@ -90,20 +92,46 @@ def _call(target: str, result: jax.ShapeDtypeStruct, *args):
 
 
 def layer_slice(array, layer):
-    """array[layer] for a stack over layers (layer not None), else the array itself."""
-    return array if layer is None else array[layer]
+    """array[layer] for a stack over layers (layer not None), else the array itself.
+
+    On the CPU the layer is copied out by a kernel: XLA's own slice of a bf16 stack inside the layer scan
+    first converts the whole stack to float32, on every call.
+    """
+    if layer is None:
+        return array
+    if not available():
+        return array[layer]
+    return _copy_layer(array, jnp.asarray(layer, jnp.int32))
+
+
+@jax.custom_vjp
+def _copy_layer(array, layer):
+    out = jax.ShapeDtypeStruct(array.shape[1:], array.dtype)
+    return _call("gptoss_copy_layer", out, array, layer.reshape(1))
+
+
+def _copy_layer_forward(array, layer):
+    return _copy_layer(array, layer), (jnp.zeros((0,), array.dtype), array.shape, layer)
+
+
+def _copy_layer_backward(saved, g):
+    like, shape, layer = saved
+    return jnp.zeros(shape, g.dtype).at[layer].set(g).astype(like.dtype), None
+
+
+_copy_layer.defvjp(_copy_layer_forward, _copy_layer_backward)
 
 
 def _expert_matvec_reference(x, experts, blocks, scales, layer):
     experts = jnp.clip(experts, 0, blocks.shape[-4] - 1)
     blocks, scales = layer_slice(blocks, layer)[experts], layer_slice(scales, layer)[experts]
     weights = mxfp4.dequantize(blocks, scales, jnp.float32)  # [T, k, N, K]
-    return jnp.einsum("td,tknd->tkn", x, weights, preferred_element_type=jnp.float32)
+    return jnp.einsum("td,tknd->tkn", x.astype(jnp.float32), weights, preferred_element_type=jnp.float32)
 
 
 @jax.custom_vjp
 def mxfp4_expert_matvec(x, experts, blocks, scales, layer=None):
-    """out [T, k, N] = x [T, K] (float32) against expert experts[t, j]'s MXFP4 weights [N, K].
+    """out [T, k, N] = x [T, K] against expert experts[t, j]'s MXFP4 weights [N, K], in float32.
 
     Each chosen expert's bytes are read once per step, whatever the number of tokens that chose it.
     An expert id outside 0..E-1 gives zeros (experts held on another device).
@@ -111,7 +139,8 @@ def mxfp4_expert_matvec(x, experts, blocks, scales, layer=None):
     tokens, k = experts.shape
     out = jax.ShapeDtypeStruct((tokens, k, blocks.shape[-3]), jnp.float32)
     layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
-    return _call("gptoss_mxfp4_expert_matvec", out, x.astype(jnp.float32), experts.astype(jnp.int32), blocks, scales, layer)
+    x = x.astype(jnp.float32)
+    return _call("gptoss_mxfp4_expert_matvec", out, x, experts.astype(jnp.int32), blocks, scales, layer)
 
 
 def _expert_matvec_forward(x, experts, blocks, scales, layer=None):

@@ -368,6 +368,21 @@ ffi::Error Bf16Matvec(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::B
   return ffi::Error::Success();
 }
 
+// out = stack[layer] for a stack [L, ...] of any element type: one layer's weights for XLA's own matmuls.
+// (Sliced by XLA inside the layer scan, a bf16 stack is first converted to float32 whole, every call.)
+ffi::Error CopyLayer(ffi::AnyBuffer stack, ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out,
+                     ffi::ThreadPool pool) {
+  const int64_t bytes = static_cast<int64_t>(out->size_bytes());
+  const int64_t layers = bytes ? static_cast<int64_t>(stack.size_bytes()) / bytes : 1;
+  if (stack.element_type() != out->element_type() || bytes * layers != static_cast<int64_t>(stack.size_bytes()))
+    return ffi::Error::InvalidArgument("gptoss_copy_layer: out must be one [...] of stack [L, ...]");
+  const int64_t index = std::clamp<int64_t>(layer.typed_data()[0], 0, layers - 1);
+  const char* from = static_cast<const char*>(stack.untyped_data()) + index * bytes;
+  char* to = static_cast<char*>(out->untyped_data());
+  ParallelFor(pool, bytes, 1 << 20, [&](int64_t begin, int64_t end) { std::memcpy(to + begin, from + begin, end - begin); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4ExpertMatvec, Mxfp4ExpertMatvec,
@@ -403,3 +418,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Matvec, Bf16Matvec,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ctx<ffi::ThreadPool>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossCopyLayer, CopyLayer,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ctx<ffi::ThreadPool>());
+
