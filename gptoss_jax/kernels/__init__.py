@@ -33,7 +33,7 @@ TARGETS = {
     "gptoss_copy_layer": "GptossCopyLayer",
 }
 # Rows up to which a bf16 product runs in the matvec kernel rather than XLA's dot.
-MATVEC_MAX_ROWS = 2
+MATVEC_MAX_ROWS = 4
 
 
 def _cache_dir() -> Path:

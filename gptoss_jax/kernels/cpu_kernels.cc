@@ -312,34 +312,50 @@ ffi::Error Mxfp4DequantizeF32(ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> 
 
 // sums[r] = sum_j x[r, j] * w[j] for kRows bf16 rows x (row stride `stride`) and one bf16 row w,
 // float32 accumulation.
-template <int kRows>
-void Bf16Rows(const uint16_t* x, int64_t stride, const uint16_t* w, int64_t width, float* sums) {
+// sums[i][r] = sum_j x[r, j] * w[i, j] for kRows bf16 rows x and kW consecutive bf16 rows w (both with
+// row stride `width`), float32 accumulation. Two weight rows at a time halve the loads of x per product.
+template <int kRows, int kW>
+void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)[8]) {
   int64_t j = 0;
-  for (int r = 0; r < kRows; ++r) sums[r] = 0.0f;
+  for (int i = 0; i < kW; ++i)
+    for (int r = 0; r < kRows; ++r) sums[i][r] = 0.0f;
 #if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
-  __m512 acc[kRows];
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[kW][kRows];
+  for (int i = 0; i < kW; ++i)
+    for (int r = 0; r < kRows; ++r) acc[i][r] = _mm512_setzero_ps();
   for (; j + 32 <= width; j += 32) {
-    __m512bh wv = (__m512bh)_mm512_loadu_si512(w + j);
-    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(x + r * stride + j), wv);
+    __m512bh wv[kW];
+    for (int i = 0; i < kW; ++i) wv[i] = (__m512bh)_mm512_loadu_si512(w + i * width + j);
+    for (int r = 0; r < kRows; ++r) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * width + j);
+      for (int i = 0; i < kW; ++i) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[i]);
+    }
   }
-  for (int r = 0; r < kRows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int i = 0; i < kW; ++i)
+    for (int r = 0; r < kRows; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
 #elif defined(GPTOSS_AVX512)
   auto widen = [](const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
   };
-  __m512 acc[kRows];
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[kW][kRows];
+  for (int i = 0; i < kW; ++i)
+    for (int r = 0; r < kRows; ++r) acc[i][r] = _mm512_setzero_ps();
   for (; j + 16 <= width; j += 16) {
-    __m512 wv = widen(w + j);
-    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_fmadd_ps(widen(x + r * stride + j), wv, acc[r]);
+    __m512 wv[kW];
+    for (int i = 0; i < kW; ++i) wv[i] = widen(w + i * width + j);
+    for (int r = 0; r < kRows; ++r) {
+      __m512 xv = widen(x + r * width + j);
+      for (int i = 0; i < kW; ++i) acc[i][r] = _mm512_fmadd_ps(xv, wv[i], acc[i][r]);
+    }
   }
-  for (int r = 0; r < kRows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int i = 0; i < kW; ++i)
+    for (int r = 0; r < kRows; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
 #endif
-  for (; j < width; ++j) {
-    float wv = BitsToFloat(static_cast<int32_t>(w[j]) << 16);
-    for (int r = 0; r < kRows; ++r) sums[r] += BitsToFloat(static_cast<int32_t>(x[r * stride + j]) << 16) * wv;
-  }
+  for (; j < width; ++j)
+    for (int i = 0; i < kW; ++i) {
+      float wv = BitsToFloat(static_cast<int32_t>(w[i * width + j]) << 16);
+      for (int r = 0; r < kRows; ++r) sums[i][r] += BitsToFloat(static_cast<int32_t>(x[r * width + j]) << 16) * wv;
+    }
 }
 
 // out[r, n] = sum_k x[r, k] * w[n, k] with bf16 inputs and float32 accumulation, rows in runs of 8.
@@ -355,13 +371,20 @@ ffi::Error Bf16Matvec(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::B
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
   const uint16_t* ws = reinterpret_cast<const uint16_t*>(w.untyped_data()) + stack * n_out * width;
   float* result = out->typed_data();
+  // Tiles of 4 weight rows x 4 rows of x: 16 accumulators, and each load feeds 4 products.
   ParallelFor(pool, n_out, 64, [&](int64_t begin, int64_t end) {
-    float sums[8];
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t r0 = 0; r0 < rows; r0 += 8) {
-        const int count = static_cast<int>(std::min<int64_t>(8, rows - r0));
-        WithCount(count, [&](auto kRows) { Bf16Rows<kRows()>(xs + r0 * width, width, ws + n * width, width, sums); });
-        for (int r = 0; r < count; ++r) result[(r0 + r) * n_out + n] = sums[r];
+    float sums[4][8];
+    for (int64_t n = begin; n < end; n += 4) {
+      const int weights = static_cast<int>(std::min<int64_t>(4, end - n));
+      for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        const int count = static_cast<int>(std::min<int64_t>(4, rows - r0));
+        WithCount(count, [&](auto kRows) {
+          WithCount(weights, [&](auto kW) {
+            if constexpr (kRows() <= 4 && kW() <= 4) Bf16Rows<kRows(), kW()>(xs + r0 * width, ws + n * width, width, sums);
+          });
+        });
+        for (int i = 0; i < weights; ++i)
+          for (int r = 0; r < count; ++r) result[(r0 + r) * n_out + n + i] = sums[i][r];
       }
     }
   });
