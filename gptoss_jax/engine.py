@@ -156,8 +156,17 @@ class Generator:
         for row in range(rows):
             yield TokenEvent(row, int(token[row]), float(logprob[row]), bool(finished[row]))
         produced = 1
-        while produced < max_new_tokens and not finished[:rows].all():
-            carry, tokens_out, logprobs_out, routes = self._decode(self.state, carry, sampling_arrays, chunk)
+        # The device runs one chunk ahead of the host: the next chunk is dispatched (it needs only the
+        # carry, which stays on the device) before this one's tokens are read, so the host's reading and
+        # yielding overlaps the device's work. At most one chunk past a stop is computed and dropped.
+        pending = None
+        if produced < max_new_tokens and not finished[:rows].all():
+            pending = self._decode(self.state, carry, sampling_arrays, chunk)
+        while pending is not None:
+            carry, tokens_out, logprobs_out, routes = pending
+            pending = None
+            if produced + chunk < max_new_tokens:
+                pending = self._decode(self.state, carry, sampling_arrays, chunk)
             tokens_out, logprobs_out = np.asarray(tokens_out), np.asarray(logprobs_out)
             if routes_out is not None:
                 routes_out.append(np.asarray(routes))
@@ -171,6 +180,8 @@ class Generator:
                     token = int(tokens_out[row, step])
                     finished[row] = token in stop_tokens or produced == max_new_tokens
                     yield TokenEvent(row, token, float(logprobs_out[row, step]), bool(finished[row]))
+            if finished[:rows].all():
+                break  # a chunk already dispatched is dropped
 
     def generate(
         self,
