@@ -8,6 +8,7 @@ place, so host memory peaks near the size of the loaded model plus one tensor, n
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import jax
@@ -87,6 +88,8 @@ def load_source(source: TensorSource, dtype: str, experts: str, mesh: Mesh | Non
         path = tuple(key.key if hasattr(key, "key") else key.idx for key in path)
         sharding = _sharding(mesh, variable.axes, variable.shape, "/".join(map(str, path)))
         if path[0] != "groups":
+            if sharding is None and _nbytes(variable) > BIG_TENSOR_BYTES:
+                return variable.replace(_read_in_pieces(source, TOP_LEVEL[path], variable))
             return variable.replace(_place(source.read(TOP_LEVEL[path]), variable.dtype, sharding))
         # groups/layers/<position in pattern>/<module path>: slice g of the stack is layer g * P + position.
         position, inner = path[2], path[3:]
@@ -138,6 +141,27 @@ def _place(value: np.ndarray, dtype, sharding: NamedSharding | None) -> jax.Arra
     value = value if value.dtype == dtype else value.astype(dtype)
     return jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
 
+
+# Tensors bigger than this (the embedding and unembedding: 1.16 GB each at 20b) are read a block of rows at
+# a time into their place, so loading never holds one twice.
+BIG_TENSOR_BYTES = 256 * 2**20
+
+
+def _nbytes(variable: nnx.Variable) -> int:
+    return math.prod(variable.shape) * jnp.dtype(variable.dtype).itemsize
+
+
+def _read_in_pieces(source: TensorSource, name: str, variable: nnx.Variable) -> jax.Array:
+    rows = variable.shape[0]
+    step = max(1, rows * BIG_TENSOR_BYTES // (4 * _nbytes(variable)))  # pieces of a quarter of the threshold
+    out = jnp.zeros(variable.shape, variable.dtype)
+    for start in range(0, rows, step):
+        piece = source.read_rows(name, start, min(rows, start + step))
+        out = _set_rows(out, start, jnp.asarray(piece.astype(variable.dtype, copy=False)))
+    return out
+
+
+_set_rows = jax.jit(lambda whole, start, rows: jax.lax.dynamic_update_slice_in_dim(whole, rows, start, 0), donate_argnums=0)
 
 # Donating the stack lets XLA write the slice in place instead of copying the whole stack per layer.
 _set_slice = jax.jit(lambda stacked, index, value: stacked.at[index].set(value), donate_argnums=0)

@@ -109,6 +109,25 @@ class TensorSource:
     def _read_hub(self, name: str) -> np.ndarray:
         return self._read_stored(name)
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of the hub tensor `name`, so that a big one need not be in memory twice (as
+        read and as placed). Read from the file alone in the hub layout; the other layouts slice `read`."""
+        if self.layout != "hub":
+            return self.read(name)[start:stop]
+        shape, dtype = self._expected[name]
+        path = self._describe(name)
+        try:
+            with safe_open(str(path), framework="numpy") as handle:
+                piece = handle.get_slice(name)
+                if tuple(piece.get_shape()) != shape:
+                    raise CheckpointError(f"{path}: tensor {name!r} is {list(piece.get_shape())}, expected {list(shape)}")
+                rows = piece[start:stop]
+        except (SafetensorError, OSError, ValueError, TypeError) as bad:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({_first_line(bad)})") from None
+        if rows.dtype.name != dtype:
+            raise CheckpointError(f"{path}: tensor {name!r} is {rows.dtype.name}, expected {dtype}")
+        return rows
+
     def _describe(self, name: str) -> Path:
         if self.dense_experts and name.endswith(("_blocks", "_scales")):
             name = names.dense_expert_name(name.removesuffix("_scales") + "_blocks")

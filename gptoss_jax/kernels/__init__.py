@@ -14,6 +14,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import subprocess
 import tempfile
 import warnings
@@ -40,11 +41,21 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("GPTOSS_JAX_CACHE", Path.home() / ".cache" / "gptoss_jax"))
 
 
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line for line in info if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
 def _compile() -> Path:
     """The shared library for this source, compiler flags and jax version (built if missing)."""
     arch = os.environ.get("GPTOSS_JAX_KERNEL_ARCH", "native")  # e.g. x86-64-v3 to build the non-AVX-512 loops
     flags = ["-O3", f"-march={arch}", "-std=c++17", "-shared", "-fPIC"]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + jax.__version__.encode()).hexdigest()[:16]
+    # -march=native code is only valid on this kind of CPU: its feature flags are part of the key.
+    key_parts = [SOURCE.read_bytes(), " ".join(flags).encode(), jax.__version__.encode(), _cpu_features().encode()]
+    key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     library = _cache_dir() / f"cpu_kernels-{key}.so"
     if library.exists():
         return library
