@@ -5,8 +5,11 @@ padded to a power of two, prompts are right-padded to a power-of-two length, and
 a power of two covering prompt plus new tokens. Padding has position -1, so no real token attends to
 it and the cache never stores it; each row generates exactly what it would alone.
 
-Decoding runs in chunks of steps under one `lax.scan`; streaming uses chunks of one step. Rows that
-hit a stop token keep stepping (shapes are static) but their later tokens are discarded.
+Decoding runs one step per call (`stream(chunk=N)` scans N steps in one call), with the next call
+dispatched before the current one's tokens are read, so the host's work overlaps the device's. (On the
+CPU a scan of several steps was slower per step: XLA hoists and materialises loop-invariant views of
+the weights.) Rows that hit a stop token keep stepping (shapes are static) but their later tokens are
+discarded.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from gptoss_jax.sampling import SamplingParams, sample
 
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 128
-DECODE_CHUNK = 16
+DECODE_CHUNK = 1
 
 
 class GenerationError(GptOssError):

@@ -143,7 +143,9 @@ def _matmul(equation: str, x: jax.Array, w: jax.Array, dtype, layer: jax.Array |
     inputs, output = equation.split("->")
     lhs, rhs = inputs.split(",")
     rows = math.prod(size for label, size in zip(lhs, x.shape) if label not in rhs)
-    if rows <= kernels.MATVEC_MAX_ROWS and jnp.dtype(dtype) == jnp.bfloat16 and kernels.available():
+    # A layer of a stack goes to the kernel up to more rows: XLA would first copy it out and relayout it.
+    max_rows = kernels.MATVEC_MAX_ROWS if layer is None else kernels.MATVEC_MAX_STACKED_ROWS
+    if rows <= max_rows and jnp.dtype(dtype) == jnp.bfloat16 and kernels.available():
         contracted = "".join(label for label in lhs if label in rhs)
         free_x, free_w = lhs[: len(lhs) - len(contracted)], rhs[: len(rhs) - len(contracted)]
         contracts_trailing = lhs.endswith(contracted) and rhs.endswith(contracted)

@@ -33,8 +33,10 @@ TARGETS = {
     "gptoss_bf16_matvec": "GptossBf16Matvec",
     "gptoss_copy_layer": "GptossCopyLayer",
 }
-# Rows up to which a bf16 product runs in the matvec kernel rather than XLA's dot.
+# Rows up to which a bf16 product runs in the matvec kernel rather than XLA's dot (past 4 it is compute-bound)
 MATVEC_MAX_ROWS = 4
+# ... and for a weight that is one layer of a stack, which XLA's dot would first copy out and relayout.
+MATVEC_MAX_STACKED_ROWS = 16
 
 
 def _cache_dir() -> Path:

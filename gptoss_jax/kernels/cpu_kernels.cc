@@ -136,20 +136,30 @@ void ExpertRow(const uint8_t* blocks, const uint8_t* scales, int64_t groups, con
                const float* const* odd, float* out) {
   const AllTables& tables = Tables();
 #ifdef GPTOSS_AVX512
-  __m512 acc_low[kTokens], acc_high[kTokens];
-  for (int t = 0; t < kTokens; ++t) acc_low[t] = acc_high[t] = _mm512_setzero_ps();
+  // Four independent FMA chains a token (low and high nibbles of even and odd blocks): one chain would
+  // wait on the FMA latency every block.
+  __m512 acc[4][kTokens];
+  for (int c = 0; c < 4; ++c)
+    for (int t = 0; t < kTokens; ++t) acc[c][t] = _mm512_setzero_ps();
   const __m512i low_mask = _mm512_set1_epi32(0x0F);
-  for (int64_t g = 0; g < groups; ++g) {
+  auto block = [&](int64_t g, int chain) {
     __m512 table = BlockTableVector(tables, scales[g]);
     __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
     __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), table);
     __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
     for (int t = 0; t < kTokens; ++t) {
-      acc_low[t] = _mm512_fmadd_ps(low, _mm512_loadu_ps(even[t] + 16 * g), acc_low[t]);
-      acc_high[t] = _mm512_fmadd_ps(high, _mm512_loadu_ps(odd[t] + 16 * g), acc_high[t]);
+      acc[chain][t] = _mm512_fmadd_ps(low, _mm512_loadu_ps(even[t] + 16 * g), acc[chain][t]);
+      acc[chain + 1][t] = _mm512_fmadd_ps(high, _mm512_loadu_ps(odd[t] + 16 * g), acc[chain + 1][t]);
     }
+  };
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    block(g, 0);
+    block(g + 1, 2);
   }
-  for (int t = 0; t < kTokens; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc_low[t], acc_high[t]));
+  if (g < groups) block(g, 0);
+  for (int t = 0; t < kTokens; ++t)
+    out[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]), _mm512_add_ps(acc[2][t], acc[3][t])));
 #else
   float acc[kTokens] = {0};
   for (int64_t g = 0; g < groups; ++g) {
