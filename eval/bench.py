@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -120,22 +121,23 @@ def decode_step_bytes(model: GptOss, batch: int, position: int) -> int:
     return total
 
 
-# Decode timings keep the best of this many runs, for us and for the peer alike: this machine's speed
-# drifts (neighbours), and the best run is the one least disturbed.
+# Decode timings take the median of this many runs, for us and for the peer alike: this machine's speed
+# drifts (neighbours), and a decode rate is a difference of two timings, which a single disturbed run of
+# either would skew.
 DECODE_REPEATS = 3
 
 
-def time_generation(run, repeats: int = 2) -> tuple[float, float]:
-    """(first call seconds, best later call seconds)."""
+def time_generation(run, repeats: int = 2, summary=min) -> tuple[float, float]:
+    """(first call seconds, summary (default: best) of the later calls' seconds)."""
     start = time.perf_counter()
     run()
     first = time.perf_counter() - start
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
-        best = min(best, time.perf_counter() - start)
-    return first, best
+        times.append(time.perf_counter() - start)
+    return first, summary(times)
 
 
 def bench_ours(model: GptOss, args: argparse.Namespace, bandwidth: float) -> dict:
@@ -153,10 +155,10 @@ def bench_ours(model: GptOss, args: argparse.Namespace, bandwidth: float) -> dic
     for batch in args.batch or [1, 16]:
         prompts = [[(7 * row + i) % vocab for i in range(16)] for row in range(batch)]
         _, short = time_generation(
-            lambda: generator.generate(prompts, max_new_tokens=1, sampling=GREEDY), repeats=DECODE_REPEATS
+            lambda: generator.generate(prompts, max_new_tokens=1, sampling=GREEDY), repeats=DECODE_REPEATS, summary=statistics.median
         )
         long_first, long = time_generation(
-            lambda: generator.generate(prompts, max_new_tokens=args.new_tokens, sampling=GREEDY), repeats=DECODE_REPEATS
+            lambda: generator.generate(prompts, max_new_tokens=args.new_tokens, sampling=GREEDY), repeats=DECODE_REPEATS, summary=statistics.median
         )
         seconds_per_step = max(long - short, 1e-9) / (args.new_tokens - 1)
         step_bytes = decode_step_bytes(model, batch, 16 + args.new_tokens // 2)
@@ -192,8 +194,8 @@ def bench_transformers(checkpoint: Path, args: argparse.Namespace, vocab: int) -
     results["prefill"] = {"time_to_first_token_s": warm, "tokens_per_s": args.prompt_length / warm}
     for batch in args.batch or [1, 16]:
         prompts = [[(7 * row + i) % vocab for i in range(16)] for row in range(batch)]
-        _, short = time_generation(lambda: generate(prompts, 1), repeats=DECODE_REPEATS)
-        _, long = time_generation(lambda: generate(prompts, args.new_tokens), repeats=DECODE_REPEATS)
+        _, short = time_generation(lambda: generate(prompts, 1), repeats=DECODE_REPEATS, summary=statistics.median)
+        _, long = time_generation(lambda: generate(prompts, args.new_tokens), repeats=DECODE_REPEATS, summary=statistics.median)
         results[f"decode_batch_{batch}"] = {"tokens_per_s": batch * (args.new_tokens - 1) / max(long - short, 1e-9)}
     return results
 
