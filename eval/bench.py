@@ -9,7 +9,8 @@
 
 The roofline divides the bytes one decode step must read (attention and router weights, the chosen
 experts' packed bytes, the unembedding, the valid part of the KV cache) by a memory bandwidth measured
-here (a streaming reduction over 256 MiB), giving an upper bound on decode tokens/s.
+here (a streaming reduction over 256 MiB, probed before, between and after each decode measurement;
+the median is used), giving an upper bound on decode tokens/s.
 """
 
 from __future__ import annotations
@@ -154,19 +155,29 @@ def bench_ours(model: GptOss, args: argparse.Namespace, bandwidth: float) -> dic
     }
     for batch in args.batch or [1, 16]:
         prompts = [[(7 * row + i) % vocab for i in range(16)] for row in range(batch)]
+        # The bandwidth is probed around these timings too (this machine drifts): the roofline uses the
+        # median of the probes taken before, between and after them.
+        probes = [bandwidth, measure_bandwidth()]
         _, short = time_generation(
-            lambda: generator.generate(prompts, max_new_tokens=1, sampling=GREEDY), repeats=DECODE_REPEATS, summary=statistics.median
+            lambda: generator.generate(prompts, max_new_tokens=1, sampling=GREEDY),
+            repeats=DECODE_REPEATS,
+            summary=statistics.median,
         )
+        probes.append(measure_bandwidth())
         long_first, long = time_generation(
-            lambda: generator.generate(prompts, max_new_tokens=args.new_tokens, sampling=GREEDY), repeats=DECODE_REPEATS, summary=statistics.median
+            lambda: generator.generate(prompts, max_new_tokens=args.new_tokens, sampling=GREEDY),
+            repeats=DECODE_REPEATS,
+            summary=statistics.median,
         )
+        probes.append(measure_bandwidth())
         seconds_per_step = max(long - short, 1e-9) / (args.new_tokens - 1)
         step_bytes = decode_step_bytes(model, batch, 16 + args.new_tokens // 2)
-        roofline = batch * bandwidth / step_bytes
+        roofline = batch * statistics.median(probes) / step_bytes
         results[f"decode_batch_{batch}"] = {
             "compile_s": long_first - long,  # the prefill program was compiled by the short run
             "tokens_per_s": batch / seconds_per_step,
             "step_bytes": step_bytes,
+            "bandwidth_bytes_per_s": statistics.median(probes),
             "roofline_tokens_per_s": roofline,
             "roofline_fraction": (batch / seconds_per_step) / roofline,
         }
@@ -387,7 +398,8 @@ def table(report: dict) -> str:
         f"{report['device']}, {report['dtype']}: {model['layers']} layers, {model['experts']} experts, vocab "
         f"{model['vocab']}; resident {model['resident_bytes'] / 2**30:.2f} GiB; load {report['load_s']:.1f} s; "
         f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB; bandwidth {report['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
-        f"{'phase':<18}{'ours tok/s':>12}{'peer tok/s':>12}{'ratio':>8}{'roofline':>10}{'fraction':>10}{'compile s':>11}",
+        f"{'phase':<18}{'ours tok/s':>12}{'peer tok/s':>12}{'ratio':>8}{'roofline':>10}{'fraction':>10}"
+        f"{'at GB/s':>9}{'compile s':>11}",
     ]
     for phase, ours in report["ours"].items():
         peer = report.get("peer", {}).get(phase, {}).get("tokens_per_s")
@@ -395,7 +407,7 @@ def table(report: dict) -> str:
         lines.append(
             f"{phase:<18}{_cell(ours['tokens_per_s'], '.2f'):>12}{_cell(peer, '.2f'):>12}{_cell(ratio, '.2f'):>8}"
             f"{_cell(ours.get('roofline_tokens_per_s'), '.2f'):>10}{_cell(ours.get('roofline_fraction'), '.0%'):>10}"
-            f"{_cell(ours['compile_s'], '.1f'):>11}"
+            f"{_cell(ours.get('bandwidth_bytes_per_s', 0) / 1e9 or None, '.1f'):>9}{_cell(ours['compile_s'], '.1f'):>11}"
         )
     return "\n".join(lines)
 
