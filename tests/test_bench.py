@@ -25,7 +25,8 @@ def test_bench_beside_transformers_reports_both_and_their_ratio():
         assert ours > 0 and peer > 0
         assert abs(report["ratio_ours_over_peer"][phase] - ours / peer) < 1e-9
     decode = report["ours"]["decode_batch_1"]
-    assert decode["roofline_tokens_per_s"] == report["bandwidth_bytes_per_s"] / decode["step_bytes"]
+    assert decode["roofline_tokens_per_s"] == decode["bandwidth_bytes_per_s"] / decode["step_bytes"]
+    assert decode["bandwidth_bytes_per_s"] > 1e9  # the median of probes taken around the decode timings
     assert 0 < decode["roofline_fraction"] <= 1.5  # an upper bound, up to timing noise
     assert report["model"]["packed_expert_bytes"] > 0 and report["peak_rss_bytes"] > report["model"]["resident_bytes"]
 
