@@ -628,9 +628,17 @@ def expert_outputs(
     # The down projection's bias is added once, by the first slice of the intermediate dimension.
     bias2 = params["mlp2_bias"] * first_tensor_shard
     adapters = _ExpertAdapters(params, lora or {}, dtype)
-    path = expert_path(tokens.shape[0] * config.experts_per_token, config.num_experts, "blocks" in params["mlp1"])
+    path = expert_path(
+        tokens.shape[0] * config.experts_per_token,
+        config.num_experts,
+        packed="blocks" in params["mlp1"],
+        bf16=jnp.dtype(dtype) == jnp.bfloat16,
+        adapters=bool(lora),
+    )
     if path == "fused":
         out = _fused(tokens, jnp.where(held, local, local_count), weights, params, bias2, adapters, config, dtype)
+    elif path == "sorted":
+        out = _sorted(tokens, jnp.where(held, local, local_count), weights, params, bias2, config)
     elif path == "gathered":
         out = _gathered(tokens, local, weights, params, bias2, adapters, config, dtype)
     elif path == "tiled":
@@ -640,19 +648,26 @@ def expert_outputs(
     return jax.lax.psum(out, ("expert", "tensor")) if sharded else out
 
 
-def expert_path(pairs: int, num_experts: int, packed: bool = True) -> str:
+def expert_path(pairs: int, num_experts: int, packed: bool = True, bf16: bool = True, adapters: bool = False) -> str:
     """How the experts run for `pairs` (token, chosen expert) pairs: the one place that decides.
 
     fused: CPU with its kernels, MXFP4 weights, decode-sized batches; one kernel reads each chosen
       expert's packed bytes once and applies them to every token that chose it.
+    sorted: CPU with its kernels, MXFP4 weights, bf16, more pairs (prefill, training without expert
+      adapters). Pairs sorted by expert; one kernel call a projection decodes each expert's weights a
+      cache-sized panel at a time and multiplies all of that expert's rows by it: no padding.
     gathered: few pairs elsewhere; each pair decodes its expert's weights.
-    tiled: CPU, more pairs. Pairs sorted by expert in tiles of one expert each; a tile decodes its expert's
-      weights and runs the whole expert MLP. (XLA's CPU ragged_dot computes every group against every row.)
+    tiled: CPU otherwise (float32, expert adapters, no kernels). Pairs sorted by expert in tiles of one
+      expert each; a tile decodes its expert's weights and runs the whole expert MLP. (XLA's CPU
+      ragged_dot computes every group against every row.)
     grouped: other backends. jax.lax.ragged_dot over all experts' decoded weights.
     """
     cpu = jax.default_backend() == "cpu"
-    if cpu and packed and pairs <= FUSED_MAX_PAIRS_PER_EXPERT * num_experts and kernels.available():
+    with_kernels = cpu and packed and kernels.available()
+    if with_kernels and pairs <= FUSED_MAX_PAIRS_PER_EXPERT * num_experts:
         return "fused"
+    if with_kernels and bf16 and not adapters:
+        return "sorted"
     if pairs <= num_experts:
         return "gathered"
     return "tiled" if cpu else "grouped"
@@ -737,6 +752,28 @@ def _fused(tokens, experts, weights, params, bias2, adapters, config, dtype) -> 
     y = y.reshape(*h.shape[:2], -1) + adapters.gathered("mlp2", "nki,nkri->nkr", h, index)
     y = y + bias2[index].astype(jnp.float32)
     return jnp.einsum("nkd,nk->nd", y, jnp.where(held, weights, 0.0))
+
+
+def _sorted(tokens, experts, weights, params, bias2, config) -> jax.Array:
+    """Many pairs on CPU in bf16: each projection is one grouped kernel call over rows sorted by expert.
+
+    experts holds local expert ids, or local_count for pairs held elsewhere: those sort last, fall in no
+    group (the kernel gives them zeros) and have weight 0.
+    """
+    k = config.experts_per_token
+    local_count = params["mlp1_bias"].shape[0]
+    flat_experts = experts.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    token_of = order // k
+    sorted_experts = jnp.minimum(flat_experts[order], local_count - 1)
+    sizes = jnp.bincount(flat_experts, length=local_count + 1)[:local_count]
+    layer = params.get("layer")
+    mlp1, mlp2 = params["mlp1"], params["mlp2"]
+    h = kernels.mxfp4_grouped_matmul(tokens[token_of].astype(jnp.bfloat16), sizes, mlp1["blocks"], mlp1["scales"], layer)
+    h = _swiglu(h + params["mlp1_bias"][sorted_experts].astype(jnp.float32), config)
+    y = kernels.mxfp4_grouped_matmul(h.astype(jnp.bfloat16), sizes, mlp2["blocks"], mlp2["scales"], layer)
+    y = (y + bias2[sorted_experts].astype(jnp.float32)) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((tokens.shape[0], tokens.shape[1]), jnp.float32).at[token_of].add(y)
 
 
 def _tile_rows(pairs: int, num_experts: int) -> int:

@@ -79,6 +79,34 @@ def test_expert_matvec_gradient_is_the_transposed_product():
     np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_out, width", [(130, 96), (64, 2880 // 10)])
+def test_grouped_matmul_and_its_gradient_match_float64_products(n_out, width):
+    # Rows sorted by expert; expert 1 owns no rows, 13 rows (more than two tiles of 6) go to expert 3, and
+    # the last 2 rows belong to no expert (held elsewhere): zeros. 130 outputs: a panel of 64 is partial.
+    rng = np.random.default_rng(n_out)
+    sizes = np.array([4, 0, 5, 13, 1], np.int32)
+    rows = int(sizes.sum()) + 2
+    blocks, scales = _packed(rng, (2, len(sizes), n_out, width // 32), (118, 126))
+    x = jnp.asarray(rng.standard_normal((rows, width)), jnp.bfloat16)
+    cotangent = jnp.asarray(rng.standard_normal((rows, n_out)), jnp.float32)
+    run = jax.jit(lambda x: jax.vjp(lambda x: kernels.mxfp4_grouped_matmul(x, jnp.asarray(sizes), blocks, scales, jnp.int32(1)), x))
+    ours, pullback = run(x)
+    (grad,) = pullback(cotangent)
+    weights = _dense(blocks[1], scales[1])  # [E, N, K]
+    expert_of_row = np.repeat(np.arange(len(sizes)), sizes)
+    x64 = np.asarray(x, np.float64)
+    expected = np.zeros((rows, n_out))
+    expected[: len(expert_of_row)] = np.einsum("pk,pnk->pn", x64[: len(expert_of_row)], weights[expert_of_row])
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    # The gradient multiplies the bf16-rounded cotangent by the transposed weights, rounded to x's bf16.
+    g64 = np.asarray(cotangent.astype(jnp.bfloat16), np.float64)
+    expected_grad = np.zeros((rows, width))
+    expected_grad[: len(expert_of_row)] = np.einsum("pn,pnk->pk", g64[: len(expert_of_row)], weights[expert_of_row])
+    assert grad.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(grad, np.float64), expected_grad, rtol=1 / 128, atol=1e-5 * np.abs(expected_grad).max())
+    assert not np.asarray(ours)[-2:].any() and not np.asarray(grad, np.float64)[-2:].any()
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 9])
 def test_bf16_matvec_matches_float64_products(rows):
     rng = np.random.default_rng(rows)
@@ -115,6 +143,15 @@ def test_portable_loops_without_avx512_compute_the_same(tmp_path):
         v = jnp.asarray(rng.standard_normal((3, 40)), jnp.bfloat16)
         expected = v.astype(jnp.float32) @ w[1].astype(jnp.float32).T
         assert float(jnp.abs(kernels.bf16_matvec(v, w, jnp.int32(1)) - expected).max()) < 1e-5 * float(jnp.abs(expected).max())
+        x = jnp.asarray(rng.standard_normal((7, 128)), jnp.bfloat16)
+        sizes = jnp.asarray([2, 0, 4], jnp.int32)
+        ours = kernels.mxfp4_grouped_matmul(x, sizes, blocks, scales, jnp.int32(1))
+        expected = jnp.einsum("pk,pnk->pn", x[:6].astype(jnp.float32), weights[jnp.asarray([0, 0, 2, 2, 2, 2])])
+        assert float(jnp.abs(ours[:6] - expected).max()) < 1e-5 * float(jnp.abs(expected).max()) and not ours[6].any()
+        g = jnp.asarray(rng.standard_normal((7, 8)), jnp.bfloat16)
+        grad = jax.vjp(lambda x: kernels.mxfp4_grouped_matmul(x, sizes, blocks, scales, jnp.int32(1)), x)[1](g.astype(jnp.float32))[0]
+        expected = jnp.einsum("pn,pnk->pk", g[:6].astype(jnp.float32), weights[jnp.asarray([0, 0, 2, 2, 2, 2])])
+        assert float(jnp.abs(grad[:6].astype(jnp.float32) - expected).max()) < 1e-2 * float(jnp.abs(expected).max())
         print("portable kernels ok")
         """
     )
@@ -132,3 +169,31 @@ def test_decoding_with_and_without_kernels_gives_the_same_logits(hub_checkpoint,
     without = np.asarray(jax.jit(lambda t: model(t[:, -1:], jnp.array([[3]]), None))(tokens))
     assert relative_error(with_kernels, without) <= 1e-2
     assert gptoss_jax.model.expert_path(4, 32) == "gathered"  # the switch really turned them off
+
+
+def test_sorted_expert_path_gives_the_tiled_paths_values_and_gradients(hub_checkpoint, long_tokens, monkeypatch):
+    # bf16 prompts and training without expert adapters run the grouped kernel (its gradient is the same
+    # kernel, transposed); the tiled path is the XLA formulation of the same products.
+    from flax import nnx
+
+    model = gptoss_jax.load(hub_checkpoint, dtype="bfloat16")
+    assert gptoss_jax.model.expert_path(long_tokens.size * model.config.experts_per_token, model.config.num_experts) == "sorted"
+    cotangent = jnp.asarray(np.random.default_rng(0).standard_normal((*long_tokens.shape, model.config.hidden_size)), jnp.float32)
+
+    def values_and_gradients():
+        def loss(model):
+            hidden, _ = model.hidden(long_tokens)
+            return (hidden * cotangent).sum(), hidden
+
+        (_, hidden), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        return np.asarray(hidden), {path: np.asarray(leaf.get_value(), np.float32) for path, leaf in nnx.to_flat_state(grads)}
+
+    sorted_hidden, sorted_grads = values_and_gradients()
+    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args, **kwargs: "tiled")
+    tiled_hidden, tiled_grads = values_and_gradients()
+    assert relative_error(sorted_hidden, tiled_hidden) <= 1e-2
+    names = [path for path in tiled_grads if any(part in ("mlp1_bias", "router", "embed", "q_proj") for part in path)]
+    assert len(names) >= 4
+    for path in names:
+        assert np.abs(tiled_grads[path]).max() > 0, path
+        assert relative_error(sorted_grads[path], tiled_grads[path]) <= 3e-2, path

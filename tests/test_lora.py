@@ -53,7 +53,7 @@ def test_fresh_adapters_leave_logits_unchanged_exactly(hub_checkpoint, long_toke
 
 @pytest.mark.parametrize("length, path", [(1, "gathered"), (72, "tiled"), (72, "grouped")])
 def test_adapters_apply_the_merged_update(hub_checkpoint, long_tokens, length, path, monkeypatch):
-    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args: path)
+    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args, **kwargs: path)
     model = add_lora(gptoss_jax.load(hub_checkpoint, dtype="float32", experts="bfloat16"), ALL)
     _randomize_adapters(model)
     base = gptoss_jax.load(hub_checkpoint, dtype="float32", experts="bfloat16")

@@ -60,7 +60,7 @@ def test_each_few_token_expert_path_matches_transformers(hub_checkpoint, tiny_co
     # Decoding: the CPU kernel reading the chosen experts' packed bytes, or XLA decoding just those experts.
     tokens = np.array([[5, 300, 17]], dtype=np.int32)
     assert gptoss_jax.model.expert_path(tokens.size * tiny_config.experts_per_token, tiny_config.num_experts) == "fused"
-    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args: path)
+    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args, **kwargs: path)
     ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="float32")(tokens))
     assert relative_error(ours, transformers_logits(hub_checkpoint, tokens, torch.float32)) <= 1e-4
 
@@ -68,7 +68,7 @@ def test_each_few_token_expert_path_matches_transformers(hub_checkpoint, tiny_co
 @pytest.mark.parametrize("path", ["tiled", "grouped"])
 def test_each_many_token_expert_path_matches_transformers(hub_checkpoint, long_tokens, reference_fp32, path, monkeypatch):
     # CPU runs the tiled path; GPU and TPU the grouped ragged_dot one: check both here.
-    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args: path)
+    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args, **kwargs: path)
     ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="float32")(long_tokens))
     assert relative_error(ours, reference_fp32) <= 1e-4
 
@@ -88,7 +88,10 @@ def test_bfloat16_experts_decoded_at_load_give_the_packed_models_logits(hub_chec
     np.testing.assert_allclose(np.asarray(dense(long_tokens)), np.asarray(packed(long_tokens)), rtol=0, atol=1e-5)
 
 
-def test_bfloat16_path_is_as_accurate_as_transformers_in_bfloat16(hub_checkpoint, long_tokens, reference_fp32):
+@pytest.mark.parametrize("path", ["sorted", "tiled"])
+def test_bfloat16_path_is_as_accurate_as_transformers_in_bfloat16(hub_checkpoint, long_tokens, reference_fp32, path, monkeypatch):
+    # bf16 prompts on CPU run the sorted kernel path; the tiled one is what expert adapters use.
+    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args, **kwargs: path)
     ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="bfloat16")(long_tokens))
     peer = transformers_logits(hub_checkpoint, long_tokens, torch.bfloat16)
     our_error = np.abs(ours - reference_fp32).mean()

@@ -31,6 +31,7 @@ TARGETS = {
     "gptoss_mxfp4_dequantize_bf16": "GptossMxfp4DequantizeBf16",
     "gptoss_mxfp4_dequantize_f32": "GptossMxfp4DequantizeF32",
     "gptoss_bf16_matvec": "GptossBf16Matvec",
+    "gptoss_mxfp4_grouped_matmul": "GptossMxfp4GroupedMatmul",
     "gptoss_copy_layer": "GptossCopyLayer",
 }
 # Rows up to which a bf16 product runs in the matvec kernel rather than XLA's dot (past 4 it is compute-bound)
@@ -169,6 +170,42 @@ def _expert_matvec_backward(saved, g):
 
 
 mxfp4_expert_matvec.defvjp(_expert_matvec_forward, _expert_matvec_backward)
+
+
+def mxfp4_grouped_matmul(x, sizes, blocks, scales, layer=None):
+    """out [P, N] float32: row p of x [P, K] (bf16) against its expert's MXFP4 weights [N, K].
+
+    Rows are sorted by expert: expert e owns the next sizes[e] rows; rows past sum(sizes) get zeros.
+    Each expert's weights are decoded once, a cache-sized panel at a time, for all of its rows.
+    Differentiable in x (the same kernel, transposed).
+    """
+    layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    return _grouped_matmul(x.astype(jnp.bfloat16), sizes.astype(jnp.int32), blocks, scales, layer)
+
+
+def _grouped_call(x, sizes, blocks, scales, layer, transpose: bool):
+    columns = blocks.shape[-2] * mxfp4.BLOCK_SIZE if transpose else blocks.shape[-3]
+    out = jax.ShapeDtypeStruct((x.shape[0], columns), jnp.float32)
+    target = jax.ffi.ffi_call("gptoss_mxfp4_grouped_matmul", out, vmap_method="sequential")
+    return target(x, sizes, blocks, scales, layer, transpose=transpose)
+
+
+@jax.custom_vjp
+def _grouped_matmul(x, sizes, blocks, scales, layer):
+    return _grouped_call(x, sizes, blocks, scales, layer, transpose=False)
+
+
+def _grouped_matmul_forward(x, sizes, blocks, scales, layer):
+    return _grouped_matmul(x, sizes, blocks, scales, layer), (sizes, blocks, scales, layer)
+
+
+def _grouped_matmul_backward(saved, g):
+    sizes, blocks, scales, layer = saved
+    dx = _grouped_call(g.astype(jnp.bfloat16), sizes, blocks, scales, layer, transpose=True)
+    return dx.astype(jnp.bfloat16), None, None, None, None
+
+
+_grouped_matmul.defvjp(_grouped_matmul_forward, _grouped_matmul_backward)
 
 
 def mxfp4_dequantize(blocks, scales, expert, dtype, layer=None):

@@ -255,9 +255,48 @@ ffi::Error Mxfp4ExpertMatvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> expe
   return ffi::Error::Success();
 }
 
-// Dequantize expert `index` into out [N, K] as float32 bits (kBf16: their top halves, which is exact:
-// fp4 values times a power of two have at most 2 significant bits, and even the smallest, 2**-128, sits
-// in the top half).
+// Decodes blocks [begin, end) of packed rows (16 bytes and one scale each) into out, 32 values a
+// block, as float32 bits (kBf16: their top halves, which is exact: fp4 values times a power of two have
+// at most 2 significant bits, and even the smallest, 2**-128, sits in the top half).
+template <bool kBf16>
+void DecodeBlocks(const uint8_t* b, const uint8_t* s, int64_t begin, int64_t end, void* out) {
+  uint16_t* out16 = static_cast<uint16_t*>(out);
+  int32_t* out32 = static_cast<int32_t*>(out);
+  const AllTables& tables = Tables();
+#ifdef GPTOSS_AVX512
+  const __m512i low_mask = _mm512_set1_epi32(0x0F);
+  // Interleave low (even elements) and high (odd elements) lanes: l0 h0 l1 h1 ... (index 16+ = high).
+  const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t g = begin; g < end; ++g) {
+    __m512i table = _mm512_castps_si512(BlockTableVector(tables, s[g]));
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * g)));
+    __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, low_mask), table);
+    __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);
+    __m512i v0 = _mm512_permutex2var_epi32(low, first_half, high);
+    __m512i v1 = _mm512_permutex2var_epi32(low, second_half, high);
+    if constexpr (kBf16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + 32 * g), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v0, 16)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + 32 * g + 16), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v1, 16)));
+    } else {
+      _mm512_storeu_si512(out32 + 32 * g, v0);
+      _mm512_storeu_si512(out32 + 32 * g + 16, v1);
+    }
+  }
+#else
+  for (int64_t g = begin; g < end; ++g) {
+    const int32_t* table = tables.bits[s[g]];
+    for (int j = 0; j < 32; ++j) {
+      uint8_t byte = b[16 * g + j / 2];
+      int32_t bits = table[j % 2 ? byte >> 4 : byte & 0x0F];
+      if constexpr (kBf16) out16[32 * g + j] = static_cast<uint16_t>(static_cast<uint32_t>(bits) >> 16);
+      else out32[32 * g + j] = bits;
+    }
+  }
+#endif
+}
+
+// Dequantize expert `index` into out [N, K] (bf16 or float32, exactly).
 template <bool kBf16>
 ffi::Error Dequantize(ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> index,
                       int64_t out_elements, void* out, ffi::ThreadPool& pool) {
@@ -271,42 +310,7 @@ ffi::Error Dequantize(ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales, 
   const int64_t offset = (stack * shape.num_experts + expert) * n_out * groups;
   const uint8_t* b = blocks.typed_data() + offset * 16;
   const uint8_t* s = scales.typed_data() + offset;
-  uint16_t* out16 = static_cast<uint16_t*>(out);
-  int32_t* out32 = static_cast<int32_t*>(out);
-  const AllTables& tables = Tables();
-  ParallelFor(pool, n_out * groups, 1024, [&](int64_t begin, int64_t end) {
-#ifdef GPTOSS_AVX512
-    const __m512i low_mask = _mm512_set1_epi32(0x0F);
-    // Interleave low (even elements) and high (odd elements) lanes: l0 h0 l1 h1 ... (index 16+ = high).
-    const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    for (int64_t g = begin; g < end; ++g) {
-      __m512i table = _mm512_castps_si512(BlockTableVector(tables, s[g]));
-      __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * g)));
-      __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, low_mask), table);
-      __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);
-      __m512i v0 = _mm512_permutex2var_epi32(low, first_half, high);
-      __m512i v1 = _mm512_permutex2var_epi32(low, second_half, high);
-      if constexpr (kBf16) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + 32 * g), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v0, 16)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + 32 * g + 16), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v1, 16)));
-      } else {
-        _mm512_storeu_si512(out32 + 32 * g, v0);
-        _mm512_storeu_si512(out32 + 32 * g + 16, v1);
-      }
-    }
-#else
-    for (int64_t g = begin; g < end; ++g) {
-      const int32_t* table = tables.bits[s[g]];
-      for (int j = 0; j < 32; ++j) {
-        uint8_t byte = b[16 * g + j / 2];
-        int32_t bits = table[j % 2 ? byte >> 4 : byte & 0x0F];
-        if constexpr (kBf16) out16[32 * g + j] = static_cast<uint16_t>(static_cast<uint32_t>(bits) >> 16);
-        else out32[32 * g + j] = bits;
-      }
-    }
-#endif
-  });
+  ParallelFor(pool, n_out * groups, 1024, [&](int64_t begin, int64_t end) { DecodeBlocks<kBf16>(b, s, begin, end, out); });
   return ffi::Error::Success();
 }
 
@@ -401,6 +405,230 @@ ffi::Error Bf16Matvec(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::B
   return ffi::Error::Success();
 }
 
+// Grouped matmul of rows sorted by expert against their experts' MXFP4 weights w_e [N, K]:
+//   forward:    out[p, n] = sum_k x[p, k] * w_e[n, k]   (x [P, K], out [P, N])
+//   transposed: out[p, k] = sum_n x[p, n] * w_e[n, k]   (x [P, N], out [P, K]; the input gradient)
+// Expert e owns the next sizes[e] rows; rows past them get zeros. A work item decodes a panel of one
+// expert's weights for kPanel output columns into a bf16 buffer that stays in cache, and applies it to
+// every row of that expert: no padding, and each weight is decoded once a call.
+constexpr int kPanel = 64;
+
+#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
+// Panels are stored pair-major: panel[j][c] is the 32-bit pair (w[c, 2j], w[c, 2j+1]) of output column
+// c as two bf16 (for the transposed product, (w[2j, c], w[2j+1, c])), so one 64-byte load holds one pair
+// of 16 columns, and vdpbf16ps multiplies it by a broadcast pair of x: the usual GEMM register tile, no
+// horizontal sums.
+
+// One packed block (16 bytes, one scale) as its 32 values' float32 bits, in element order: lo, hi.
+inline void DecodeBlockBits(const AllTables& tables, const uint8_t* bytes16, uint8_t scale, __m512i* lo, __m512i* hi) {
+  const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  __m512i table = _mm512_castps_si512(BlockTableVector(tables, scale));
+  __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16)));
+  __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)), table);
+  __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);
+  *lo = _mm512_permutex2var_epi32(low, first_half, high);
+  *hi = _mm512_permutex2var_epi32(low, second_half, high);
+}
+
+// Two float32-bit vectors as bf16 pairs: lane i = (bf16 of first[i]) | (bf16 of second[i]) << 16.
+inline __m512i PairBf16(__m512i first, __m512i second) {
+  return _mm512_ternarylogic_epi32(_mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u)), second,
+                                   _mm512_srli_epi32(first, 16), 0xEA);  // (a & b) | c
+}
+
+// Forward panel: output columns are weight rows n0.. (columns of them real, the rest zero); pairs run
+// along k. Each weight row's block holds 16 pairs of one column: 16 rows are transposed 16 x 16.
+void DecodeRowsPanel(const uint8_t* b, const uint8_t* s, int64_t groups, int64_t columns, uint32_t* panel) {
+  const AllTables& tables = Tables();
+  const __m512i low_mask = _mm512_set1_epi32(0x0F);
+  for (int64_t c0 = 0; c0 < kPanel; c0 += 16) {
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i rows[16], t[16];
+      for (int r = 0; r < 16; ++r) {
+        const int64_t block = (c0 + r) * groups + g;
+        if (c0 + r >= columns) {
+          rows[r] = _mm512_setzero_si512();
+          continue;
+        }
+        __m512i table = _mm512_castps_si512(BlockTableVector(tables, s[block]));
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * block)));
+        __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, low_mask), table);  // elements 2j
+        __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);      // elements 2j+1
+        rows[r] = PairBf16(low, high);  // lane j: the pair (2j, 2j+1) of this row's block
+      }
+      for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4)
+        for (int j = 0; j < 2; ++j) {
+          rows[i + j] = _mm512_unpacklo_epi64(t[i + j], t[i + 2 + j]);
+          rows[i + 2 + j] = _mm512_unpackhi_epi64(t[i + j], t[i + 2 + j]);
+        }
+      for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; ++j) {
+          t[i + j] = _mm512_shuffle_i32x4(rows[i + j], rows[i + 4 + j], 0x88);
+          t[i + 4 + j] = _mm512_shuffle_i32x4(rows[i + j], rows[i + 4 + j], 0xDD);
+        }
+      // After the three rounds vector q holds pair kPairOf[q] of the 16 rows.
+      static const int kPairOf[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+      for (int j = 0; j < 8; ++j) {
+        _mm512_store_si512(panel + (16 * g + kPairOf[j]) * kPanel + c0, _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88));
+        _mm512_store_si512(panel + (16 * g + kPairOf[j + 8]) * kPanel + c0, _mm512_shuffle_i32x4(t[j], t[j + 8], 0xDD));
+      }
+    }
+  }
+}
+
+// Transposed panel: output columns are k = 32 * g0 ... (two blocks of every weight row); pairs run
+// along n, so two weight rows' decoded blocks interleave lane by lane (no transpose).
+void DecodeColumnsPanel(const uint8_t* b, const uint8_t* s, int64_t groups, int64_t g0, int64_t n_out, uint32_t* panel) {
+  const AllTables& tables = Tables();
+  const int64_t blocks_here = std::min<int64_t>(2, groups - g0);
+  for (int64_t j = 0; j < n_out / 2; ++j) {
+    uint32_t* to = panel + j * kPanel;
+    for (int64_t q = 0; q < 2; ++q) {
+      if (q >= blocks_here) {
+        _mm512_store_si512(to + 32 * q, _mm512_setzero_si512());
+        _mm512_store_si512(to + 32 * q + 16, _mm512_setzero_si512());
+        continue;
+      }
+      __m512i lo0, hi0, lo1, hi1;
+      const int64_t first = 2 * j * groups + g0 + q, second = first + groups;
+      DecodeBlockBits(tables, b + 16 * first, s[first], &lo0, &hi0);
+      DecodeBlockBits(tables, b + 16 * second, s[second], &lo1, &hi1);
+      _mm512_store_si512(to + 32 * q, PairBf16(lo0, lo1));
+      _mm512_store_si512(to + 32 * q + 16, PairBf16(hi0, hi1));
+    }
+  }
+}
+
+// kRows rows of x (row stride x_stride bf16) against pairs [first_pair, end_pair) of the panel, added to
+// out (or written, for the first slice); columns past `columns` are not stored.
+template <int kRows>
+void PanelTile(const uint16_t* x, int64_t x_stride, const uint32_t* panel, int64_t first_pair, int64_t end_pair,
+               float* out, int64_t out_stride, int64_t columns) {
+  __mmask16 masks[4];  // masked, not branched: the accumulators stay in registers
+  for (int c = 0; c < 4; ++c) masks[c] = static_cast<__mmask16>((1u << std::clamp<int64_t>(columns - 16 * c, 0, 16)) - 1);
+  __m512 acc[kRows][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c)
+      acc[r][c] = first_pair == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[c], out + r * out_stride + 16 * c);
+  for (int64_t j = first_pair; j < end_pair; ++j) {
+    const uint32_t* p = panel + j * kPanel;
+    __m512bh w0 = (__m512bh)_mm512_load_si512(p), w1 = (__m512bh)_mm512_load_si512(p + 16);
+    __m512bh w2 = (__m512bh)_mm512_load_si512(p + 32), w3 = (__m512bh)_mm512_load_si512(p + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * x_stride + 2 * j, 4);
+      __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, w2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, w3);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out + r * out_stride + 16 * c, masks[c], acc[r][c]);
+}
+constexpr int kTileRows = 6;     // 6 rows x 64 columns: 24 accumulators
+constexpr int kSlicePairs = 128;  // 32 KiB of panel: stays in L1 while every row of the expert passes it
+#endif
+
+ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::U8> all_blocks,
+                              ffi::Buffer<ffi::U8> all_scales, ffi::Buffer<ffi::S32> layer,
+                              ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool, bool transpose) {
+  auto xd = x.dimensions();
+  PackedShape shape;
+  const char* usage = "gptoss_mxfp4_grouped_matmul: x [P, K] (transposed: [P, N], N even), sizes [E], blocks [..., E, N, K/32, 16]";
+  if (xd.size() != 2 || !ReadPackedShape(all_blocks, all_scales, &shape) ||
+      static_cast<int64_t>(sizes.element_count()) != shape.num_experts)
+    return ffi::Error::InvalidArgument(usage);
+  const int64_t rows = xd[0], n_out = shape.n_out, groups = shape.groups, k_in = groups * 32;
+  if (xd[1] != (transpose ? n_out : k_in) || (transpose && n_out % 2)) return ffi::Error::InvalidArgument(usage);
+  const int64_t width = xd[1], columns_total = transpose ? k_in : n_out;
+  const int64_t stack = std::clamp<int64_t>(layer.typed_data()[0], 0, shape.stacks - 1);
+  const uint8_t* blocks_data = all_blocks.typed_data() + stack * shape.num_experts * n_out * groups * 16;
+  const uint8_t* scales_data = all_scales.typed_data() + stack * shape.num_experts * n_out * groups;
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  float* result = out->typed_data();
+
+  struct Item { int64_t expert, first_row, row_count, first_column; };
+  std::vector<Item> items;
+  int64_t start = 0;
+  for (int64_t e = 0; e < shape.num_experts; ++e) {
+    const int64_t count = std::clamp<int64_t>(sizes.typed_data()[e], 0, rows - start);
+    for (int64_t c = 0; count > 0 && c < columns_total; c += kPanel) items.push_back({e, start, count, c});
+    start += count;
+  }
+  std::fill(result + start * columns_total, result + rows * columns_total, 0.0f);
+
+  ParallelFor(pool, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
+    struct alignas(64) Line { uint32_t v[16]; };
+    std::vector<Line> storage(width / 2 * kPanel / 16);
+    uint32_t* panel = storage.front().v;
+    for (int64_t i = begin; i < end; ++i) {
+      const Item& item = items[i];
+      const int64_t columns = std::min<int64_t>(kPanel, columns_total - item.first_column);
+      const int64_t expert_block = item.expert * n_out * groups;
+      if (transpose)
+        DecodeColumnsPanel(blocks_data + 16 * expert_block, scales_data + expert_block, groups, item.first_column / 32,
+                           n_out, panel);
+      else
+        DecodeRowsPanel(blocks_data + 16 * (expert_block + item.first_column * groups),
+                        scales_data + expert_block + item.first_column * groups, groups, columns, panel);
+      for (int64_t first_pair = 0; first_pair < width / 2; first_pair += kSlicePairs) {
+        const int64_t end_pair = std::min<int64_t>(width / 2, first_pair + kSlicePairs);
+        for (int64_t r0 = 0; r0 < item.row_count; r0 += kTileRows) {
+          const int count = static_cast<int>(std::min<int64_t>(kTileRows, item.row_count - r0));
+          float* to = result + (item.first_row + r0) * columns_total + item.first_column;
+          WithCount(count, [&](auto kRows) {
+            if constexpr (kRows() <= kTileRows)
+              PanelTile<kRows()>(xs + (item.first_row + r0) * width, width, panel, first_pair, end_pair, to,
+                                 columns_total, columns);
+          });
+        }
+      }
+    }
+#else
+    // Portable: decode the expert's whole weight matrix as float32 and multiply row by row.
+    std::vector<float> w;
+    int64_t decoded = -1;
+    for (int64_t i = begin; i < end; ++i) {
+      const Item& item = items[i];
+      if (item.expert != decoded) {
+        w.resize(n_out * k_in);
+        const int64_t expert_block = item.expert * n_out * groups;
+        DecodeBlocks<false>(blocks_data + 16 * expert_block, scales_data + expert_block, 0, n_out * groups, w.data());
+        decoded = item.expert;
+      }
+      const int64_t columns = std::min<int64_t>(kPanel, columns_total - item.first_column);
+      for (int64_t r = 0; r < item.row_count; ++r) {
+        const uint16_t* xr = xs + (item.first_row + r) * width;
+        float* to = result + (item.first_row + r) * columns_total + item.first_column;
+        for (int64_t c = 0; c < columns; ++c) {
+          const int64_t column = item.first_column + c;
+          float sum = 0.0f;
+          for (int64_t j = 0; j < width; ++j) {
+            const float weight = transpose ? w[j * k_in + column] : w[column * k_in + j];
+            sum += BitsToFloat(static_cast<int32_t>(xr[j]) << 16) * weight;
+          }
+          to[c] = sum;
+        }
+      }
+    }
+#endif
+  });
+  return ffi::Error::Success();
+}
+
 // out = stack[layer] for a stack [L, ...] of any element type: one layer's weights for XLA's own matmuls.
 // (Sliced by XLA inside the layer scan, a bf16 stack is first converted to float32 whole, every call.)
 ffi::Error CopyLayer(ffi::AnyBuffer stack, ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out,
@@ -451,6 +679,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Matvec, Bf16Matvec,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ctx<ffi::ThreadPool>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4GroupedMatmul, Mxfp4GroupedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<bool>("transpose"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossCopyLayer, CopyLayer,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
