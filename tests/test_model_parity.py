@@ -73,11 +73,15 @@ def test_each_many_token_expert_path_matches_transformers(hub_checkpoint, long_t
     assert relative_error(ours, reference_fp32) <= 1e-4
 
 
-@pytest.mark.parametrize("block", [8, 16, 32])
-def test_blockwise_attention_of_long_sequences_matches_transformers(hub_checkpoint, long_tokens, reference_fp32, block, monkeypatch):
+@pytest.mark.parametrize("block, key_block", [(8, 16), (16, 8), (32, 24)])
+def test_blockwise_attention_of_long_sequences_matches_transformers(
+    hub_checkpoint, long_tokens, reference_fp32, block, key_block, monkeypatch
+):
     # Sequences longer than ATTENTION_BLOCK attend a block of queries at a time; with the tiny model's
-    # window of 16, blocks of 8, 16 and 32 cover reaches of two, one and a partial block.
+    # window of 16, blocks of 8, 16 and 32 cover reaches of two, one and a partial block. Full layers walk
+    # the keys KEY_BLOCK at a time: smaller, larger and not a multiple of the query block.
     monkeypatch.setattr(gptoss_jax.model, "ATTENTION_BLOCK", block)
+    monkeypatch.setattr(gptoss_jax.model, "KEY_BLOCK", key_block)
     ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="float32")(long_tokens))
     assert relative_error(ours, reference_fp32) <= 1e-4
 
