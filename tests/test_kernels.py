@@ -49,16 +49,18 @@ def test_dequantize_is_bit_exact_for_every_scale_and_picks_the_layer_and_expert(
     np.testing.assert_array_equal(np.asarray(ours).view(bits), np.asarray(expected).view(bits))
 
 
-def test_expert_matvec_matches_float64_products():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_expert_matvec_matches_float64_products(dtype):
+    # float32 rows: exact products; bf16 rows (the bf16 model's decoding): products of bf16 pairs.
     rng = np.random.default_rng(1)
     layers, experts, n_out, width, tokens, k = 2, 5, 24, 96, 11, 3
     blocks, scales = _packed(rng, (layers, experts, n_out, width // 32), (118, 124))
-    x = rng.standard_normal((tokens, width)).astype(np.float32)
+    x = np.asarray(jnp.asarray(rng.standard_normal((tokens, width)), dtype), np.float32)
     # Expert 4 is chosen by 10 tokens (more than one run of 8), -1 and 5 name experts held elsewhere.
     chosen = rng.integers(0, experts, (tokens, k)).astype(np.int32)
     chosen[:10, 0] = 4
     chosen[0, 1], chosen[1, 2] = -1, experts
-    ours = np.asarray(jax.jit(kernels.mxfp4_expert_matvec)(jnp.asarray(x), jnp.asarray(chosen), blocks, scales, jnp.int32(1)))
+    ours = np.asarray(jax.jit(kernels.mxfp4_expert_matvec)(jnp.asarray(x, dtype), jnp.asarray(chosen), blocks, scales, jnp.int32(1)))
     weights = _dense(blocks[1], scales[1])  # [E, N, K]
     held = (chosen >= 0) & (chosen < experts)
     expected = np.einsum("tk,tknd,td->tkn", held, weights[np.clip(chosen, 0, experts - 1)], x.astype(np.float64))
@@ -138,6 +140,9 @@ def test_portable_loops_without_avx512_compute_the_same(tmp_path):
         ours = kernels.mxfp4_expert_matvec(x, chosen, blocks, scales, jnp.int32(1))
         weights = mxfp4.dequantize(blocks[1], scales[1], jnp.float32)
         expected = jnp.einsum("td,tknd->tkn", x, weights[chosen])
+        assert float(jnp.abs(ours - expected).max()) < 1e-5 * float(jnp.abs(expected).max())
+        ours = kernels.mxfp4_expert_matvec(x.astype(jnp.bfloat16), chosen, blocks, scales, jnp.int32(1))
+        expected = jnp.einsum("td,tknd->tkn", x.astype(jnp.bfloat16).astype(jnp.float32), weights[chosen])
         assert float(jnp.abs(ours - expected).max()) < 1e-5 * float(jnp.abs(expected).max())
         w = jnp.asarray(rng.standard_normal((2, 7, 40)), jnp.bfloat16)
         v = jnp.asarray(rng.standard_normal((3, 40)), jnp.bfloat16)

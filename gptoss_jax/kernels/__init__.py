@@ -28,6 +28,7 @@ from gptoss_jax import mxfp4
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = {
     "gptoss_mxfp4_expert_matvec": "GptossMxfp4ExpertMatvec",
+    "gptoss_mxfp4_expert_matvec_bf16": "GptossMxfp4ExpertMatvecBf16",
     "gptoss_mxfp4_dequantize_bf16": "GptossMxfp4DequantizeBf16",
     "gptoss_mxfp4_dequantize_f32": "GptossMxfp4DequantizeF32",
     "gptoss_bf16_matvec": "GptossBf16Matvec",
@@ -147,14 +148,17 @@ def _expert_matvec_reference(x, experts, blocks, scales, layer):
 def mxfp4_expert_matvec(x, experts, blocks, scales, layer=None):
     """out [T, k, N] = x [T, K] against expert experts[t, j]'s MXFP4 weights [N, K], in float32.
 
+    x may be bfloat16 (products of bf16 pairs, float32 sums: half the work) or float32 (exact products).
+
     Each chosen expert's bytes are read once per step, whatever the number of tokens that chose it.
     An expert id outside 0..E-1 gives zeros (experts held on another device).
     """
     tokens, k = experts.shape
     out = jax.ShapeDtypeStruct((tokens, k, blocks.shape[-3]), jnp.float32)
     layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
-    x = x.astype(jnp.float32)
-    return _call("gptoss_mxfp4_expert_matvec", out, x, experts.astype(jnp.int32), blocks, scales, layer)
+    target = "gptoss_mxfp4_expert_matvec_bf16" if x.dtype == jnp.bfloat16 else "gptoss_mxfp4_expert_matvec"
+    x = x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
+    return _call(target, out, x, experts.astype(jnp.int32), blocks, scales, layer)
 
 
 def _expert_matvec_forward(x, experts, blocks, scales, layer=None):

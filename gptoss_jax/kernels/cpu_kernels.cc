@@ -192,29 +192,67 @@ bool ReadPackedShape(ffi::Buffer<ffi::U8>& blocks, ffi::Buffer<ffi::U8>& scales,
   return scales.element_count() * 16 == blocks.element_count();
 }
 
-ffi::Error Mxfp4ExpertMatvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::U8> all_blocks,
-                             ffi::Buffer<ffi::U8> all_scales, ffi::Buffer<ffi::S32> layer,
-                             ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
-  auto xd = x.dimensions(), ed = experts.dimensions();
+#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
+// ExpertRow for bf16 token rows: a block decodes to 16 bf16 pairs (one vector, in element order) and
+// each token adds one vdpbf16ps against its row as is: half the products and loads of the float32 form.
+template <int kTokens>
+void ExpertRowBf16(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const uint16_t* const* x, float* out) {
+  const AllTables& tables = Tables();
+  __m512 acc[2][kTokens];
+  for (int c = 0; c < 2; ++c)
+    for (int t = 0; t < kTokens; ++t) acc[c][t] = _mm512_setzero_ps();
+  const __m512i low_mask = _mm512_set1_epi32(0x0F);
+  const __m512i top_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  auto block = [&](int64_t g, int chain) {
+    __m512i table = _mm512_castps_si512(BlockTableVector(tables, scales[g]));
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
+    __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, low_mask), table);
+    __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);
+    __m512bh w = (__m512bh)_mm512_ternarylogic_epi32(top_half, high, _mm512_srli_epi32(low, 16), 0xEA);
+#pragma GCC unroll 8
+    for (int t = 0; t < kTokens; ++t)
+      acc[chain][t] = _mm512_dpbf16_ps(acc[chain][t], (__m512bh)_mm512_loadu_si512(x[t] + 32 * g), w);
+  };
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    block(g, 0);
+    block(g + 1, 1);
+  }
+  if (g < groups) block(g, 0);
+#pragma GCC unroll 8
+  for (int t = 0; t < kTokens; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
+}
+#endif
+
+// x [T, K] (float32, or bf16 bits when x_bf16) against the chosen experts -> out [T, k, N].
+ffi::Error ExpertMatvec(const void* x_data, bool x_bf16, int64_t rows, int64_t width, ffi::Buffer<ffi::S32>& experts,
+                        ffi::Buffer<ffi::U8>& all_blocks, ffi::Buffer<ffi::U8>& all_scales, ffi::Buffer<ffi::S32>& layer,
+                        float* result, ffi::ThreadPool& pool) {
+  auto ed = experts.dimensions();
   PackedShape shape;
-  if (xd.size() != 2 || ed.size() != 2 || ed[0] != xd[0] || !ReadPackedShape(all_blocks, all_scales, &shape) ||
-      shape.groups * 32 != xd[1])
+  if (ed.size() != 2 || ed[0] != rows || !ReadPackedShape(all_blocks, all_scales, &shape) || shape.groups * 32 != width)
     return ffi::Error::InvalidArgument("gptoss_mxfp4_expert_matvec: x [T, K], experts [T, k], blocks [..., E, N, K/32, 16]");
-  const int64_t rows = xd[0], width = xd[1], k = ed[1], num_experts = shape.num_experts, n_out = shape.n_out,
-                groups = shape.groups;
+  const int64_t k = ed[1], num_experts = shape.num_experts, n_out = shape.n_out, groups = shape.groups;
   const int64_t half = width / 2;
   const int64_t stack = std::clamp<int64_t>(layer.typed_data()[0], 0, shape.stacks - 1);
   const uint8_t* blocks_data = all_blocks.typed_data() + stack * num_experts * n_out * groups * 16;
   const uint8_t* scales_data = all_scales.typed_data() + stack * num_experts * n_out * groups;
+#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
+  const bool bf16_rows = x_bf16;
+#else
+  const bool bf16_rows = false;
+#endif
 
-  // Even and odd halves of every token row.
-  std::vector<float> split(rows * width);
-  for (int64_t t = 0; t < rows; ++t) {
-    const float* row = x.typed_data() + t * width;
-    for (int64_t j = 0; j < half; ++j) {
-      split[t * width + j] = row[2 * j];
-      split[t * width + half + j] = row[2 * j + 1];
-    }
+  // Float32 rows as even and odd halves (see ExpertRow); bf16 rows are used as they are.
+  std::vector<float> split(bf16_rows ? 0 : rows * width);
+  for (int64_t t = 0; !bf16_rows && t < rows; ++t) {
+    for (int64_t j = 0; j < half; ++j)
+      for (int64_t odd = 0; odd < 2; ++odd) {
+        const int64_t i = t * width + 2 * j + odd;
+        split[t * width + odd * half + j] =
+            x_bf16 ? BitsToFloat(static_cast<int32_t>(static_cast<const uint16_t*>(x_data)[i]) << 16)
+                   : static_cast<const float*>(x_data)[i];
+      }
   }
   // The (token, slot) pairs of each expert, in runs of at most kMaxTokens.
   std::vector<std::vector<int64_t>> pairs_of(num_experts);
@@ -227,7 +265,6 @@ ffi::Error Mxfp4ExpertMatvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> expe
   for (int64_t e = 0; e < num_experts; ++e)
     for (size_t i = 0; i < pairs_of[e].size(); i += kMaxTokens)
       runs.push_back({e, static_cast<int64_t>(i), static_cast<int>(std::min<size_t>(kMaxTokens, pairs_of[e].size() - i))});
-  float* result = out->typed_data();
   std::fill(result, result + rows * k * n_out, 0.0f);  // pairs naming no expert here stay zero
 
   // Work item = (run, output row); split across threads in contiguous ranges.
@@ -235,6 +272,7 @@ ffi::Error Mxfp4ExpertMatvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> expe
   ParallelFor(pool, items, 256, [&](int64_t begin, int64_t end) {
     const float* even[kMaxTokens];
     const float* odd[kMaxTokens];
+    const uint16_t* bf16[kMaxTokens];
     float values[kMaxTokens];
     for (int64_t item = begin; item < end; ++item) {
       const Run& run = runs[item / n_out];
@@ -243,16 +281,37 @@ ffi::Error Mxfp4ExpertMatvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> expe
         int64_t token = pairs_of[run.expert][run.first + i] / k;
         even[i] = split.data() + token * width;
         odd[i] = even[i] + half;
+        bf16[i] = static_cast<const uint16_t*>(x_data) + token * width;
       }
       const int64_t row = run.expert * n_out + n;
+      const uint8_t* row_blocks = blocks_data + row * groups * 16;
+      const uint8_t* row_scales = scales_data + row * groups;
       WithCount(run.count, [&](auto tokens) {
-        ExpertRow<tokens()>(blocks_data + row * groups * 16, scales_data + row * groups, groups, even,
-                            odd, values);
+#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
+        if (bf16_rows) return ExpertRowBf16<tokens()>(row_blocks, row_scales, groups, bf16, values);
+#endif
+        ExpertRow<tokens()>(row_blocks, row_scales, groups, even, odd, values);
       });
       for (int i = 0; i < run.count; ++i) result[pairs_of[run.expert][run.first + i] * n_out + n] = values[i];
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Mxfp4ExpertMatvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::U8> all_blocks,
+                             ffi::Buffer<ffi::U8> all_scales, ffi::Buffer<ffi::S32> layer,
+                             ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("gptoss_mxfp4_expert_matvec: x [T, K]");
+  return ExpertMatvec(x.untyped_data(), false, xd[0], xd[1], experts, all_blocks, all_scales, layer, out->typed_data(), pool);
+}
+
+ffi::Error Mxfp4ExpertMatvecBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::U8> all_blocks,
+                                 ffi::Buffer<ffi::U8> all_scales, ffi::Buffer<ffi::S32> layer,
+                                 ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("gptoss_mxfp4_expert_matvec: x [T, K]");
+  return ExpertMatvec(x.untyped_data(), true, xd[0], xd[1], experts, all_blocks, all_scales, layer, out->typed_data(), pool);
 }
 
 // Decodes blocks [begin, end) of packed rows (16 bytes and one scale each) into out, 32 values a
@@ -437,6 +496,32 @@ inline __m512i PairBf16(__m512i first, __m512i second) {
                                    _mm512_srli_epi32(first, 16), 0xEA);  // (a & b) | c
 }
 
+// rows[r] holds 16 pairs (lane j: pair j) of column r; stores pair j of the 16 columns at to + j * kPanel
+// (a 16 x 16 transpose of 32-bit lanes in three rounds of shuffles).
+inline void StorePairsOf16Rows(__m512i rows[16], uint32_t* to) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      rows[i + j] = _mm512_unpacklo_epi64(t[i + j], t[i + 2 + j]);
+      rows[i + 2 + j] = _mm512_unpackhi_epi64(t[i + j], t[i + 2 + j]);
+    }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(rows[i + j], rows[i + 4 + j], 0x88);
+      t[i + 4 + j] = _mm512_shuffle_i32x4(rows[i + j], rows[i + 4 + j], 0xDD);
+    }
+  // After the three rounds vector q holds pair kPairOf[q].
+  static const int kPairOf[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+  for (int j = 0; j < 8; ++j) {
+    _mm512_store_si512(to + kPairOf[j] * kPanel, _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88));
+    _mm512_store_si512(to + kPairOf[j + 8] * kPanel, _mm512_shuffle_i32x4(t[j], t[j + 8], 0xDD));
+  }
+}
+
 // Forward panel: output columns are weight rows n0.. (columns of them real, the rest zero); pairs run
 // along k. Each weight row's block holds 16 pairs of one column: 16 rows are transposed 16 x 16.
 void DecodeRowsPanel(const uint8_t* b, const uint8_t* s, int64_t groups, int64_t columns, uint32_t* panel) {
@@ -444,7 +529,7 @@ void DecodeRowsPanel(const uint8_t* b, const uint8_t* s, int64_t groups, int64_t
   const __m512i low_mask = _mm512_set1_epi32(0x0F);
   for (int64_t c0 = 0; c0 < kPanel; c0 += 16) {
     for (int64_t g = 0; g < groups; ++g) {
-      __m512i rows[16], t[16];
+      __m512i rows[16];
       for (int r = 0; r < 16; ++r) {
         const int64_t block = (c0 + r) * groups + g;
         if (c0 + r >= columns) {
@@ -457,26 +542,7 @@ void DecodeRowsPanel(const uint8_t* b, const uint8_t* s, int64_t groups, int64_t
         __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);      // elements 2j+1
         rows[r] = PairBf16(low, high);  // lane j: the pair (2j, 2j+1) of this row's block
       }
-      for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
-      }
-      for (int i = 0; i < 16; i += 4)
-        for (int j = 0; j < 2; ++j) {
-          rows[i + j] = _mm512_unpacklo_epi64(t[i + j], t[i + 2 + j]);
-          rows[i + 2 + j] = _mm512_unpackhi_epi64(t[i + j], t[i + 2 + j]);
-        }
-      for (int i = 0; i < 16; i += 8)
-        for (int j = 0; j < 4; ++j) {
-          t[i + j] = _mm512_shuffle_i32x4(rows[i + j], rows[i + 4 + j], 0x88);
-          t[i + 4 + j] = _mm512_shuffle_i32x4(rows[i + j], rows[i + 4 + j], 0xDD);
-        }
-      // After the three rounds vector q holds pair kPairOf[q] of the 16 rows.
-      static const int kPairOf[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
-      for (int j = 0; j < 8; ++j) {
-        _mm512_store_si512(panel + (16 * g + kPairOf[j]) * kPanel + c0, _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88));
-        _mm512_store_si512(panel + (16 * g + kPairOf[j + 8]) * kPanel + c0, _mm512_shuffle_i32x4(t[j], t[j + 8], 0xDD));
-      }
+      StorePairsOf16Rows(rows, panel + 16 * g * kPanel + c0);
     }
   }
 }
@@ -538,7 +604,23 @@ void PanelTile(const uint16_t* x, int64_t x_stride, const uint32_t* panel, int64
     for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out + r * out_stride + 16 * c, masks[c], acc[r][c]);
 }
 constexpr int kTileRows = 6;     // 6 rows x 64 columns: 24 accumulators
-constexpr int kSlicePairs = 128;  // 32 KiB of panel: stays in L1 while every row of the expert passes it
+constexpr int kSlicePairs = 128;  // 32 KiB of panel: stays in L1 while every row passes it
+
+// out[r, c] = sum_k x[r, k] * w[c, k] for `rows` rows of x (row stride width, even) and a packed panel.
+void ApplyPanel(const uint16_t* x, int64_t rows, int64_t width, const uint32_t* panel, float* out, int64_t out_stride,
+                int64_t columns) {
+  for (int64_t first_pair = 0; first_pair < width / 2; first_pair += kSlicePairs) {
+    const int64_t end_pair = std::min<int64_t>(width / 2, first_pair + kSlicePairs);
+    for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+      const int count = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
+      WithCount(count, [&](auto kRows) {
+        if constexpr (kRows() <= kTileRows)
+          PanelTile<kRows()>(x + r0 * width, width, panel, first_pair, end_pair, out + r0 * out_stride, out_stride, columns);
+      });
+    }
+  }
+}
+
 #endif
 
 ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::U8> all_blocks,
@@ -584,18 +666,8 @@ ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> si
       else
         DecodeRowsPanel(blocks_data + 16 * (expert_block + item.first_column * groups),
                         scales_data + expert_block + item.first_column * groups, groups, columns, panel);
-      for (int64_t first_pair = 0; first_pair < width / 2; first_pair += kSlicePairs) {
-        const int64_t end_pair = std::min<int64_t>(width / 2, first_pair + kSlicePairs);
-        for (int64_t r0 = 0; r0 < item.row_count; r0 += kTileRows) {
-          const int count = static_cast<int>(std::min<int64_t>(kTileRows, item.row_count - r0));
-          float* to = result + (item.first_row + r0) * columns_total + item.first_column;
-          WithCount(count, [&](auto kRows) {
-            if constexpr (kRows() <= kTileRows)
-              PanelTile<kRows()>(xs + (item.first_row + r0) * width, width, panel, first_pair, end_pair, to,
-                                 columns_total, columns);
-          });
-        }
-      }
+      ApplyPanel(xs + item.first_row * width, item.row_count, width, panel,
+                 result + item.first_row * columns_total + item.first_column, columns_total, columns);
     }
 #else
     // Portable: decode the expert's whole weight matrix as float32 and multiply row by row.
@@ -649,6 +721,16 @@ ffi::Error CopyLayer(ffi::AnyBuffer stack, ffi::Buffer<ffi::S32> layer, ffi::Res
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4ExpertMatvec, Mxfp4ExpertMatvec,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4ExpertMatvecBf16, Mxfp4ExpertMatvecBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
