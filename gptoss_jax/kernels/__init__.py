@@ -1,12 +1,13 @@
-"""CPU kernels for decoding (cpu_kernels.cc), compiled on first use and called through XLA's FFI.
+"""CPU kernels for MXFP4 experts and bf16 products (cpu_kernels.cc), compiled on first use and called
+through XLA's FFI.
 
 On the CPU, XLA decodes MXFP4 element by element and runs one-row products well below the memory
-bandwidth, which is what bounds decoding. The kernels read each weight byte once instead. They are
-built with the system C++ compiler into a cache folder ($GPTOSS_JAX_CACHE, default
-~/.cache/gptoss_jax) the first time a CPU computation asks for them; when that is not possible (no
-compiler, or GPTOSS_JAX_KERNELS=0) the model runs its plain XLA paths, which compute the same values.
-Gradients (rarely needed: decoding shapes) come from those XLA formulations.
-"""
+bandwidth, which is what bounds decoding; for prefill it would decode every expert to a dense copy
+and pad each expert's rows. The kernels read each weight byte once instead. They are built with the
+system C++ compiler into a cache folder ($GPTOSS_JAX_CACHE, default ~/.cache/gptoss_jax) the first
+time a CPU computation asks for them; when that is not possible (no compiler, or
+GPTOSS_JAX_KERNELS=0) the model runs its plain XLA paths, which compute the same values.
+The grouped matmul's gradient is the same kernel, transposed; the others' come from XLA formulations."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-// CPU kernels for the memory-bound steps of decoding, called from XLA through its FFI.
+// CPU kernels for MXFP4 experts and bf16 products, called from XLA through its FFI.
 //
 // XLA's CPU backend dequantizes MXFP4 element by element and runs one-row matrix products far below
-// the memory bandwidth. These three kernels read each weight byte once:
-//   gptoss_mxfp4_expert_matvec: x [T, K] against the chosen experts' packed weights -> [T, k, N]
-//   gptoss_mxfp4_dequantize:    one expert's packed weights -> dense [N, K] (bf16 or f32)
-//   gptoss_bf16_matvec:         a few rows x [R, K] (bf16) against w [N, K] (bf16) -> f32 [R, N]
+// the memory bandwidth. These kernels read each weight byte once:
+//   gptoss_mxfp4_expert_matvec(_bf16): x [T, K] against the chosen experts' packed weights -> [T, k, N]
+//   gptoss_mxfp4_grouped_matmul:       rows sorted by expert against their experts (prefill, training),
+//                                      each expert decoded once into cache-sized panels; and transposed
+//   gptoss_mxfp4_dequantize:           one expert's packed weights -> dense [N, K] (bf16 or f32)
+//   gptoss_bf16_matvec:                a few rows x [R, K] (bf16) against w [N, K] (bf16) -> f32 [R, N]
 //
 // MXFP4 layout (see gptoss_jax/mxfp4.py): per output row, K/32 blocks of 16 bytes; byte j holds element
 // 2j in its low nibble and 2j+1 in its high nibble; one uint8 scale per block, value = fp4 * 2**(s-127).
