@@ -54,6 +54,12 @@ for experts in ("mxfp4", "bfloat16"):
     results[experts + "_expert_bytes_total"] = sum(leaf.nbytes for leaf in leaves)
     results[experts + "_expert_bytes_per_device"] = sorted(set(sharding.device_bytes(leaves).values()))
 
+# bf16 runs the CPU kernels' expert paths inside shard_map: the sorted grouped kernel for the long
+# batch, the fused matvec for a short one.
+model = gptoss_jax.load(checkpoint, dtype="bfloat16", mesh=mesh)
+np.save(f"{tokens_file}.{mesh_spec}.bf16.npy", np.asarray(model(tokens)))
+np.save(f"{tokens_file}.{mesh_spec}.bf16-short.npy", np.asarray(model(tokens[:, :3])))
+
 print(json.dumps(results))
 """
 
@@ -64,7 +70,12 @@ def single_device(hub_checkpoint, long_tokens):
 
     model = gptoss_jax.load(hub_checkpoint, dtype="float32")
     prompts = [long_tokens[0, :3].tolist(), long_tokens[1, :17].tolist(), long_tokens[0, :40].tolist()]
-    return np.asarray(model(long_tokens)), gptoss_jax.generate(model, prompts, max_new_tokens=20, temperature=0)
+    bf16 = gptoss_jax.load(hub_checkpoint, dtype="bfloat16")
+    return (
+        np.asarray(model(long_tokens)),
+        gptoss_jax.generate(model, prompts, max_new_tokens=20, temperature=0),
+        {"bf16": np.asarray(bf16(long_tokens)), "bf16-short": np.asarray(bf16(long_tokens[:, :3]))},
+    )
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -84,7 +95,7 @@ def test_sharded_model_matches_one_device_and_splits_the_experts(
     results = json.loads(result.stdout.strip().splitlines()[-1])
     assert results["devices"] == 8
 
-    logits, greedy = single_device
+    logits, greedy, bf16_logits = single_device
     sizes = parse_mesh(mesh)
     expert_split = sizes.get("expert", 1) * sizes.get("tensor", 1)
     for experts in ("mxfp4", "bfloat16"):
@@ -93,6 +104,9 @@ def test_sharded_model_matches_one_device_and_splits_the_experts(
         assert results[experts + "_greedy"] == greedy
         # Every device holds exactly its 1/n of every expert array.
         assert results[experts + "_expert_bytes_per_device"] == [results[experts + "_expert_bytes_total"] // expert_split]
+    for name, expected in bf16_logits.items():  # the same bf16 roundings, summed in another order
+        sharded = np.load(f"{tokens_file}.{mesh}.{name}.npy")
+        assert np.abs(sharded - expected).max() / np.abs(expected).max() <= 1e-2, name
     # Loading placed every layer's expert tensors straight into shards: no device saw a whole one.
     assert results["expert_layer_shard_fractions"]
     assert set(results["expert_layer_shard_fractions"]) == {1 / expert_split}
