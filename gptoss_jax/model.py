@@ -770,19 +770,27 @@ def _fused(tokens, experts, weights, params, bias2, adapters, config, dtype) -> 
     return jnp.einsum("nkd,nk->nd", y, jnp.where(held, weights, 0.0))
 
 
+def _sort_by_expert(experts: jax.Array, local_count: int):
+    """(order, token_of, sorted_experts, sizes) for (token, expert) pairs sorted by expert.
+
+    experts [N, k] holds local ids, or local_count for pairs held elsewhere (they sort last and are in
+    no group); pair order[i] is token token_of[i]'s choice of sorted_experts[i] (clipped to a local id);
+    sizes [local_count] int32 counts each expert's pairs.
+    """
+    flat_experts = experts.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    sorted_experts = jnp.minimum(flat_experts[order], local_count - 1)
+    sizes = jnp.bincount(flat_experts, length=local_count + 1)[:local_count].astype(jnp.int32)
+    return order, order // experts.shape[-1], sorted_experts, sizes
+
+
 def _sorted(tokens, experts, weights, params, bias2, config) -> jax.Array:
     """Many pairs on CPU in bf16: each projection is one grouped kernel call over rows sorted by expert.
 
     experts holds local expert ids, or local_count for pairs held elsewhere: those sort last, fall in no
     group (the kernel gives them zeros) and have weight 0.
     """
-    k = config.experts_per_token
-    local_count = params["mlp1_bias"].shape[0]
-    flat_experts = experts.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    token_of = order // k
-    sorted_experts = jnp.minimum(flat_experts[order], local_count - 1)
-    sizes = jnp.bincount(flat_experts, length=local_count + 1)[:local_count]
+    order, token_of, sorted_experts, sizes = _sort_by_expert(experts, params["mlp1_bias"].shape[0])
     layer = params.get("layer")
     mlp1, mlp2 = params["mlp1"], params["mlp2"]
     h = kernels.mxfp4_grouped_matmul(tokens[token_of].astype(jnp.bfloat16), sizes, mlp1["blocks"], mlp1["scales"], layer)
@@ -868,13 +876,7 @@ def _grouped(tokens, experts, weights, params, bias2, adapters, config, dtype) -
     experts holds local expert ids, or local_count for pairs held elsewhere: those sort last, fall in no
     group (ragged_dot gives them zeros) and have weight 0.
     """
-    k = config.experts_per_token
-    local_count = params["mlp1_bias"].shape[0]
-    flat_experts = experts.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    token_of = order // k
-    sorted_experts = jnp.minimum(flat_experts[order], local_count - 1)
-    group_sizes = jnp.bincount(flat_experts, length=local_count + 1)[:local_count].astype(jnp.int32)
+    order, token_of, sorted_experts, group_sizes = _sort_by_expert(experts, params["mlp1_bias"].shape[0])
 
     rows = tokens[token_of]
     w1 = jnp.swapaxes(decode_experts(params["mlp1"], dtype, None, params.get("layer")), 1, 2)  # [E, in, out]
