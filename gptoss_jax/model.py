@@ -666,8 +666,8 @@ def expert_path(pairs: int, num_experts: int, packed: bool = True, bf16: bool = 
 
     fused: CPU with its kernels, MXFP4 weights, decode-sized batches; one kernel reads each chosen
       expert's packed bytes once and applies them to every token that chose it.
-    sorted: CPU with its kernels, MXFP4 weights, bf16, more pairs (prefill, training without expert
-      adapters). Pairs sorted by expert; one kernel call a projection decodes each expert's weights a
+    sorted: CPU with its kernels built with AVX512-BF16, MXFP4 weights, bf16, more pairs (prefill,
+      training without expert adapters). Pairs sorted by expert; one kernel call a projection decodes each expert's weights a
       cache-sized panel at a time and multiplies all of that expert's rows by it: no padding.
     gathered: few pairs elsewhere; each pair decodes its expert's weights.
     tiled: CPU otherwise (float32, expert adapters, no kernels). Pairs sorted by expert in tiles of one
@@ -677,9 +677,10 @@ def expert_path(pairs: int, num_experts: int, packed: bool = True, bf16: bool = 
     """
     cpu = jax.default_backend() == "cpu"
     with_kernels = cpu and packed and kernels.available()
-    if with_kernels and pairs <= (FUSED_MAX_PAIRS_PER_EXPERT_BF16 if bf16 else FUSED_MAX_PAIRS_PER_EXPERT) * num_experts:
+    bf16_kernels = with_kernels and bf16 and kernels.bf16_products()  # AVX512-BF16 builds only
+    if with_kernels and pairs <= (FUSED_MAX_PAIRS_PER_EXPERT_BF16 if bf16_kernels else FUSED_MAX_PAIRS_PER_EXPERT) * num_experts:
         return "fused"
-    if with_kernels and bf16 and not adapters:
+    if bf16_kernels and not adapters:
         return "sorted"
     if pairs <= num_experts:
         return "gathered"

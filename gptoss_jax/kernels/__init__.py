@@ -78,22 +78,28 @@ def _compile() -> Path:
 
 
 @functools.cache
-def _load() -> bool:
+def _load() -> ctypes.CDLL | None:
     if os.environ.get("GPTOSS_JAX_KERNELS", "1") == "0":
-        return False
+        return None
     try:
         library = ctypes.cdll.LoadLibrary(str(_compile()))
     except (OSError, RuntimeError) as error:
         warnings.warn(f"gptoss_jax: CPU kernels unavailable, using plain XLA (slower decoding): {error}")
-        return False
+        return None
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    return True
+    return library
 
 
 def available() -> bool:
     """Whether computations placed on the CPU use the kernels (building them on the first call)."""
-    return jax.default_backend() == "cpu" and _load()
+    return jax.default_backend() == "cpu" and _load() is not None
+
+
+def bf16_products() -> bool:
+    """Whether the kernels multiply bf16 pairs in hardware (AVX512-BF16). Without it the grouped
+    matmul and bf16 matvec rows run float32 loops: correct, but slower than XLA's paths for prefill."""
+    return available() and bool(_load().GptossHasBf16Products())
 
 
 def _call(target: str, result: jax.ShapeDtypeStruct, *args):

@@ -720,6 +720,16 @@ ffi::Error CopyLayer(ffi::AnyBuffer stack, ffi::Buffer<ffi::S32> layer, ffi::Res
 
 }  // namespace
 
+// Whether this build multiplies bf16 pairs in hardware (AVX512-BF16): the grouped matmul's tiles and
+// the bf16 expert matvec. Without it they fall back to float32 loops, slower than XLA's paths.
+extern "C" int GptossHasBf16Products() {
+#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4ExpertMatvec, Mxfp4ExpertMatvec,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
