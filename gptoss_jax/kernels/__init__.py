@@ -102,6 +102,11 @@ def bf16_products() -> bool:
     return available() and bool(_load().GptossHasBf16Products())
 
 
+def _layer_index(layer) -> jax.Array:
+    """The kernels' layer argument: int32 [1], 0 for an unstacked weight."""
+    return jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+
+
 def _call(target: str, result: jax.ShapeDtypeStruct, *args):
     return jax.ffi.ffi_call(target, result, vmap_method="sequential")(*args)
 
@@ -162,7 +167,7 @@ def mxfp4_expert_matvec(x, experts, blocks, scales, layer=None):
     """
     tokens, k = experts.shape
     out = jax.ShapeDtypeStruct((tokens, k, blocks.shape[-3]), jnp.float32)
-    layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    layer = _layer_index(layer)
     target = "gptoss_mxfp4_expert_matvec_bf16" if x.dtype == jnp.bfloat16 else "gptoss_mxfp4_expert_matvec"
     x = x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
     return _call(target, out, x, experts.astype(jnp.int32), blocks, scales, layer)
@@ -190,7 +195,7 @@ def mxfp4_grouped_matmul(x, sizes, blocks, scales, layer=None):
     Each expert's weights are decoded once, a cache-sized panel at a time, for all of its rows.
     Differentiable in x (the same kernel, transposed).
     """
-    layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    layer = _layer_index(layer)
     return _grouped_matmul(x.astype(jnp.bfloat16), sizes.astype(jnp.int32), blocks, scales, layer)
 
 
@@ -240,7 +245,7 @@ def bf16_matvec(x, w, layer=None):
     w may be a stack over layers [L, N, K] with `layer` picking one (read in place, not copied out).
     """
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), jnp.float32)
-    layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    layer = _layer_index(layer)
     return _call("gptoss_bf16_matvec", out, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), layer)
 
 

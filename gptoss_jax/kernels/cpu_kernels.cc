@@ -82,6 +82,18 @@ const AllTables& Tables() {
 inline __m512 BlockTableVector(const AllTables& tables, uint8_t scale) {
   return _mm512_castsi512_ps(_mm512_load_si512(tables.bits[scale]));
 }
+
+// One packed block (16 bytes, one scale) as its 32 values' float32 bits, in element order: lo, hi.
+inline void DecodeBlockBits(const AllTables& tables, const uint8_t* bytes16, uint8_t scale, __m512i* lo, __m512i* hi) {
+  const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  __m512i table = _mm512_castps_si512(BlockTableVector(tables, scale));
+  __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16)));
+  __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)), table);
+  __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);
+  *lo = _mm512_permutex2var_epi32(low, first_half, high);
+  *hi = _mm512_permutex2var_epi32(low, second_half, high);
+}
 #endif
 
 // Splits n items into parts run on XLA's own intra-op threads and the calling thread, calling
@@ -325,17 +337,9 @@ void DecodeBlocks(const uint8_t* b, const uint8_t* s, int64_t begin, int64_t end
   int32_t* out32 = static_cast<int32_t*>(out);
   const AllTables& tables = Tables();
 #ifdef GPTOSS_AVX512
-  const __m512i low_mask = _mm512_set1_epi32(0x0F);
-  // Interleave low (even elements) and high (odd elements) lanes: l0 h0 l1 h1 ... (index 16+ = high).
-  const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   for (int64_t g = begin; g < end; ++g) {
-    __m512i table = _mm512_castps_si512(BlockTableVector(tables, s[g]));
-    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * g)));
-    __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, low_mask), table);
-    __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);
-    __m512i v0 = _mm512_permutex2var_epi32(low, first_half, high);
-    __m512i v1 = _mm512_permutex2var_epi32(low, second_half, high);
+    __m512i v0, v1;
+    DecodeBlockBits(tables, b + 16 * g, s[g], &v0, &v1);
     if constexpr (kBf16) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + 32 * g), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v0, 16)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + 32 * g + 16), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v1, 16)));
@@ -479,18 +483,6 @@ constexpr int kPanel = 64;
 // c as two bf16 (for the transposed product, (w[2j, c], w[2j+1, c])), so one 64-byte load holds one pair
 // of 16 columns, and vdpbf16ps multiplies it by a broadcast pair of x: the usual GEMM register tile, no
 // horizontal sums.
-
-// One packed block (16 bytes, one scale) as its 32 values' float32 bits, in element order: lo, hi.
-inline void DecodeBlockBits(const AllTables& tables, const uint8_t* bytes16, uint8_t scale, __m512i* lo, __m512i* hi) {
-  const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  __m512i table = _mm512_castps_si512(BlockTableVector(tables, scale));
-  __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16)));
-  __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)), table);
-  __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);
-  *lo = _mm512_permutex2var_epi32(low, first_half, high);
-  *hi = _mm512_permutex2var_epi32(low, second_half, high);
-}
 
 // Two float32-bit vectors as bf16 pairs: lane i = (bf16 of first[i]) | (bf16 of second[i]) << 16.
 inline __m512i PairBf16(__m512i first, __m512i second) {
