@@ -35,9 +35,10 @@ from gptoss_jax.checkpoint.load import from_tensors
 from gptoss_jax.checkpoint.random_weights import random_hub_tensors, write_random_hub_checkpoint
 from gptoss_jax.checkpoint.writer import write_hub_checkpoint
 from gptoss_jax.config import FULL, GptOssConfig
-from gptoss_jax.engine import Generator
-from gptoss_jax.model import GptOss, KVCache, PackedBytes
-from gptoss_jax.sampling import SamplingParams
+from gptoss_jax.inference.engine import Generator
+from gptoss_jax.nn import GptOss, KVCache
+from gptoss_jax.nn.moe import PackedBytes
+from gptoss_jax.inference.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
 

@@ -17,7 +17,7 @@ from gptoss_jax import harmony
 from gptoss_jax.checkpoint.random_weights import random_hub_tensors
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.checkpoint.writer import write_hub_checkpoint
-from gptoss_jax.sampling import SamplingParams
+from gptoss_jax.inference.sampling import SamplingParams
 
 RANDOM = "random"
 

@@ -31,7 +31,7 @@ from eval.common import (
 )
 from gptoss_jax import harmony, sharding
 from gptoss_jax.chat import Chat, ChatReply
-from gptoss_jax.engine import Generator
+from gptoss_jax.inference.engine import Generator
 from gptoss_jax.harmony import ChatMessage
 
 

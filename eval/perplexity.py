@@ -24,8 +24,8 @@ from flax import nnx
 import gptoss_jax
 from eval.common import UsageError, add_checkpoint_args, check_checkpoint_args, checkpoint_directory, run_command
 from gptoss_jax import harmony, sharding
-from gptoss_jax.engine import MIN_PROMPT_BUCKET, bucket
-from gptoss_jax.model import GptOss
+from gptoss_jax.inference.engine import MIN_PROMPT_BUCKET, bucket
+from gptoss_jax.nn import GptOss
 
 LOGIT_CHUNK = 128  # positions unembedded at a time: a full window of 201088-wide logits would not fit
 

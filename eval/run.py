@@ -33,7 +33,7 @@ from eval.common import (
 from eval.tasks import TASKS, Example, Task, grade, read_examples
 from gptoss_jax import harmony, sharding
 from gptoss_jax.chat import Chat
-from gptoss_jax.sampling import SamplingParams
+from gptoss_jax.inference.sampling import SamplingParams
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 

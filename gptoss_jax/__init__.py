@@ -2,15 +2,17 @@
 
 from gptoss_jax.checkpoint.load import load, resident_bytes
 from gptoss_jax.config import PRESETS, GptOssConfig
-from gptoss_jax.engine import Completion, GenerationError, Generator, generate
+from gptoss_jax.inference.engine import Completion, GenerationError, Generator, generate
 from gptoss_jax.errors import CheckpointError, ConfigError, GptOssError
-from gptoss_jax.model import GptOss, KVCache
-from gptoss_jax.sampling import SamplingParams
+from gptoss_jax.nn import GptOss, KVCache
+from gptoss_jax.runtime import Runtime
+from gptoss_jax.inference.sampling import SamplingParams
 
 __all__ = [
     "load",
     "resident_bytes",
     "GptOss",
+    "Runtime",
     "KVCache",
     "generate",
     "Generator",

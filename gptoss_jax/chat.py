@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from gptoss_jax import harmony
-from gptoss_jax.engine import Generator
+from gptoss_jax.inference.engine import Generator
 from gptoss_jax.harmony import ChatMessage
-from gptoss_jax.model import GptOss
-from gptoss_jax.sampling import SamplingParams
+from gptoss_jax.nn import GptOss
+from gptoss_jax.inference.sampling import SamplingParams
 
 
 @dataclasses.dataclass

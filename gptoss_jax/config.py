@@ -12,6 +12,8 @@ from gptoss_jax.errors import ConfigError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+# How expert weights are held: packed as released (decoded inside the forward), or dense bf16.
+EXPERT_FORMATS = ("mxfp4", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)

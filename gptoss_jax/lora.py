@@ -15,7 +15,9 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax.errors import ConfigError
-from gptoss_jax.model import OUT_EQUATION, QKV_EQUATION, ROUTER_EQUATION, GptOss, LoRA
+from gptoss_jax.nn import GptOss
+from gptoss_jax.nn.lora import LoRA
+from gptoss_jax.nn.ops import OUT_EQUATION, QKV_EQUATION, ROUTER_EQUATION
 from gptoss_jax.sharding import state_shardings, variable_values
 
 ATTENTION_TARGETS = {"q": ("q_proj", QKV_EQUATION), "k": ("k_proj", QKV_EQUATION), "v": ("v_proj", QKV_EQUATION),

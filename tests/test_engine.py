@@ -10,8 +10,8 @@ from flax import nnx
 from transformers import GptOssForCausalLM
 
 import gptoss_jax
-from gptoss_jax.engine import GenerationError, Generator
-from gptoss_jax.sampling import SamplingParams
+from gptoss_jax.inference.engine import GenerationError, Generator
+from gptoss_jax.inference.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
 

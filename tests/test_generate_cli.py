@@ -9,8 +9,8 @@ import sys
 
 import gptoss_jax
 from gptoss_jax import harmony
-from gptoss_jax.engine import Generator
-from gptoss_jax.sampling import SamplingParams
+from gptoss_jax.inference.engine import Generator
+from gptoss_jax.inference.sampling import SamplingParams
 
 
 def run_generate(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

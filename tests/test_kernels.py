@@ -1,4 +1,4 @@
-"""The CPU decoding kernels (gptoss_jax/kernels) against plain numpy / XLA formulations of the same math."""
+"""The CPU kernels (gptoss_jax/backends/cpu) against plain numpy / XLA formulations of the same math."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import gptoss_jax
-import gptoss_jax.model
-from gptoss_jax import kernels, mxfp4
+from gptoss_jax import mxfp4
+from gptoss_jax.backends import cpu as kernels
+from gptoss_jax.runtime import Runtime
 
 from test_model_parity import relative_error
 
@@ -127,7 +128,9 @@ def test_portable_loops_without_avx512_compute_the_same(tmp_path):
     script = textwrap.dedent(
         """
         import jax, jax.numpy as jnp, numpy as np
-        from gptoss_jax import kernels, mxfp4
+        from gptoss_jax import mxfp4
+        from gptoss_jax.backends import cpu as kernels
+        from gptoss_jax.runtime import Runtime
         assert kernels.available()
         rng = np.random.default_rng(0)
         blocks = jnp.asarray(rng.integers(0, 256, (2, 3, 8, 4, 16), dtype=np.uint8))
@@ -159,8 +162,10 @@ def test_portable_loops_without_avx512_compute_the_same(tmp_path):
         assert float(jnp.abs(grad[:6].astype(jnp.float32) - expected).max()) < 1e-2 * float(jnp.abs(expected).max())
         # Without hardware bf16 products the model keeps XLA's tiled path for prefill.
         assert not kernels.bf16_products()
-        import gptoss_jax.model
-        assert gptoss_jax.model.expert_path(2048, 32) == "tiled" and gptoss_jax.model.expert_path(64, 32) == "fused"
+        runtime = Runtime.default()
+        assert runtime.cpu_kernels and not runtime.bf16_products
+        paths = [runtime.expert_path_for(pairs, 32, packed=True, bf16=True, adapters=False) for pairs in (2048, 64)]
+        assert paths == ["tiled", "fused"], paths
         print("portable kernels ok")
         """
     )
@@ -169,26 +174,29 @@ def test_portable_loops_without_avx512_compute_the_same(tmp_path):
     assert result.returncode == 0 and "portable kernels ok" in result.stdout, result.stderr[-3000:]
 
 
-def test_decoding_with_and_without_kernels_gives_the_same_logits(hub_checkpoint, monkeypatch):
+def test_decoding_with_and_without_kernels_gives_the_same_logits(hub_checkpoint):
     # bf16 decoding runs the matvec and expert kernels; with them off, the plain XLA paths.
     tokens = np.array([[5, 300, 17, 9]], np.int32)
     model = gptoss_jax.load(hub_checkpoint, dtype="bfloat16")
+    assert model.runtime.cpu_kernels and model.runtime.whole_stacks
     with_kernels = np.asarray(jax.jit(lambda t: model(t[:, -1:], jnp.array([[3]]), None))(tokens))
-    monkeypatch.setattr(kernels, "available", lambda: False)
+    model.runtime = model.runtime.without_kernels()
     without = np.asarray(jax.jit(lambda t: model(t[:, -1:], jnp.array([[3]]), None))(tokens))
     assert relative_error(with_kernels, without) <= 1e-2
-    assert gptoss_jax.model.expert_path(4, 32) == "gathered"  # the switch really turned them off
+    # The switch really turned them off.
+    assert model.runtime.expert_path_for(4, 32, packed=True, bf16=True, adapters=False) == "gathered"
 
 
-def test_sorted_expert_path_gives_the_tiled_paths_values_and_gradients(hub_checkpoint, long_tokens, monkeypatch):
+def test_sorted_expert_path_gives_the_tiled_paths_values_and_gradients(hub_checkpoint, long_tokens):
     # bf16 prompts and training without expert adapters run the grouped kernel (its gradient is the same
     # kernel, transposed); the tiled path is the XLA formulation of the same products.
     from flax import nnx
 
     model = gptoss_jax.load(hub_checkpoint, dtype="bfloat16")
-    default = gptoss_jax.model.expert_path(long_tokens.size * model.config.experts_per_token, model.config.num_experts)
+    pairs = long_tokens.size * model.config.experts_per_token
+    default = model.runtime.expert_path_for(pairs, model.config.num_experts, packed=True, bf16=True, adapters=False)
     assert default == ("sorted" if kernels.bf16_products() else "tiled")  # float32 loops only without AVX512-BF16
-    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args, **kwargs: "sorted")
+    model.runtime = model.runtime.replace(expert_path="sorted")
     cotangent = jnp.asarray(np.random.default_rng(0).standard_normal((*long_tokens.shape, model.config.hidden_size)), jnp.float32)
 
     def values_and_gradients():
@@ -200,7 +208,7 @@ def test_sorted_expert_path_gives_the_tiled_paths_values_and_gradients(hub_check
         return np.asarray(hidden), {path: np.asarray(leaf.get_value(), np.float32) for path, leaf in nnx.to_flat_state(grads)}
 
     sorted_hidden, sorted_grads = values_and_gradients()
-    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args, **kwargs: "tiled")
+    model.runtime = model.runtime.replace(expert_path="tiled")
     tiled_hidden, tiled_grads = values_and_gradients()
     assert relative_error(sorted_hidden, tiled_hidden) <= 1e-2
     names = [path for path in tiled_grads if any(part in ("mlp1_bias", "router", "embed", "q_proj") for part in path)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import gptoss_jax
-from gptoss_jax.model import KVCache
+from gptoss_jax.nn import KVCache
 
 
 def positions(start: int, stop: int, batch: int) -> np.ndarray:

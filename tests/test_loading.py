@@ -22,7 +22,7 @@ from gptoss_jax.checkpoint.random_weights import random_hub_tensors
 from gptoss_jax.checkpoint.writer import write_hub_checkpoint
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.errors import CheckpointError, ConfigError, GptOssError
-from gptoss_jax.model import PackedBytes
+from gptoss_jax.nn.moe import PackedBytes
 
 # Experts dominate the bytes, as in the released models (there, 12 of 12.8 GiB).
 EXPERT_HEAVY = GptOssConfig.preset("tiny").replace(hidden_size=256, intermediate_size=256, num_experts=16)

@@ -13,6 +13,7 @@ from flax import nnx
 import gptoss_jax
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import TARGETS, LoRAConfig, adapter_targets, add_lora, merged_update
+from gptoss_jax.runtime import Runtime
 
 ALL = LoRAConfig(rank=4, alpha=8.0, targets=TARGETS)
 
@@ -52,9 +53,9 @@ def test_fresh_adapters_leave_logits_unchanged_exactly(hub_checkpoint, long_toke
 
 
 @pytest.mark.parametrize("length, path", [(1, "gathered"), (72, "tiled"), (72, "grouped")])
-def test_adapters_apply_the_merged_update(hub_checkpoint, long_tokens, length, path, monkeypatch):
-    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args, **kwargs: path)
-    model = add_lora(gptoss_jax.load(hub_checkpoint, dtype="float32", experts="bfloat16"), ALL)
+def test_adapters_apply_the_merged_update(hub_checkpoint, long_tokens, length, path):
+    runtime = Runtime.default().replace(expert_path=path)
+    model = add_lora(gptoss_jax.load(hub_checkpoint, dtype="float32", experts="bfloat16", runtime=runtime), ALL)
     _randomize_adapters(model)
     base = gptoss_jax.load(hub_checkpoint, dtype="float32", experts="bfloat16")
     tokens = long_tokens[:1, :length]
@@ -65,22 +66,26 @@ def test_adapters_apply_the_merged_update(hub_checkpoint, long_tokens, length, p
     np.testing.assert_allclose(adapted, merged, atol=2e-5 * np.abs(merged).max())
 
 
-def test_gradients_reach_every_adapter_over_packed_experts(hub_checkpoint, long_tokens, monkeypatch):
+def test_gradients_reach_every_adapter_over_packed_experts(hub_checkpoint, long_tokens):
     model = add_lora(gptoss_jax.load(hub_checkpoint, dtype="float32"), ALL)
     _randomize_adapters(model)
-    graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
 
-    def loss(adapters):
-        m = nnx.merge(graphdef, adapters, frozen)
-        hidden, _ = m.hidden(long_tokens[:, :-1])
-        return -m.token_logprobs(hidden, long_tokens[:, 1:], chunk=32).mean()
+    def gradients(model):
+        graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
 
-    grads = jax.grad(loss)(adapters)
+        def loss(adapters):
+            m = nnx.merge(graphdef, adapters, frozen)
+            hidden, _ = m.hidden(long_tokens[:, :-1])
+            return -m.token_logprobs(hidden, long_tokens[:, 1:], chunk=32).mean()
+
+        return jax.grad(loss)(adapters)
+
+    grads = gradients(model)
     for path, grad in jax.tree_util.tree_leaves_with_path(grads):
         assert np.abs(np.asarray(grad)).max() > 0, jax.tree_util.keystr(path)
     # The same gradients through the blockwise attention long sequences take (blocks of 16 tokens here).
-    monkeypatch.setattr(gptoss_jax.model, "ATTENTION_BLOCK", 16)
-    for dense, blockwise in zip(jax.tree.leaves(grads), jax.tree.leaves(jax.grad(loss)(adapters))):
+    model.runtime = model.runtime.replace(attention_block=16)
+    for dense, blockwise in zip(jax.tree.leaves(grads), jax.tree.leaves(gradients(model))):
         np.testing.assert_allclose(np.asarray(blockwise), np.asarray(dense), rtol=1e-4, atol=1e-4 * np.abs(dense).max())
 
 

@@ -12,6 +12,12 @@ from transformers import GptOssForCausalLM
 
 import gptoss_jax
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.runtime import Runtime
+
+
+def forced(**choices) -> Runtime:
+    """This machine's runtime with some choices forced."""
+    return Runtime.default().replace(**choices)
 
 
 def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
@@ -56,33 +62,32 @@ def test_both_layouts_and_the_single_file_give_the_same_logits(
 
 
 @pytest.mark.parametrize("path", ["fused", "gathered"])
-def test_each_few_token_expert_path_matches_transformers(hub_checkpoint, tiny_config, path, monkeypatch):
+def test_each_few_token_expert_path_matches_transformers(hub_checkpoint, tiny_config, path):
     # Decoding: the CPU kernel reading the chosen experts' packed bytes, or XLA decoding just those experts.
     tokens = np.array([[5, 300, 17]], dtype=np.int32)
-    assert gptoss_jax.model.expert_path(tokens.size * tiny_config.experts_per_token, tiny_config.num_experts) == "fused"
-    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args, **kwargs: path)
-    ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="float32")(tokens))
+    pairs = tokens.size * tiny_config.experts_per_token
+    chosen = Runtime.default().expert_path_for(pairs, tiny_config.num_experts, packed=True, bf16=False, adapters=False)
+    assert chosen == ("fused" if Runtime.default().cpu_kernels else "gathered")
+    ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="float32", runtime=forced(expert_path=path))(tokens))
     assert relative_error(ours, transformers_logits(hub_checkpoint, tokens, torch.float32)) <= 1e-4
 
 
 @pytest.mark.parametrize("path", ["tiled", "grouped"])
-def test_each_many_token_expert_path_matches_transformers(hub_checkpoint, long_tokens, reference_fp32, path, monkeypatch):
+def test_each_many_token_expert_path_matches_transformers(hub_checkpoint, long_tokens, reference_fp32, path):
     # CPU runs the tiled path; GPU and TPU the grouped ragged_dot one: check both here.
-    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args, **kwargs: path)
-    ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="float32")(long_tokens))
+    ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="float32", runtime=forced(expert_path=path))(long_tokens))
     assert relative_error(ours, reference_fp32) <= 1e-4
 
 
 @pytest.mark.parametrize("block, key_block", [(8, 16), (16, 8), (32, 24)])
 def test_blockwise_attention_of_long_sequences_matches_transformers(
-    hub_checkpoint, long_tokens, reference_fp32, block, key_block, monkeypatch
+    hub_checkpoint, long_tokens, reference_fp32, block, key_block
 ):
-    # Sequences longer than ATTENTION_BLOCK attend a block of queries at a time; with the tiny model's
+    # Sequences longer than the attention block attend a block of queries at a time; with the tiny model's
     # window of 16, blocks of 8, 16 and 32 cover reaches of two, one and a partial block. Full layers walk
-    # the keys KEY_BLOCK at a time: smaller, larger and not a multiple of the query block.
-    monkeypatch.setattr(gptoss_jax.model, "ATTENTION_BLOCK", block)
-    monkeypatch.setattr(gptoss_jax.model, "KEY_BLOCK", key_block)
-    ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="float32")(long_tokens))
+    # the keys key_block at a time: smaller, larger and not a multiple of the query block.
+    runtime = forced(attention_block=block, key_block=key_block)
+    ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="float32", runtime=runtime)(long_tokens))
     assert relative_error(ours, reference_fp32) <= 1e-4
 
 
@@ -93,10 +98,10 @@ def test_bfloat16_experts_decoded_at_load_give_the_packed_models_logits(hub_chec
 
 
 @pytest.mark.parametrize("path", ["sorted", "tiled"])
-def test_bfloat16_path_is_as_accurate_as_transformers_in_bfloat16(hub_checkpoint, long_tokens, reference_fp32, path, monkeypatch):
-    # bf16 prompts on CPU run the sorted kernel path; the tiled one is what expert adapters use.
-    monkeypatch.setattr(gptoss_jax.model, "expert_path", lambda *args, **kwargs: path)
-    ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="bfloat16")(long_tokens))
+def test_bfloat16_path_is_as_accurate_as_transformers_in_bfloat16(hub_checkpoint, long_tokens, reference_fp32, path):
+    # bf16 prompts on CPUs with AVX512-BF16 run the sorted kernel path; the tiled one runs elsewhere and
+    # for expert adapters.
+    ours = np.asarray(gptoss_jax.load(hub_checkpoint, dtype="bfloat16", runtime=forced(expert_path=path))(long_tokens))
     peer = transformers_logits(hub_checkpoint, long_tokens, torch.bfloat16)
     our_error = np.abs(ours - reference_fp32).mean()
     peer_error = np.abs(peer - reference_fp32).mean()

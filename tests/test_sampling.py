@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax.sampling import SamplingParams, filter_logits, greedy, sample
+from gptoss_jax.inference.sampling import SamplingParams, filter_logits, greedy, sample
 
 # Compiled once per shape; the eager path dispatches op by op and is far slower.
 sample_jit = jax.jit(sample)

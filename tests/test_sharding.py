@@ -23,7 +23,7 @@ from flax import nnx
 import gptoss_jax
 from gptoss_jax import sharding
 from gptoss_jax.checkpoint import load as loading
-from gptoss_jax.model import PackedBytes
+from gptoss_jax.nn.moe import PackedBytes
 
 checkpoint, tokens_file, mesh_spec = sys.argv[1:4]
 tokens = np.load(tokens_file)

@@ -33,7 +33,7 @@ from gptoss_jax.checkpoint.reader import HUB_INDEX, HUB_PATTERNS, TensorSource, 
 from gptoss_jax.checkpoint.writer import hub_config_json, write_hub_shards
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import LoRAConfig, add_lora, merged_update
-from gptoss_jax.model import GptOss
+from gptoss_jax.nn import GptOss
 from train.config import from_dict
 from train.loop import restore_params
 

@@ -32,7 +32,7 @@ from eval.common import run_command
 from gptoss_jax import harmony
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import LoRAConfig, adapters_off
-from gptoss_jax.sampling import SamplingParams
+from gptoss_jax.inference.sampling import SamplingParams
 from train.config import OptimizerConfig, read_config, run_arguments, to_dict
 from train.data import DataError, example_order, read_jsonl
 from train.loop import MetricsLog, Trainer

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from gptoss_jax.errors import ConfigError
-from gptoss_jax.model import GptOss
+from gptoss_jax.nn import GptOss
 from train.config import OptimizerConfig
 
 # loss_fn(model, micro_batch, dropout_key) -> (objective summed over the micro-batch, sums of metrics).

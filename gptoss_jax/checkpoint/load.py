@@ -20,7 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gptoss_jax import mxfp4
 from gptoss_jax.checkpoint.reader import MemorySource, TensorSource, open_checkpoint
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.model import GptOss
+from gptoss_jax.nn import GptOss
+from gptoss_jax.runtime import Runtime
 from gptoss_jax.sharding import set_mesh, spec_for
 
 # Model parameter path -> hub tensor name. Per-layer names carry `{n}`, the layer index.
@@ -58,7 +59,11 @@ DENSE_EXPERTS = {
 
 
 def load(
-    path_or_repo_id: str | Path, dtype: str = "bfloat16", experts: str = "mxfp4", mesh: Mesh | None = None
+    path_or_repo_id: str | Path,
+    dtype: str = "bfloat16",
+    experts: str = "mxfp4",
+    mesh: Mesh | None = None,
+    runtime: Runtime | None = None,
 ) -> GptOss:
     """Load a gpt-oss checkpoint: a hub-layout folder, an original-layout folder, or a hub repo id.
 
@@ -66,8 +71,10 @@ def load(
     experts: "mxfp4" keeps expert weights packed (decoded inside the forward); "bfloat16" decodes at load.
     mesh: place every tensor straight into its sharding (gptoss_jax.sharding); each device receives only
     its shard of each tensor as it is read.
+    runtime: where the model runs and which algorithms it uses (gptoss_jax.Runtime); default: decided
+    from the devices it is placed on.
     """
-    return load_source(open_checkpoint(path_or_repo_id), dtype, experts, mesh)
+    return load_source(open_checkpoint(path_or_repo_id), dtype, experts, mesh, runtime)
 
 
 def from_tensors(
@@ -77,10 +84,13 @@ def from_tensors(
     return load_source(MemorySource(config, tensors), dtype, experts, mesh)
 
 
-def load_source(source: TensorSource, dtype: str, experts: str, mesh: Mesh | None) -> GptOss:
+def load_source(
+    source: TensorSource, dtype: str, experts: str, mesh: Mesh | None, runtime: Runtime | None = None
+) -> GptOss:
     """Build the model abstractly, then stream each parameter in from `source`."""
     config = source.config
-    abstract = nnx.eval_shape(lambda: GptOss(config, dtype=dtype, experts=experts, rngs=nnx.Rngs(0)))
+    runtime = Runtime.default() if runtime is None else runtime  # decided here, outside any trace
+    abstract = nnx.eval_shape(lambda: GptOss(config, dtype=dtype, experts=experts, runtime=runtime, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pattern_length = len(config.layer_pattern)
 

@@ -23,8 +23,8 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax.errors import GptOssError
-from gptoss_jax.model import GptOss, KVCache
-from gptoss_jax.sampling import SamplingParams, sample
+from gptoss_jax.nn import GptOss, KVCache
+from gptoss_jax.inference.sampling import SamplingParams, sample
 
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 128

@@ -1,12 +1,13 @@
-"""CPU kernels for MXFP4 experts and bf16 products (cpu_kernels.cc), compiled on first use and called
-through XLA's FFI.
+"""The CPU backend: kernels for MXFP4 experts and bf16 products (cpu_kernels.cc), called through XLA's FFI.
 
 On the CPU, XLA decodes MXFP4 element by element and runs one-row products well below the memory
 bandwidth, which is what bounds decoding; for prefill it would decode every expert to a dense copy
 and pad each expert's rows. The kernels read each weight byte once instead. They are built with the
 system C++ compiler into a cache folder ($GPTOSS_JAX_CACHE, default ~/.cache/gptoss_jax) the first
-time a CPU computation asks for them; when that is not possible (no compiler, or
-GPTOSS_JAX_KERNELS=0) the model runs its plain XLA paths, which compute the same values.
+time a runtime asks for them (gptoss_jax.runtime, outside any trace); when that is not possible (no
+compiler, or GPTOSS_JAX_KERNELS=0) the model runs its plain XLA paths, which compute the same values.
+Functions here take a `layer` index for weights stacked over layers; the model's code never does (it
+hands over `stacks.LayerOf` views, unpacked in this package's products and expert paths).
 The grouped matmul's gradient is the same kernel, transposed; the others' come from XLA formulations."""
 
 from __future__ import annotations
@@ -91,9 +92,16 @@ def _load() -> ctypes.CDLL | None:
     return library
 
 
+def load_kernels() -> tuple[str, bool] | None:
+    """Build (if needed) and register the kernels: (the build's name, whether it multiplies bf16 pairs in
+    hardware), or None when they are unavailable (a one-line warning says why)."""
+    library = _load()
+    return None if library is None else ("native", bool(library.GptossHasBf16Products()))
+
+
 def available() -> bool:
-    """Whether computations placed on the CPU use the kernels (building them on the first call)."""
-    return jax.default_backend() == "cpu" and _load() is not None
+    """Whether the kernels are built and registered (building them on the first call)."""
+    return _load() is not None
 
 
 def bf16_products() -> bool:

@@ -1,0 +1,42 @@
+"""Dense products on the CPU: the einsums of attention, adapters and the unembedding."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from gptoss_jax.backends import cpu
+from gptoss_jax.backends.cpu.stacks import unstack, whole
+
+
+def matmul(equation: str, x: jax.Array, w, dtype, kernels: bool) -> jax.Array:
+    """einsum(equation, x, w) in `dtype` with float32 accumulation; w may be a stacked layer (LayerOf).
+
+    A product of a few rows with a weight (decoding), written as x [rows..., in...] and w [out..., in...],
+    runs in the bf16 matvec kernel, which reads the weight once at the memory's speed, in place in its
+    stack. Otherwise XLA's dot, except that its CPU dot takes a path about 20x slower when the left
+    operand contributes a single row: there the product runs on two copies of the row and one is kept.
+    """
+    x = x.astype(dtype)
+    inputs, output = equation.split("->")
+    lhs, rhs = inputs.split(",")
+    rows = math.prod(size for label, size in zip(lhs, x.shape) if label not in rhs)
+    stack, layer = unstack(w)
+    # A layer of a stack goes to the kernel up to more rows: XLA would first copy it out and relayout it.
+    max_rows = cpu.MATVEC_MAX_ROWS if layer is None else cpu.MATVEC_MAX_STACKED_ROWS
+    if kernels and rows <= max_rows and jnp.dtype(dtype) == jnp.bfloat16:
+        contracted = "".join(label for label in lhs if label in rhs)
+        free_x, free_w = lhs[: len(lhs) - len(contracted)], rhs[: len(rhs) - len(contracted)]
+        contracts_trailing = lhs.endswith(contracted) and rhs.endswith(contracted)
+        if contracts_trailing and output == free_x + free_w and not set(contracted) & set(output):
+            out_shape = stack.shape[-len(rhs) :][: len(free_w)]
+            flat = stack.reshape(*stack.shape[: stack.ndim - len(rhs)], math.prod(out_shape), -1)
+            out = cpu.bf16_matvec(x.reshape(rows, -1), flat, layer)
+            return out.reshape(*x.shape[: len(free_x)], *out_shape)
+    w = whole(w).astype(dtype)
+    if rows == 1:
+        twice = jnp.stack([x, x])
+        return jnp.einsum(f"Z{lhs},{rhs}->Z{output}", twice, w, preferred_element_type=jnp.float32)[0]
+    return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)

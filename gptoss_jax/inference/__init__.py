@@ -1,0 +1,1 @@
+"""Generation: the engine (jitted prefill and decode over a static-shape KV cache) and sampling."""

@@ -1,0 +1,106 @@
+"""The KV cache: a static-shape slot per position (full attention) or a ring (sliding window)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from gptoss_jax.config import SLIDING, GptOssConfig
+from gptoss_jax.nn.ops import DTYPES
+from gptoss_jax.sharding import spec_for
+
+CACHE_AXES = ("batch", "cache_slots", "kv_heads", "head_dim")  # per layer group; stacked over groups
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["keys", "values", "positions"], meta_fields=["empty"]
+)
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """Keys and values one attention layer keeps, with the position each slot holds (-1: empty).
+
+    A token at position p lives in slot p % slots: full-attention layers get a slot per position of the
+    context, sliding-window layers a ring of `sliding_window` slots (all the window can ever see).
+    """
+
+    keys: jax.Array  # [B, slots, kv_heads, head_dim]
+    values: jax.Array  # [B, slots, kv_heads, head_dim]
+    positions: jax.Array  # [B, slots] int32
+    # Known empty at trace time (a fresh cache): a prefill then attends to its own tokens only.
+    empty: bool = False
+
+    def group(self, index: jax.Array, empty: bool) -> "LayerCache":
+        """One layer group's slice of a cache stacked over groups."""
+        return LayerCache(self.keys[index], self.values[index], self.positions[index], empty)
+
+    def with_group(self, index: jax.Array, one: "LayerCache") -> "LayerCache":
+        """This stacked cache with group `index` replaced by `one` (in place under jit)."""
+        return LayerCache(
+            self.keys.at[index].set(one.keys),
+            self.values.at[index].set(one.values),
+            self.positions.at[index].set(one.positions),
+        )
+
+    def write(self, keys: jax.Array, values: jax.Array, positions: jax.Array) -> "LayerCache":
+        """Store new tokens (positions -1 are padding and stored nowhere); the latest token wins a slot."""
+        batch, slots = self.positions.shape
+        rows = jnp.arange(batch)[:, None]
+        slot = jnp.where(positions >= 0, positions % slots, slots)  # slot `slots` is dropped
+        if positions.shape[1] == 1:  # decode: one token per row, an in-place scatter
+            return LayerCache(
+                self.keys.at[rows, slot].set(keys.astype(self.keys.dtype), mode="drop"),
+                self.values.at[rows, slot].set(values.astype(self.values.dtype), mode="drop"),
+                self.positions.at[rows, slot].set(positions, mode="drop"),
+            )
+        # Several tokens may map to one ring slot: pick, per slot, the latest one, then gather.
+        steps = jnp.broadcast_to(jnp.arange(positions.shape[1]), positions.shape)
+        winner = jnp.full((batch, slots + 1), -1).at[rows, slot].max(jnp.where(positions >= 0, steps, -1))[:, :slots]
+        taken = winner >= 0
+        source = jnp.maximum(winner, 0)
+
+        def gather(new: jax.Array, old: jax.Array) -> jax.Array:
+            picked = jnp.take_along_axis(new, source[:, :, None, None], axis=1).astype(old.dtype)
+            return jnp.where(taken[:, :, None, None], picked, old)
+
+        return LayerCache(
+            gather(keys, self.keys),
+            gather(values, self.values),
+            jnp.where(taken, jnp.take_along_axis(positions, source, axis=1), self.positions),
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """The whole model's cache: per position in the layer pattern, a LayerCache stacked over layer groups."""
+
+    layers: tuple[LayerCache, ...]
+
+    @classmethod
+    def create(
+        cls, config: GptOssConfig, batch: int, length: int, dtype: str = "bfloat16", mesh=None
+    ) -> "KVCache":
+        """An empty cache for sequences of at most `length` positions (sharded over `mesh` if given)."""
+
+        def filled(shape, value, array_dtype, axes):
+            device = None if mesh is None else NamedSharding(mesh, spec_for(axes, shape, mesh, "KV cache"))
+            return jnp.full(shape, value, array_dtype, device=device)
+
+        layers = []
+        for kind in config.layer_pattern:
+            slots = min(length, config.sliding_window) if kind == SLIDING else length
+            shape = (config.num_groups, batch, slots, config.num_kv_heads, config.head_dim)
+            layers.append(
+                LayerCache(
+                    filled(shape, 0, DTYPES[dtype], CACHE_AXES),
+                    filled(shape, 0, DTYPES[dtype], CACHE_AXES),
+                    filled(shape[:3], -1, jnp.int32, CACHE_AXES[:2]),
+                    empty=True,
+                )
+            )
+        return cls(tuple(layers))
+

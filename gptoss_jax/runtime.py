@@ -1,0 +1,148 @@
+"""The one place that decides which algorithm runs where.
+
+A `Runtime` names the platform the model's programs are compiled for (taken from the devices or mesh
+the model is placed on, never from `jax.default_backend()`, which stays "cpu" while compiling ahead of
+time for a TPU or GPU), which kernels exist there, and the knobs a user or a test may force: the expert
+algorithm and the attention block sizes. Models carry one (`model.runtime`); generators, trainers and
+the bench use the model's. Environment variables are user overrides, read here and nowhere else:
+
+  GPTOSS_JAX_KERNELS=0          do not use the CPU kernels (XLA's paths everywhere)
+  GPTOSS_JAX_EXPERT_PATH=NAME   force an expert algorithm (one of EXPERT_PATHS)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Sequence
+
+import jax
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+# How the experts run (see `Runtime.expert_path_for`); "auto" lets the runtime choose per shape.
+EXPERT_PATHS = ("auto", "fused", "sorted", "gathered", "tiled", "grouped")
+# Paths that need the CPU kernels.
+KERNEL_EXPERT_PATHS = ("fused", "sorted")
+
+# Up to this many (token, expert) pairs per expert on average, the fused kernel (reading packed bytes
+# once per step) beats decoding them for a matmul: float32 rows against the tiled path; bf16 rows (two
+# products an instruction) against the sorted kernel, measured even at 8 on an AVX512-BF16 machine.
+FUSED_MAX_PAIRS_PER_EXPERT = 2
+FUSED_MAX_PAIRS_PER_EXPERT_BF16 = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Where the model runs and how: a static, hashable value (changing it recompiles)."""
+
+    platform: str = "cpu"
+    # The CPU kernel build in use (its variant's name, e.g. "avx512bf16"), or None for XLA's paths.
+    cpu_kernels: str | None = None
+    # Whether that build multiplies bf16 pairs in hardware (AVX512-BF16): the grouped kernel and the
+    # wider fused range pay off only then.
+    bf16_products: bool = False
+    expert_path: str = "auto"
+    # A long sequence attending to itself runs this many queries a block: a block's scores stay in
+    # cache (on a CPU, 32 queries of a 512-token prompt ran attention over 2x faster than 256) ...
+    attention_block: int = 32
+    # ... and full-attention layers walk the keys this many at a time (an online softmax).
+    key_block: int = 256
+
+    def __post_init__(self):
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"runtime platform must be one of {PLATFORMS}, got {self.platform!r}")
+        if self.expert_path not in EXPERT_PATHS:
+            raise ValueError(f"expert_path must be one of {EXPERT_PATHS}, got {self.expert_path!r}")
+        if self.expert_path in KERNEL_EXPERT_PATHS and self.cpu_kernels is None:
+            raise ValueError(f"expert_path {self.expert_path!r} needs the CPU kernels, which this runtime lacks")
+        if self.cpu_kernels is not None and self.platform != "cpu":
+            raise ValueError(f"the CPU kernels cannot run on platform {self.platform!r}")
+
+    @classmethod
+    def for_platform(cls, platform: str, *, kernels: bool = True, **options) -> "Runtime":
+        """The runtime for `platform` with its kernels (built now, outside any trace, if they must be).
+
+        kernels=False, or GPTOSS_JAX_KERNELS=0 in the environment, keeps to XLA's own paths.
+        """
+        platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+        if os.environ.get("GPTOSS_JAX_EXPERT_PATH") and "expert_path" not in options:
+            options["expert_path"] = os.environ["GPTOSS_JAX_EXPERT_PATH"]
+        if platform == "cpu" and kernels and os.environ.get("GPTOSS_JAX_KERNELS", "1") != "0":
+            build = _cpu_kernel_build()
+            if build is not None:
+                return cls("cpu", cpu_kernels=build[0], bf16_products=build[1], **options)
+        return cls(platform, **options)
+
+    @classmethod
+    def for_devices(cls, devices: Sequence[jax.Device], **options) -> "Runtime":
+        """The runtime for programs placed on `devices` (a mesh's devices, or abstract TPU/GPU ones)."""
+        platforms = {device.platform for device in devices}
+        if len(platforms) != 1:
+            raise ValueError(f"devices of one platform expected, got {sorted(platforms)}")
+        return cls.for_platform(platforms.pop(), **options)
+
+    @classmethod
+    def default(cls) -> "Runtime":
+        """The runtime for jax's default devices (what an unplaced model runs on)."""
+        return _default_runtime()
+
+    def on(self, devices: Sequence[jax.Device]) -> "Runtime":
+        """This runtime's choices, moved to `devices` (a forced kernel path that cannot run there is dropped;
+        a runtime told to do without the CPU kernels still does)."""
+        kept = {"attention_block": self.attention_block, "key_block": self.key_block}
+        runtime = Runtime.for_devices(devices, kernels=self.cpu_kernels is not None or self.platform != "cpu", **kept)
+        if self.expert_path in KERNEL_EXPERT_PATHS and runtime.cpu_kernels is None:
+            return runtime
+        return dataclasses.replace(runtime, expert_path=self.expert_path)
+
+    def replace(self, **changes) -> "Runtime":
+        return dataclasses.replace(self, **changes)
+
+    def without_kernels(self) -> "Runtime":
+        """The same choices on XLA's own paths (a forced kernel path falls back to "auto")."""
+        path = "auto" if self.expert_path in KERNEL_EXPERT_PATHS else self.expert_path
+        return dataclasses.replace(self, cpu_kernels=None, bf16_products=False, expert_path=path)
+
+    @property
+    def whole_stacks(self) -> bool:
+        """Whether the layer scan passes the big stacked weights whole (with the layer's index) instead of
+        slicing a layer out per step: the CPU kernels read a layer in place, where XLA's slice copies it."""
+        return self.cpu_kernels is not None
+
+    def expert_path_for(self, pairs: int, num_experts: int, *, packed: bool, bf16: bool, adapters: bool) -> str:
+        """How the experts run for `pairs` (token, chosen expert) pairs.
+
+        fused: CPU kernels, MXFP4 weights, decode-sized batches; one kernel reads each chosen expert's
+          packed bytes once and applies them to every token that chose it.
+        sorted: CPU kernels that multiply bf16 in hardware, MXFP4 weights, bf16, more pairs (prefill,
+          training without expert adapters): pairs sorted by expert, one grouped kernel call a projection.
+        gathered: few pairs elsewhere; each pair decodes its expert's weights.
+        tiled: CPU otherwise: pairs sorted by expert in tiles of one expert each; a tile decodes its
+          expert's weights and runs the expert MLP (XLA's CPU ragged_dot computes every group for every row).
+        grouped: GPU and TPU: jax.lax.ragged_dot over all experts' decoded weights.
+        """
+        if self.expert_path != "auto" and (packed or self.expert_path not in KERNEL_EXPERT_PATHS):
+            return self.expert_path
+        kernels = self.cpu_kernels is not None and packed
+        bf16_kernels = kernels and bf16 and self.bf16_products
+        fused_limit = FUSED_MAX_PAIRS_PER_EXPERT_BF16 if bf16_kernels else FUSED_MAX_PAIRS_PER_EXPERT
+        if kernels and pairs <= fused_limit * num_experts:
+            return "fused"
+        if bf16_kernels and not adapters:
+            return "sorted"
+        if pairs <= num_experts:
+            return "gathered"
+        return "tiled" if self.platform == "cpu" else "grouped"
+
+
+def _cpu_kernel_build() -> tuple[str, bool] | None:
+    """(variant, bf16 products) of the CPU kernels usable here, or None (a notice says why)."""
+    from gptoss_jax.backends import cpu
+
+    return cpu.load_kernels()
+
+
+@functools.cache
+def _default_runtime() -> Runtime:
+    return Runtime.for_devices(jax.devices())
