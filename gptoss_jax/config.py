@@ -14,6 +14,17 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 # How expert weights are held: packed as released (decoded inside the forward), or dense bf16.
 EXPERT_FORMATS = ("mxfp4", "bfloat16")
+# What loading, training and export accept: "auto" keeps the format the checkpoint stores (nothing lossy
+# unless asked for: MXFP4 stays packed, bf16 experts stay bf16).
+AUTO = "auto"
+EXPERT_CHOICES = (AUTO, *EXPERT_FORMATS)
+
+
+def check_experts(experts: str, name: str = "experts") -> str:
+    """`experts` if it is one of EXPERT_CHOICES, else a ConfigError naming the field."""
+    if experts not in EXPERT_CHOICES:
+        raise ConfigError(f"{name} must be one of {', '.join(EXPERT_CHOICES)}, got {experts!r}")
+    return experts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,3 +55,22 @@ def harmony_checkpoint(tmp_path_factory):
 def long_tokens() -> np.ndarray:
     """Two sequences of 72 tokens: four and a half sliding windows of the tiny model."""
     return np.random.default_rng(1).integers(0, TINY.vocab_size, size=(2, 72)).astype(np.int32)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip, saying why, the tests this host cannot run: on a GPU or TPU host the CPU kernels' tests, and
+    wherever the kernels are turned off (GPTOSS_JAX_KERNELS=0, the suite's run without them)."""
+    if not any(item.get_closest_marker("cpu_kernels") for item in items):
+        return
+    from gptoss_jax.runtime import Runtime
+
+    runtime = Runtime.default()
+    if runtime.cpu_kernels is not None:
+        return
+    if runtime.platform != "cpu":
+        reason = f"needs the CPU kernels; jax's platform here is {runtime.platform}"
+    else:
+        reason = "needs the CPU kernels, which are off or could not be built here (see the notice above)"
+    for item in items:
+        if item.get_closest_marker("cpu_kernels"):
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def run_bench(*args: str) -> dict:
     result = subprocess.run(
@@ -15,6 +17,7 @@ def run_bench(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.peer
 def test_bench_beside_transformers_reports_both_and_their_ratio():
     report = run_bench(
         "--preset", "tiny", "--batch", "1", "--batch", "2", "--prompt-length", "32", "--new-tokens", "5",

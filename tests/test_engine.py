@@ -13,6 +13,8 @@ import gptoss_jax
 from gptoss_jax.inference.engine import GenerationError, Generator
 from gptoss_jax.inference.sampling import SamplingParams
 
+pytestmark = pytest.mark.peer  # compares with transformers / OpenAI's reference (torch on the CPU)
+
 GREEDY = SamplingParams(temperature=0)
 
 

@@ -23,6 +23,8 @@ from test_sft import make_config
 from train import export, sft
 from train.config import OptimizerConfig
 
+pytestmark = pytest.mark.peer  # compares with transformers / OpenAI's reference (torch on the CPU)
+
 TOKENS = np.random.default_rng(5).integers(0, 201088, size=(2, 40)).astype(np.int32)
 
 
@@ -72,8 +74,14 @@ def test_exported_bfloat16_experts_match_transformers_and_the_adapted_model(
 ):
     out = export.export(harmony_checkpoint, trained_run, tmp_path / "out", experts="bfloat16")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
-    ours = np.asarray(gptoss_jax.load(out, dtype="float32", experts="bfloat16")(TOKENS))
+    # Loaded with the default arguments (but the dtype): the bf16 experts stay bf16, nothing is re-quantized.
+    model = gptoss_jax.load(out, dtype="float32")
+    assert model.experts == "bfloat16"
+    ours = np.asarray(model(TOKENS))
     assert relative_error(ours, transformers_logits(out, TOKENS, torch.float32)) <= 1e-4
+    # Quantizing is still there when asked for, and it is lossy.
+    requantized = np.asarray(gptoss_jax.load(out, dtype="float32", experts="mxfp4")(TOKENS))
+    assert relative_error(requantized, ours) > 1e-3
     expected = np.asarray(export.load_trained(harmony_checkpoint, trained_run, dtype="float32")(TOKENS))
     base = np.asarray(gptoss_jax.load(harmony_checkpoint, dtype="float32")(TOKENS))
     # Merged weights rounded to bf16 stay far closer to the adapted model than the base is.
@@ -111,7 +119,7 @@ def test_export_errors_are_one_line_and_leave_nothing(tmp_path, harmony_checkpoi
 
 def test_a_full_fine_tuning_run_exports_every_trained_weight(tmp_path, harmony_checkpoint, harmony_vocab_dir):
     config = make_config(
-        tmp_path / "full", harmony_checkpoint, steps=2, lora=None, experts="bfloat16",
+        tmp_path / "full", harmony_checkpoint, steps=2, lora=None,  # experts auto: decoded to bf16 to train
         optimizer=OptimizerConfig(learning_rate=1e-3),
     )  # fmt: skip
     trained = sft.train(config, progress=False).model()

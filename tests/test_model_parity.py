@@ -14,6 +14,8 @@ import gptoss_jax
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.runtime import Runtime
 
+pytestmark = pytest.mark.peer  # compares with transformers / OpenAI's reference (torch on the CPU)
+
 
 def forced(**choices) -> Runtime:
     """This machine's runtime with some choices forced."""
@@ -61,7 +63,7 @@ def test_both_layouts_and_the_single_file_give_the_same_logits(
     np.testing.assert_array_equal(hub, single)
 
 
-@pytest.mark.parametrize("path", ["fused", "gathered"])
+@pytest.mark.parametrize("path", [pytest.param("fused", marks=pytest.mark.cpu_kernels), "gathered"])
 def test_each_few_token_expert_path_matches_transformers(hub_checkpoint, tiny_config, path):
     # Decoding: the CPU kernel reading the chosen experts' packed bytes, or XLA decoding just those experts.
     tokens = np.array([[5, 300, 17]], dtype=np.int32)
@@ -97,7 +99,7 @@ def test_bfloat16_experts_decoded_at_load_give_the_packed_models_logits(hub_chec
     np.testing.assert_allclose(np.asarray(dense(long_tokens)), np.asarray(packed(long_tokens)), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["sorted", "tiled"])
+@pytest.mark.parametrize("path", [pytest.param("sorted", marks=pytest.mark.cpu_kernels), "tiled"])
 def test_bfloat16_path_is_as_accurate_as_transformers_in_bfloat16(hub_checkpoint, long_tokens, reference_fp32, path):
     # bf16 prompts on CPUs with AVX512-BF16 run the sorted kernel path; the tiled one runs elsewhere and
     # for expert adapters.

@@ -10,6 +10,8 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from gptoss_jax import mxfp4
 
+pytestmark = pytest.mark.peer  # compares with transformers / OpenAI's reference (torch on the CPU)
+
 
 def _bits(x):
     """Bit patterns of a float array (so -0 != +0 and comparisons are exact)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,3 +34,35 @@ def test_the_notebook_runs_to_the_end(path, harmony_checkpoint, harmony_vocab_di
     client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # a failing cell raises CellExecutionError, naming the cell and showing its traceback
     assert notebook.cells[-1].outputs[0]["text"].strip() == sys.executable
+
+
+def install_cell(path: Path) -> str:
+    """The notebook's first code cell: the one that installs gptoss_jax where it is missing."""
+    return next(cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code")
+
+
+def test_every_notebook_installs_the_same_way_without_a_placeholder():
+    cells = {install_cell(path) for path in NOTEBOOKS}
+    assert len(cells) == 1
+    assert "OWNER" not in cells.pop()
+
+
+def test_the_install_cell_says_what_to_do_when_there_is_nothing_to_install_from(tmp_path):
+    # An interpreter without site-packages (-S) and without this folder on its path (-I) lacks gptoss_jax,
+    # as a fresh Colab runtime does; there is no GPTOSS_JAX_SOURCE, wheel or clone to install from.
+    env = {key: value for key, value in os.environ.items() if key != "GPTOSS_JAX_SOURCE"}
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", install_cell(NOTEBOOKS[0])], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "RuntimeError: gptoss_jax is not installed: set GPTOSS_JAX_SOURCE (e.g. git+https://github.com/<you>/gptoss_jax), "
+        "upload a gptoss_jax-*.whl to /content, or clone the repository to /content/gptoss_jax"
+    )
+    # Given a source, it hands it to pip (a wheel that does not exist here, so pip fails and installs nothing).
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", install_cell(NOTEBOOKS[0])], capture_output=True, text=True, cwd=tmp_path,
+        env={**env, "GPTOSS_JAX_SOURCE": str(tmp_path / "gptoss_jax-0.1.0-py3-none-any.whl")},
+    )  # fmt: skip
+    wheel = tmp_path / "gptoss_jax-0.1.0-py3-none-any.whl"
+    assert result.returncode == 1 and f"Requirement '{wheel}'" in result.stderr and "CalledProcessError" in result.stderr

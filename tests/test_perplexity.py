@@ -14,6 +14,8 @@ from transformers import GptOssForCausalLM
 from eval.perplexity import LOGIT_CHUNK
 from gptoss_jax import harmony
 
+pytestmark = pytest.mark.peer  # compares with transformers / OpenAI's reference (torch on the CPU)
+
 TEXT = 3 * (
     "The quick brown fox jumps over the lazy dog. Perplexity measures how well a language model predicts a "
     "sample of text; lower is better. This text spans two windows, so the last one is only partly filled, "

@@ -156,5 +156,7 @@ def test_config_overrides_and_number_parsing(tmp_path):
     assert parsed.lora == LoRAConfig(rank=16, targets=("q", "v"))
     with pytest.raises(ConfigError, match="config key 'steps': expected int, got 'many'"):
         read_config(SFTConfig, config, ["steps=many"])
-    with pytest.raises(ConfigError, match="full fine-tuning .* needs experts: bfloat16"):
-        read_config(SFTConfig, config, ["lora=null"])
+    with pytest.raises(ConfigError, match="full fine-tuning .* needs experts: bfloat16 or auto"):
+        read_config(SFTConfig, config, ["lora=null", "experts=mxfp4"])
+    with pytest.raises(ConfigError, match="experts must be one of auto, mxfp4, bfloat16, got 'fp8'"):
+        read_config(SFTConfig, config, ["experts=fp8"])

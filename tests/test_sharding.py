@@ -78,6 +78,7 @@ def single_device(hub_checkpoint, long_tokens):
     )
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_model_matches_one_device_and_splits_the_experts(
     mesh, hub_checkpoint, long_tokens, single_device, tmp_path
@@ -89,7 +90,7 @@ def test_sharded_model_matches_one_device_and_splits_the_experts(
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
@@ -137,6 +138,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.devices
 def test_two_processes_generate_what_one_process_does(hub_checkpoint):
     # Two local processes of 4 CPU devices each form one 8-device mesh through jax.distributed.
     common = [
@@ -144,7 +146,7 @@ def test_two_processes_generate_what_one_process_does(hub_checkpoint):
         "--max-new-tokens", "6", "--temperature", "0", "--dtype", "float32", "--json",
     ]
     coordinator = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     processes = [
         subprocess.Popen(
             [*common, "--mesh", "expert=4,tensor=2", "--coordinator", coordinator, "--num-processes", "2",

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from gptoss_jax.config import AUTO, check_experts
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import LoRAConfig
 
@@ -47,9 +48,9 @@ class SFTConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_length: int = 2048  # longer conversations are skipped (and counted)
     dtype: str = "bfloat16"  # compute dtype and frozen weights; trained weights are float32
-    experts: str = "mxfp4"  # frozen experts kept packed, or "bfloat16"
+    experts: str = "auto"  # as the checkpoint stores them (MXFP4 stays packed), or "bfloat16" / "mxfp4"
     reasoning_effort: str = "medium"  # the system message's, for conversations that do not set their own
-    lora: LoRAConfig | None = LoRAConfig()  # null: full fine-tuning (every weight; needs experts: bfloat16)
+    lora: LoRAConfig | None = LoRAConfig()  # null: full fine-tuning (every weight; experts held in bf16)
     optimizer: OptimizerConfig = OptimizerConfig()
     save_every: int = 50
     keep: int = 3  # checkpoints kept
@@ -60,8 +61,18 @@ class SFTConfig:
         for name in ("steps", "batch_size", "grad_accum", "max_length", "save_every", "keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lora is None and self.experts != "bfloat16":
-            raise ConfigError("full fine-tuning (lora: null) needs experts: bfloat16 (MXFP4 bytes cannot be trained)")
+        check_full_run_experts(self.lora is None, check_experts(self.experts))
+
+
+def check_full_run_experts(full: bool, experts: str) -> None:
+    """Full fine-tuning trains the experts, which packed MXFP4 bytes cannot be."""
+    if full and experts == "mxfp4":
+        raise ConfigError("full fine-tuning (lora: null) needs experts: bfloat16 or auto (MXFP4 bytes cannot be trained)")
+
+
+def experts_to_load(full: bool, experts: str) -> str:
+    """The `experts` argument for loading a run's base: a full run decodes MXFP4 to bf16 (exact)."""
+    return "bfloat16" if full and experts == AUTO else experts
 
 
 def run_arguments(argv: list[str] | None, prog: str, doc: str, example: str) -> argparse.Namespace:

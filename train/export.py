@@ -28,16 +28,16 @@ import gptoss_jax
 from eval.common import run_command
 from gptoss_jax import harmony, mxfp4
 from gptoss_jax.checkpoint import names
-from gptoss_jax.checkpoint.load import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
+from gptoss_jax.checkpoint.names import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
 from gptoss_jax.checkpoint.reader import HUB_INDEX, HUB_PATTERNS, TensorSource, open_checkpoint
 from gptoss_jax.checkpoint.writer import hub_config_json, write_hub_shards
+from gptoss_jax.config import AUTO, EXPERT_CHOICES, check_experts
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import LoRAConfig, add_lora, merged_update
 from gptoss_jax.nn import GptOss
-from train.config import from_dict
+from train.config import experts_to_load, from_dict
 from train.loop import restore_params
 
-EXPERT_FORMATS = ("mxfp4", "bfloat16")
 # The weight each LoRA target adapts, as a model parameter path (the loader's tables name its tensors).
 TARGET_PARAMS = {
     "q": ("attn", "q_proj"),
@@ -84,7 +84,9 @@ def load_trained(
     """The base model with a run's training applied (adapters kept separate, not merged): to chat with or
     evaluate a fine-tuned model without exporting it."""
     lora = _run_lora(Path(run_dir))
-    model = gptoss_jax.load(base, dtype=dtype, experts="mxfp4" if lora is not None else "bfloat16", mesh=mesh)
+    # As the run held them: a LoRA run's frozen experts in its `experts` setting; a full run trains them dense.
+    experts = experts_to_load(lora is None, _run_config(Path(run_dir)).get("experts", AUTO))
+    model = gptoss_jax.load(base, dtype=dtype, experts=experts, mesh=mesh)
     return _restore_run(model, Path(run_dir), lora, step)[0]
 
 
@@ -100,6 +102,8 @@ class _Trained:
         self.model, self.params, self.step = _restore_run(abstract, run_dir, self.lora, step)
         # hub name -> a function making the (unquantized, float32) weight it should now hold, or None
         self.changed: dict[str, Callable[[], np.ndarray | None]] = {}
+        # Whether the run changed expert weights (a full run, or adapters on mlp1/mlp2).
+        self.trained_experts = self.lora is None or bool({"mlp1", "mlp2"} & set(self.lora.targets))
         if self.lora is None:
             self._map_full_run()
         else:
@@ -206,15 +210,25 @@ def export(
     run_dir: str | Path,
     out: str | Path,
     *,
-    experts: str = "mxfp4",
+    experts: str = AUTO,
     step: int | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the base checkpoint with the run's training applied to `out` (hub layout); returns `out`."""
-    if experts not in EXPERT_FORMATS:
-        raise ConfigError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
+    """Write the base checkpoint with the run's training applied to `out` (hub layout); returns `out`.
+
+    experts: "auto" (default) stores them as the base does (MXFP4 for the released checkpoints, bf16 for a
+    bf16 base); "bfloat16" keeps trained experts exact; "mxfp4" quantizes (a notice says when that rounds
+    weights the run trained)."""
     source = open_checkpoint(base)
+    if check_experts(experts) == AUTO:
+        experts = "bfloat16" if source.dense_experts else "mxfp4"
     trained = _Trained(source, Path(run_dir), step)
+    if experts == "mxfp4" and trained.trained_experts:
+        print(
+            "note: the run's trained expert weights are rounded to MXFP4 (the base's format); "
+            "--experts bfloat16 keeps them exact",
+            file=sys.stderr,
+        )
     return write_hub_shards(
         out,
         _config_json(source, experts),
@@ -229,7 +243,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base", required=True, help="the checkpoint the run started from (folder or hub repo id)")
     parser.add_argument("--adapters", required=True, help="the run directory (holds config.yaml and checkpoints/)")
     parser.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
-    parser.add_argument("--experts", default="mxfp4", help="mxfp4 (as released) or bfloat16")
+    parser.add_argument(
+        "--experts", default=AUTO, choices=EXPERT_CHOICES,
+        help="auto: as the base stores them (MXFP4 for the released models); bfloat16 keeps trained experts exact",
+    )  # fmt: skip
     parser.add_argument("--step", type=int, help="which checkpoint of the run (default: the latest)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return parser.parse_args(argv)

@@ -33,7 +33,8 @@ from gptoss_jax import harmony
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import LoRAConfig, adapters_off
 from gptoss_jax.inference.sampling import SamplingParams
-from train.config import OptimizerConfig, read_config, run_arguments, to_dict
+from gptoss_jax.config import check_experts
+from train.config import OptimizerConfig, check_full_run_experts, read_config, run_arguments, to_dict
 from train.data import DataError, example_order, read_jsonl
 from train.loop import MetricsLog, Trainer
 from train.rewards import Sample, arithmetic_task, load_reward, score
@@ -69,7 +70,7 @@ class GRPOConfig:
     micro_batch: int = 8  # completions per micro-batch of the training step
     router_replay: bool = True
     dtype: str = "bfloat16"
-    experts: str = "mxfp4"
+    experts: str = "auto"  # as the checkpoint stores them (MXFP4 stays packed), or "bfloat16" / "mxfp4"
     lora: LoRAConfig | None = LoRAConfig()
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5)
     save_every: int = 20
@@ -89,8 +90,7 @@ class GRPOConfig:
                 f"micro_batch={self.micro_batch} must divide prompts_per_step * num_generations = "
                 f"{self.prompts_per_step * self.num_generations}"
             )
-        if self.lora is None and self.experts != "bfloat16":
-            raise ConfigError("full fine-tuning (lora: null) needs experts: bfloat16 (MXFP4 bytes cannot be trained)")
+        check_full_run_experts(self.lora is None, check_experts(self.experts))
 
     @property
     def policy_loss(self) -> PolicyLoss:

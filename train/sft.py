@@ -24,7 +24,7 @@ from eval.common import RANDOM, run_command, write_random_checkpoint
 from gptoss_jax import harmony, sharding
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.lora import add_lora
-from train.config import SFTConfig, read_config, run_arguments, to_dict
+from train.config import SFTConfig, experts_to_load, read_config, run_arguments, to_dict
 from train.data import example_order, load_dataset, make_batch
 from train.loop import MetricsLog, Trainer
 
@@ -49,7 +49,8 @@ def base_checkpoint(config: SFTConfig) -> Path:
 def build_model(config: SFTConfig, checkpoint: Path) -> gptoss_jax.GptOss:
     """The base model with fresh adapters (or, for full fine-tuning, as loaded)."""
     mesh = sharding.make_mesh(config.mesh) if config.mesh else None
-    model = gptoss_jax.load(checkpoint, dtype=config.dtype, experts=config.experts, mesh=mesh)
+    experts = experts_to_load(config.lora is None, config.experts)
+    model = gptoss_jax.load(checkpoint, dtype=config.dtype, experts=experts, mesh=mesh)
     return model if config.lora is None else add_lora(model, config.lora, seed=config.seed)
 
 

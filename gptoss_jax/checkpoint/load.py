@@ -18,57 +18,26 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax import mxfp4
+from gptoss_jax.checkpoint.names import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
 from gptoss_jax.checkpoint.reader import MemorySource, TensorSource, open_checkpoint
-from gptoss_jax.config import GptOssConfig
+from gptoss_jax.config import AUTO, GptOssConfig, check_experts
 from gptoss_jax.nn import GptOss
 from gptoss_jax.runtime import Runtime
 from gptoss_jax.sharding import set_mesh, spec_for
 
-# Model parameter path -> hub tensor name. Per-layer names carry `{n}`, the layer index.
-TOP_LEVEL = {
-    ("embed",): "model.embed_tokens.weight",
-    ("norm", "scale"): "model.norm.weight",
-    ("unembed",): "lm_head.weight",
-}
-PER_LAYER = {
-    ("attn_norm", "scale"): "model.layers.{n}.input_layernorm.weight",
-    ("attn", "q_proj"): "model.layers.{n}.self_attn.q_proj.weight",
-    ("attn", "q_bias"): "model.layers.{n}.self_attn.q_proj.bias",
-    ("attn", "k_proj"): "model.layers.{n}.self_attn.k_proj.weight",
-    ("attn", "k_bias"): "model.layers.{n}.self_attn.k_proj.bias",
-    ("attn", "v_proj"): "model.layers.{n}.self_attn.v_proj.weight",
-    ("attn", "v_bias"): "model.layers.{n}.self_attn.v_proj.bias",
-    ("attn", "o_proj"): "model.layers.{n}.self_attn.o_proj.weight",
-    ("attn", "o_bias"): "model.layers.{n}.self_attn.o_proj.bias",
-    ("attn", "sinks"): "model.layers.{n}.self_attn.sinks",
-    ("mlp_norm", "scale"): "model.layers.{n}.post_attention_layernorm.weight",
-    ("mlp", "router"): "model.layers.{n}.mlp.router.weight",
-    ("mlp", "router_bias"): "model.layers.{n}.mlp.router.bias",
-    ("mlp", "mlp1", "blocks"): "model.layers.{n}.mlp.experts.gate_up_proj_blocks",
-    ("mlp", "mlp1", "scales"): "model.layers.{n}.mlp.experts.gate_up_proj_scales",
-    ("mlp", "mlp1_bias"): "model.layers.{n}.mlp.experts.gate_up_proj_bias",
-    ("mlp", "mlp2", "blocks"): "model.layers.{n}.mlp.experts.down_proj_blocks",
-    ("mlp", "mlp2", "scales"): "model.layers.{n}.mlp.experts.down_proj_scales",
-    ("mlp", "mlp2_bias"): "model.layers.{n}.mlp.experts.down_proj_bias",
-}
-# Dense experts (experts="bfloat16") are decoded from the packed pair once, at load.
-DENSE_EXPERTS = {
-    ("mlp", "mlp1", "weight"): ("mlp", "mlp1"),
-    ("mlp", "mlp2", "weight"): ("mlp", "mlp2"),
-}
-
-
 def load(
     path_or_repo_id: str | Path,
     dtype: str = "bfloat16",
-    experts: str = "mxfp4",
+    experts: str = AUTO,
     mesh: Mesh | None = None,
     runtime: Runtime | None = None,
 ) -> GptOss:
     """Load a gpt-oss checkpoint: a hub-layout folder, an original-layout folder, or a hub repo id.
 
     dtype: "float32" (for exactness checks) or "bfloat16" (for speed): the dense weights and compute.
-    experts: "mxfp4" keeps expert weights packed (decoded inside the forward); "bfloat16" decodes at load.
+    experts: "auto" (the default) keeps them as the checkpoint stores them: MXFP4 stays packed (decoded
+    inside the forward), bf16 stays bf16. "bfloat16" decodes MXFP4 at load (exact); "mxfp4" quantizes bf16
+    experts at load (lossy: only when asked for).
     mesh: place every tensor straight into its sharding (gptoss_jax.sharding); each device receives only
     its shard of each tensor as it is read.
     runtime: where the model runs and which algorithms it uses (gptoss_jax.Runtime); default: decided
@@ -78,7 +47,7 @@ def load(
 
 
 def from_tensors(
-    config: GptOssConfig, tensors: dict[str, np.ndarray], dtype: str = "bfloat16", experts: str = "mxfp4", mesh=None
+    config: GptOssConfig, tensors: dict[str, np.ndarray], dtype: str = "bfloat16", experts: str = AUTO, mesh=None
 ) -> GptOss:
     """A model from hub-named tensors in memory (e.g. `random_hub_tensors(config)`), as `load` builds it."""
     return load_source(MemorySource(config, tensors), dtype, experts, mesh)
@@ -89,6 +58,8 @@ def load_source(
 ) -> GptOss:
     """Build the model abstractly, then stream each parameter in from `source`."""
     config = source.config
+    if check_experts(experts) == AUTO:
+        experts = stored_experts(source)
     runtime = Runtime.default() if runtime is None else runtime  # decided here, outside any trace
     abstract = nnx.eval_shape(lambda: GptOss(config, dtype=dtype, experts=experts, runtime=runtime, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -116,6 +87,11 @@ def load_source(
     if source.layout != "memory":
         model.checkpoint_dir = str(source.directory)  # where tokenizer files next to the weights can be found
     return model if mesh is None else set_mesh(model, mesh)
+
+
+def stored_experts(source: TensorSource) -> str:
+    """The expert format `source` stores: "bfloat16" for dense experts, else "mxfp4"."""
+    return "bfloat16" if source.dense_experts else "mxfp4"
 
 
 def _sharding(mesh: Mesh | None, axes: tuple, shape: tuple, name: str) -> NamedSharding | None:

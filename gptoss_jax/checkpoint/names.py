@@ -28,35 +28,72 @@ UINT8 = "uint8"
 Shapes = dict[str, tuple[tuple[int, ...], str]]
 
 
+# Model parameter path -> hub tensor name. Per-layer names carry `{n}`, the layer index.
+TOP_LEVEL = {
+    ("embed",): "model.embed_tokens.weight",
+    ("norm", "scale"): "model.norm.weight",
+    ("unembed",): "lm_head.weight",
+}
+PER_LAYER = {
+    ("attn_norm", "scale"): "model.layers.{n}.input_layernorm.weight",
+    ("attn", "q_proj"): "model.layers.{n}.self_attn.q_proj.weight",
+    ("attn", "q_bias"): "model.layers.{n}.self_attn.q_proj.bias",
+    ("attn", "k_proj"): "model.layers.{n}.self_attn.k_proj.weight",
+    ("attn", "k_bias"): "model.layers.{n}.self_attn.k_proj.bias",
+    ("attn", "v_proj"): "model.layers.{n}.self_attn.v_proj.weight",
+    ("attn", "v_bias"): "model.layers.{n}.self_attn.v_proj.bias",
+    ("attn", "o_proj"): "model.layers.{n}.self_attn.o_proj.weight",
+    ("attn", "o_bias"): "model.layers.{n}.self_attn.o_proj.bias",
+    ("attn", "sinks"): "model.layers.{n}.self_attn.sinks",
+    ("mlp_norm", "scale"): "model.layers.{n}.post_attention_layernorm.weight",
+    ("mlp", "router"): "model.layers.{n}.mlp.router.weight",
+    ("mlp", "router_bias"): "model.layers.{n}.mlp.router.bias",
+    ("mlp", "mlp1", "blocks"): "model.layers.{n}.mlp.experts.gate_up_proj_blocks",
+    ("mlp", "mlp1", "scales"): "model.layers.{n}.mlp.experts.gate_up_proj_scales",
+    ("mlp", "mlp1_bias"): "model.layers.{n}.mlp.experts.gate_up_proj_bias",
+    ("mlp", "mlp2", "blocks"): "model.layers.{n}.mlp.experts.down_proj_blocks",
+    ("mlp", "mlp2", "scales"): "model.layers.{n}.mlp.experts.down_proj_scales",
+    ("mlp", "mlp2_bias"): "model.layers.{n}.mlp.experts.down_proj_bias",
+}
+# A model holding dense experts (experts="bfloat16") has one weight where the checkpoint has the packed pair.
+DENSE_EXPERTS = {
+    ("mlp", "mlp1", "weight"): ("mlp", "mlp1"),
+    ("mlp", "mlp2", "weight"): ("mlp", "mlp2"),
+}
+
+
 def hub_tensor_shapes(config: GptOssConfig) -> Shapes:
     """Every tensor of the Hugging Face hub layout, name -> (shape, dtype name), in a stable order."""
     c = config
     h, i, e = c.hidden_size, c.intermediate_size, c.num_experts
     q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    out: Shapes = {"model.embed_tokens.weight": ((c.vocab_size, h), BF16)}
+    layer_shapes = {
+        ("attn_norm", "scale"): (h,),
+        ("attn", "q_proj"): (q_out, h),
+        ("attn", "q_bias"): (q_out,),
+        ("attn", "k_proj"): (kv_out, h),
+        ("attn", "k_bias"): (kv_out,),
+        ("attn", "v_proj"): (kv_out, h),
+        ("attn", "v_bias"): (kv_out,),
+        ("attn", "o_proj"): (h, q_out),
+        ("attn", "o_bias"): (h,),
+        ("attn", "sinks"): (c.num_heads,),
+        ("mlp_norm", "scale"): (h,),
+        ("mlp", "router"): (e, h),
+        ("mlp", "router_bias"): (e,),
+        ("mlp", "mlp1", "blocks"): (e, 2 * i, h // BLOCK_SIZE, BYTES_PER_BLOCK),
+        ("mlp", "mlp1", "scales"): (e, 2 * i, h // BLOCK_SIZE),
+        ("mlp", "mlp1_bias"): (e, 2 * i),
+        ("mlp", "mlp2", "blocks"): (e, h, i // BLOCK_SIZE, BYTES_PER_BLOCK),
+        ("mlp", "mlp2", "scales"): (e, h, i // BLOCK_SIZE),
+        ("mlp", "mlp2_bias"): (e, h),
+    }
+    out: Shapes = {TOP_LEVEL[("embed",)]: ((c.vocab_size, h), BF16)}
     for n in range(c.num_layers):
-        p = f"model.layers.{n}."
-        out[p + "input_layernorm.weight"] = ((h,), BF16)
-        out[p + "self_attn.q_proj.weight"] = ((q_out, h), BF16)
-        out[p + "self_attn.q_proj.bias"] = ((q_out,), BF16)
-        out[p + "self_attn.k_proj.weight"] = ((kv_out, h), BF16)
-        out[p + "self_attn.k_proj.bias"] = ((kv_out,), BF16)
-        out[p + "self_attn.v_proj.weight"] = ((kv_out, h), BF16)
-        out[p + "self_attn.v_proj.bias"] = ((kv_out,), BF16)
-        out[p + "self_attn.o_proj.weight"] = ((h, q_out), BF16)
-        out[p + "self_attn.o_proj.bias"] = ((h,), BF16)
-        out[p + "self_attn.sinks"] = ((c.num_heads,), BF16)
-        out[p + "post_attention_layernorm.weight"] = ((h,), BF16)
-        out[p + "mlp.router.weight"] = ((e, h), BF16)
-        out[p + "mlp.router.bias"] = ((e,), BF16)
-        out[p + "mlp.experts.gate_up_proj_blocks"] = ((e, 2 * i, h // BLOCK_SIZE, BYTES_PER_BLOCK), UINT8)
-        out[p + "mlp.experts.gate_up_proj_scales"] = ((e, 2 * i, h // BLOCK_SIZE), UINT8)
-        out[p + "mlp.experts.gate_up_proj_bias"] = ((e, 2 * i), BF16)
-        out[p + "mlp.experts.down_proj_blocks"] = ((e, h, i // BLOCK_SIZE, BYTES_PER_BLOCK), UINT8)
-        out[p + "mlp.experts.down_proj_scales"] = ((e, h, i // BLOCK_SIZE), UINT8)
-        out[p + "mlp.experts.down_proj_bias"] = ((e, h), BF16)
-    out["model.norm.weight"] = ((h,), BF16)
-    out["lm_head.weight"] = ((c.vocab_size, h), BF16)
+        for path, template in PER_LAYER.items():
+            out[template.format(n=n)] = (layer_shapes[path], UINT8 if path[-1] in ("blocks", "scales") else BF16)
+    out[TOP_LEVEL[("norm", "scale")]] = ((h,), BF16)
+    out[TOP_LEVEL[("unembed",)]] = ((c.vocab_size, h), BF16)
     return out
 
 
