@@ -55,6 +55,10 @@ class KernelStatus:
         return self.variant is not None
 
 
+class KernelsUnavailableWarning(UserWarning):
+    """The kernels could not be built or loaded here; the model runs XLA's paths (filter it to silence)."""
+
+
 # Libraries loaded into this process (kept referenced: XLA calls into them).
 _libraries: list[ctypes.CDLL] = []
 
@@ -73,7 +77,9 @@ def load_kernels() -> KernelStatus:
         library = ctypes.cdll.LoadLibrary(str(build.build(variant)))
     except (build.BuildError, OSError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        warnings.warn(f"gptoss_jax: CPU kernels unavailable ({reason}); using XLA's paths, decoding is slower", stacklevel=2)
+        message = f"CPU kernels unavailable ({reason}); using XLA's paths, decoding is slower"
+        # Attributed to the package, not a source line: the notice prints as one line.
+        warnings.warn_explicit(message, KernelsUnavailableWarning, filename="gptoss_jax", lineno=0)
         return KernelStatus(None, reason=reason)
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
