@@ -4,10 +4,12 @@ A `Runtime` names the platform the model's programs are compiled for (taken from
 the model is placed on, never from `jax.default_backend()`, which stays "cpu" while compiling ahead of
 time for a TPU or GPU), which kernels exist there, and the knobs a user or a test may force: the expert
 algorithm and the attention block sizes. Models carry one (`model.runtime`); generators, trainers and
-the bench use the model's. Environment variables are user overrides, read here and nowhere else:
+the bench use the model's. Environment variables are user overrides, read here and, for how the CPU
+kernels are built and loaded, in gptoss_jax.backends.cpu and nowhere else:
 
-  GPTOSS_JAX_KERNELS=0          do not use the CPU kernels (XLA's paths everywhere)
-  GPTOSS_JAX_EXPERT_PATH=NAME   force an expert algorithm (one of EXPERT_PATHS)
+  GPTOSS_JAX_EXPERT_PATH=NAME       force an expert algorithm (one of EXPERT_PATHS)
+  GPTOSS_JAX_KERNELS=0              do not use the CPU kernels (XLA's paths everywhere)
+  GPTOSS_JAX_KERNEL_VARIANT=NAME    the CPU kernels' build (see backends/cpu/build.py), not this CPU's best
 """
 
 from __future__ import annotations
@@ -68,10 +70,10 @@ class Runtime:
         platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
         if os.environ.get("GPTOSS_JAX_EXPERT_PATH") and "expert_path" not in options:
             options["expert_path"] = os.environ["GPTOSS_JAX_EXPERT_PATH"]
-        if platform == "cpu" and kernels and os.environ.get("GPTOSS_JAX_KERNELS", "1") != "0":
-            build = _cpu_kernel_build()
-            if build is not None:
-                return cls("cpu", cpu_kernels=build[0], bf16_products=build[1], **options)
+        if platform == "cpu" and kernels:
+            status = _cpu_kernel_status()
+            if status.available:
+                return cls("cpu", cpu_kernels=status.variant, bf16_products=status.bf16_products, **options)
         return cls(platform, **options)
 
     @classmethod
@@ -136,8 +138,8 @@ class Runtime:
         return "tiled" if self.platform == "cpu" else "grouped"
 
 
-def _cpu_kernel_build() -> tuple[str, bool] | None:
-    """(variant, bf16 products) of the CPU kernels usable here, or None (a notice says why)."""
+def _cpu_kernel_status():
+    """The CPU kernels usable here (cpu.KernelStatus: their variant, or why there is none)."""
     from gptoss_jax.backends import cpu
 
     return cpu.load_kernels()

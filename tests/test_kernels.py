@@ -1,11 +1,14 @@
-"""The CPU kernels (gptoss_jax/backends/cpu) against plain numpy / XLA formulations of the same math."""
+"""The CPU kernels (gptoss_jax/backends/cpu) against plain numpy / XLA formulations of the same math,
+and how they are built: the variants this machine can run, a missing compiler, a hanging one."""
 
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +18,53 @@ import pytest
 import gptoss_jax
 from gptoss_jax import mxfp4
 from gptoss_jax.backends import cpu as kernels
+from gptoss_jax.backends.cpu import build
 from gptoss_jax.runtime import Runtime
 
 from test_model_parity import relative_error
 
+# The variants this CPU can run, by build.py's own reading of /proc/cpuinfo (checked below).
+RUNNABLE = [variant.name for variant in build.variants() if build.runnable(variant)]
 
-def test_kernels_build_on_this_machine():
+
+def _cpuinfo_flags() -> set[str]:
+    with open("/proc/cpuinfo") as info:
+        return set(next(line for line in info if line.startswith(("flags", "Features"))).split(":", 1)[1].split())
+
+
+def _expected_variant() -> str:
+    """This CPU's best variant, from its flags, written out apart from build.py's tables."""
+    if platform.machine() != "x86_64":
+        return "baseline"
+    flags = _cpuinfo_flags()
+    v3 = {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm", "sse4_2", "popcnt", "ssse3"}
+    v4 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    if v4 | {"avx512_bf16"} <= flags:
+        return "avx512bf16"
+    return "avx512" if v4 <= flags else "avx2" if v3 <= flags else "baseline"
+
+
+def test_kernels_build_on_this_machine_for_the_variant_its_cpu_flags_allow():
     # CI machines have a C++ compiler: a kernel build that breaks must fail here, not fall back quietly.
-    assert kernels.available()
+    status = kernels.load_kernels()
+    expected = os.environ.get("GPTOSS_JAX_KERNEL_VARIANT") or _expected_variant()
+    assert status == kernels.KernelStatus(expected, bf16_products=expected == "avx512bf16", reason=None)
+    assert RUNNABLE[-1] == _expected_variant() and Runtime.default().cpu_kernels == expected
+
+
+def _isa_macros(*flags: str) -> set[str]:
+    out = subprocess.run(["c++", *flags, "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True, text=True, check=True)
+    return {line.split()[1] for line in out.stdout.splitlines() if line.split()[1].startswith(("__AVX", "__FMA", "__BMI", "__F16C"))}
+
+
+def test_every_runnable_variant_asks_for_no_instruction_this_cpu_lacks():
+    # The compiler's own view of this CPU (-march=native) must cover each variant's instruction sets.
+    native = _isa_macros("-march=native")
+    for variant in build.variants():
+        extra = _isa_macros(*variant.arch_flags) - native
+        assert (variant.name in RUNNABLE) == (not extra), (variant.name, sorted(extra))
+    if platform.machine() == "x86_64":  # the last variant has the source's AVX-512 and bf16 paths
+        assert {"__AVX512F__", "__AVX512BW__", "__AVX512BF16__"} <= _isa_macros(*build.variants()[-1].arch_flags)
 
 
 def _packed(rng, shape, scale_range=(0, 256)):
@@ -121,57 +163,160 @@ def test_bf16_matvec_matches_float64_products(rows):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
-def test_portable_loops_without_avx512_compute_the_same(tmp_path):
-    # The kernels' loops for CPUs without AVX-512, built for x86-64-v3 in a fresh cache and run in a child.
-    if os.uname().machine != "x86_64":
-        pytest.fail("this check builds for x86-64-v3; give it an -march for this machine")
-    script = textwrap.dedent(
-        """
-        import jax, jax.numpy as jnp, numpy as np
-        from gptoss_jax import mxfp4
-        from gptoss_jax.backends import cpu as kernels
-        from gptoss_jax.runtime import Runtime
-        assert kernels.available()
-        rng = np.random.default_rng(0)
-        blocks = jnp.asarray(rng.integers(0, 256, (2, 3, 8, 4, 16), dtype=np.uint8))
-        scales = jnp.asarray(rng.integers(0, 256, (2, 3, 8, 4), dtype=np.uint8))
-        deq = kernels.mxfp4_dequantize(blocks, scales, jnp.int32(2), jnp.float32, jnp.int32(1))
-        assert (np.asarray(deq).view(np.uint32) == np.asarray(mxfp4.dequantize(blocks[1, 2], scales[1, 2], jnp.float32)).view(np.uint32)).all()
-        scales = jnp.full(scales.shape, 121, jnp.uint8)
-        x = jnp.asarray(rng.standard_normal((5, 128)), jnp.float32)
-        chosen = jnp.asarray(rng.integers(0, 3, (5, 2)), jnp.int32)
-        ours = kernels.mxfp4_expert_matvec(x, chosen, blocks, scales, jnp.int32(1))
-        weights = mxfp4.dequantize(blocks[1], scales[1], jnp.float32)
-        expected = jnp.einsum("td,tknd->tkn", x, weights[chosen])
-        assert float(jnp.abs(ours - expected).max()) < 1e-5 * float(jnp.abs(expected).max())
-        ours = kernels.mxfp4_expert_matvec(x.astype(jnp.bfloat16), chosen, blocks, scales, jnp.int32(1))
-        expected = jnp.einsum("td,tknd->tkn", x.astype(jnp.bfloat16).astype(jnp.float32), weights[chosen])
-        assert float(jnp.abs(ours - expected).max()) < 1e-5 * float(jnp.abs(expected).max())
-        w = jnp.asarray(rng.standard_normal((2, 7, 40)), jnp.bfloat16)
-        v = jnp.asarray(rng.standard_normal((3, 40)), jnp.bfloat16)
-        expected = v.astype(jnp.float32) @ w[1].astype(jnp.float32).T
-        assert float(jnp.abs(kernels.bf16_matvec(v, w, jnp.int32(1)) - expected).max()) < 1e-5 * float(jnp.abs(expected).max())
-        x = jnp.asarray(rng.standard_normal((7, 128)), jnp.bfloat16)
-        sizes = jnp.asarray([2, 0, 4], jnp.int32)
-        ours = kernels.mxfp4_grouped_matmul(x, sizes, blocks, scales, jnp.int32(1))
-        expected = jnp.einsum("pk,pnk->pn", x[:6].astype(jnp.float32), weights[jnp.asarray([0, 0, 2, 2, 2, 2])])
-        assert float(jnp.abs(ours[:6] - expected).max()) < 1e-5 * float(jnp.abs(expected).max()) and not ours[6].any()
-        g = jnp.asarray(rng.standard_normal((7, 8)), jnp.bfloat16)
-        grad = jax.vjp(lambda x: kernels.mxfp4_grouped_matmul(x, sizes, blocks, scales, jnp.int32(1)), x)[1](g.astype(jnp.float32))[0]
-        expected = jnp.einsum("pn,pnk->pk", g[:6].astype(jnp.float32), weights[jnp.asarray([0, 0, 2, 2, 2, 2])])
-        assert float(jnp.abs(grad[:6].astype(jnp.float32) - expected).max()) < 1e-2 * float(jnp.abs(expected).max())
-        # Without hardware bf16 products the model keeps XLA's tiled path for prefill.
-        assert not kernels.bf16_products()
-        runtime = Runtime.default()
-        assert runtime.cpu_kernels and not runtime.bf16_products
-        paths = [runtime.expert_path_for(pairs, 32, packed=True, bf16=True, adapters=False) for pairs in (2048, 64)]
-        assert paths == ["tiled", "fused"], paths
-        print("portable kernels ok")
-        """
+@pytest.fixture(scope="module")
+def variant_cache(tmp_path_factory):
+    """A fresh cache holding a build of every variant this CPU can run (built once for the module)."""
+    folder = tmp_path_factory.mktemp("kernel_variants")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GPTOSS_JAX_CACHE", str(folder))
+        for name in RUNNABLE:
+            build.build(build.variant_named(name))
+    return folder
+
+
+# Run in a child per variant: one process registers one library under the kernels' FFI names.
+VARIANT_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from gptoss_jax import mxfp4
+from gptoss_jax.backends import cpu as kernels
+from gptoss_jax.backends.cpu import build
+from gptoss_jax.runtime import Runtime
+name = sys.argv[1]
+assert build.library_path(build.variant_named(name)).exists()  # the fixture's build, not a new one
+status = kernels.load_kernels()
+assert status == kernels.KernelStatus(name, bf16_products=name == "avx512bf16"), status
+def close(ours, expected, tolerance=1e-5):
+    ours, expected = np.asarray(ours, np.float64), np.asarray(expected, np.float64)
+    error = np.abs(ours - expected).max() / np.abs(expected).max()
+    assert np.abs(expected).max() > 0 and error <= tolerance, error
+rng = np.random.default_rng(0)
+blocks = jnp.asarray(rng.integers(0, 256, (2, 3, 40, 4, 16), dtype=np.uint8))
+scales = jnp.asarray(rng.integers(0, 256, (2, 3, 40, 4), dtype=np.uint8))
+deq = kernels.mxfp4_dequantize(blocks, scales, jnp.int32(2), jnp.float32, jnp.int32(1))
+assert (np.asarray(deq).view(np.uint32) == np.asarray(mxfp4.dequantize(blocks[1, 2], scales[1, 2], jnp.float32)).view(np.uint32)).all()
+scales = jnp.asarray(rng.integers(119, 124, scales.shape, dtype=np.uint8))
+weights = mxfp4.dequantize(blocks[1], scales[1], jnp.float32)
+# The MXFP4 expert matvec (float32 and bf16 rows; 10 tokens pick expert 2) against XLA's einsum.
+x = jnp.asarray(rng.standard_normal((11, 128)), jnp.float32)
+chosen = jnp.asarray(rng.integers(0, 3, (11, 2)), jnp.int32).at[:10, 0].set(2)
+for rows in (x, x.astype(jnp.bfloat16)):
+    ours = jax.jit(kernels.mxfp4_expert_matvec)(rows, chosen, blocks, scales, jnp.int32(1))
+    close(ours, jnp.einsum("td,tknd->tkn", rows.astype(jnp.float32), weights[chosen]))
+# The bf16 matvec, a width that is no multiple of the vector width, against XLA's dot.
+w = jnp.asarray(rng.standard_normal((2, 37, 100)), jnp.bfloat16)
+for count in (1, 3, 9):
+    v = jnp.asarray(rng.standard_normal((count, 100)), jnp.bfloat16)
+    close(jax.jit(kernels.bf16_matvec)(v, w, jnp.int32(1)), v.astype(jnp.float32) @ w[1].astype(jnp.float32).T)
+# The grouped matmul and its gradient (the transposed kernel).
+x = jnp.asarray(rng.standard_normal((15, 128)), jnp.bfloat16)
+sizes = jnp.asarray([2, 0, 11], jnp.int32)
+owner = jnp.asarray([0, 0] + [2] * 11)
+ours, pullback = jax.vjp(lambda x: kernels.mxfp4_grouped_matmul(x, sizes, blocks, scales, jnp.int32(1)), x)
+close(ours[:13], jnp.einsum("pk,pnk->pn", x[:13].astype(jnp.float32), weights[owner]))
+assert not np.asarray(ours[13:]).any()
+g = jnp.asarray(rng.standard_normal((15, 40)), jnp.bfloat16)
+close(pullback(g.astype(jnp.float32))[0][:13], jnp.einsum("pn,pnk->pk", g[:13].astype(jnp.float32), weights[owner]), 1e-2)
+# The runtime uses this build, and the grouped kernel for prefill only with bf16 products in hardware.
+runtime = Runtime.default()
+assert (runtime.cpu_kernels, runtime.bf16_products) == (name, status.bf16_products), runtime
+paths = [runtime.expert_path_for(pairs, 32, packed=True, bf16=True, adapters=False) for pairs in (2048, 64)]
+assert paths == ["sorted" if status.bf16_products else "tiled", "fused"], paths
+print("variant ok", name)
+"""
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_each_variant_this_cpu_runs_gives_xla_values(variant_cache, name):
+    env = {**os.environ, "GPTOSS_JAX_CACHE": str(variant_cache), "GPTOSS_JAX_KERNEL_VARIANT": name}
+    result = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, name], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and f"variant ok {name}" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_command_builds_ahead_of_time_and_fails_in_one_line(variant_cache, tmp_path):
+    command = [sys.executable, "-m", "gptoss_jax.backends.cpu"]
+    env = {**os.environ, "GPTOSS_JAX_CACHE": str(variant_cache)}
+    env.pop("GPTOSS_JAX_KERNEL_VARIANT", None)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    best = build.variant_named(RUNNABLE[-1])
+    assert done.returncode == 0 and done.stdout.startswith(f"{best.name}: already built: {variant_cache}"), done
+    env.update(GPTOSS_JAX_CACHE=str(tmp_path), CXX="/nonexistent/c++")
+    failed = subprocess.run([*command, "--variant", "baseline"], env=env, capture_output=True, text=True)
+    assert failed.returncode == 1 and failed.stdout == "", failed
+    assert failed.stderr == "error: no C++ compiler '/nonexistent/c++' found; install one or set CXX\n"
+    unknown = subprocess.run([*command, "--variant", "avx9000"], env=env, capture_output=True, text=True)
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error: unknown CPU kernel variant 'avx9000'")
+
+
+def test_a_variant_this_cpu_cannot_run_or_does_not_know_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("GPTOSS_JAX_KERNEL_VARIANT", "avx9000")
+    with pytest.raises(build.VariantError, match=r"^unknown CPU kernel variant 'avx9000' on .*; expected one of \['baseline'"):
+        build.chosen_variant()
+    beyond = [variant.name for variant in build.variants() if variant.name not in RUNNABLE]
+    for name in beyond:  # none on a CPU with AVX512-BF16
+        monkeypatch.setenv("GPTOSS_JAX_KERNEL_VARIANT", name)
+        with pytest.raises(build.VariantError, match=f"^CPU kernel variant '{name}' cannot run on this CPU \\(it lacks: "):
+            build.chosen_variant()
+
+
+MISSING_COMPILER_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+import gptoss_jax
+model = gptoss_jax.load(sys.argv[1], dtype="bfloat16")
+assert model.runtime.cpu_kernels is None and not model.runtime.bf16_products, model.runtime
+logits = np.asarray(jax.jit(lambda t: model(t, jnp.arange(4)[None], None))(jnp.asarray([[5, 300, 17, 9]])))
+assert logits.shape[-1] == model.config.vocab_size and np.isfinite(logits).all()
+from gptoss_jax.backends import cpu
+print("runs without kernels:", cpu.load_kernels().reason)
+"""
+
+
+def test_a_missing_compiler_gives_one_notice_and_a_model_on_xla_paths(hub_checkpoint, tmp_path):
+    env = {**os.environ, "GPTOSS_JAX_CACHE": str(tmp_path / "cache"), "CXX": "/nonexistent"}
+    env.pop("GPTOSS_JAX_KERNEL_VARIANT", None)
+    result = subprocess.run([sys.executable, "-c", MISSING_COMPILER_SCRIPT, str(hub_checkpoint)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reason = "no C++ compiler '/nonexistent' found; install one or set CXX"
+    assert result.stdout.strip().endswith(f"runs without kernels: {reason}")
+    notices = [line for line in result.stderr.splitlines() if "CPU kernels" in line]
+    assert len(notices) == 1 and "load_kernels" not in result.stderr, result.stderr[-3000:]
+    assert notices[0] == (
+        f"gptoss_jax:0: KernelsUnavailableWarning: CPU kernels unavailable ({reason}); using XLA's paths, decoding is slower"
     )
-    env = {**os.environ, "GPTOSS_JAX_KERNEL_ARCH": "x86-64-v3", "GPTOSS_JAX_CACHE": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert result.returncode == 0 and "portable kernels ok" in result.stdout, result.stderr[-3000:]
+    # Turned off on purpose: no notice at all (an error if one were raised).
+    env["GPTOSS_JAX_KERNELS"] = "0"
+    script = "from gptoss_jax.backends import cpu; print(cpu.load_kernels().reason)"
+    quiet = subprocess.run([sys.executable, "-W", "error", "-c", script], env=env, capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stdout == "turned off by GPTOSS_JAX_KERNELS=0\n", quiet.stderr[-3000:]
+
+
+def _compiler_script(folder, body: str):
+    script = folder / "fake-c++"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_a_hanging_compiler_is_stopped_at_the_timeout(tmp_path, monkeypatch):
+    # The sleep is a child of the compiler, as cc1plus is of c++: it is stopped too, not waited for.
+    monkeypatch.setenv("CXX", _compiler_script(tmp_path, "sleep 60\necho done"))
+    monkeypatch.setenv("GPTOSS_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPTOSS_JAX_KERNEL_BUILD_TIMEOUT", "1.5")
+    start = time.monotonic()
+    with pytest.raises(build.BuildError, match=r"^building CPU kernel variant 'baseline': .*fake-c\+\+ did not finish within 1.5 s \(GPTOSS_JAX_KERNEL_BUILD_TIMEOUT\)$"):
+        build.build(build.variant_named("baseline"))
+    assert time.monotonic() - start < 15
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-built left behind
+
+
+def test_a_failing_compiler_error_ends_with_its_last_lines(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", _compiler_script(tmp_path, "echo 'cpu_kernels.cc:1: error: broken' >&2\necho 'compilation terminated.' >&2\nexit 1"))
+    monkeypatch.setenv("GPTOSS_JAX_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(build.BuildError) as failure:
+        build.build(build.variant_named("baseline"))
+    assert str(failure.value).endswith("failed (exit 1): cpu_kernels.cc:1: error: broken | compilation terminated.")
+    assert "\n" not in str(failure.value) and list((tmp_path / "cache").iterdir()) == []
 
 
 def test_decoding_with_and_without_kernels_gives_the_same_logits(hub_checkpoint):

@@ -2,10 +2,11 @@
 
 On the CPU, XLA decodes MXFP4 element by element and runs one-row products well below the memory
 bandwidth, which is what bounds decoding; for prefill it would decode every expert to a dense copy
-and pad each expert's rows. The kernels read each weight byte once instead. They are built with the
-system C++ compiler into a cache folder ($GPTOSS_JAX_CACHE, default ~/.cache/gptoss_jax) the first
-time a runtime asks for them (gptoss_jax.runtime, outside any trace); when that is not possible (no
-compiler, or GPTOSS_JAX_KERNELS=0) the model runs its plain XLA paths, which compute the same values.
+and pad each expert's rows. The kernels read each weight byte once instead. They are built (build.py:
+a portable variant for this CPU's instruction set, with the system C++ compiler, into a cache folder)
+the first time a runtime asks for them (gptoss_jax.runtime, outside any trace), or ahead of time by
+`python -m gptoss_jax.backends.cpu`. When that is not possible (no compiler, a failed build, or
+GPTOSS_JAX_KERNELS=0) the model runs its plain XLA paths, which compute the same values, slower.
 Functions here take a `layer` index for weights stacked over layers; the model's code never does (it
 hands over `stacks.LayerOf` views, unpacked in this package's products and expert paths).
 The grouped matmul's gradient is the same kernel, transposed; the others' come from XLA formulations."""
@@ -13,21 +14,17 @@ The grouped matmul's gradient is the same kernel, transposed; the others' come f
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
-import hashlib
 import os
-import platform
-import subprocess
-import tempfile
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from gptoss_jax import mxfp4
+from gptoss_jax.backends.cpu import build
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = {
     "gptoss_mxfp4_expert_matvec": "GptossMxfp4ExpertMatvec",
     "gptoss_mxfp4_expert_matvec_bf16": "GptossMxfp4ExpertMatvecBf16",
@@ -43,71 +40,61 @@ MATVEC_MAX_ROWS = 4
 MATVEC_MAX_STACKED_ROWS = 16
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("GPTOSS_JAX_CACHE", Path.home() / ".cache" / "gptoss_jax"))
+@dataclasses.dataclass(frozen=True)
+class KernelStatus:
+    """What load_kernels found: the variant built and registered, or why there is none."""
+
+    variant: str | None
+    # Whether the build multiplies bf16 pairs in hardware (AVX512-BF16). Without it the grouped matmul
+    # and bf16 matvec rows run float32 loops: correct, but slower than XLA's paths for prefill.
+    bf16_products: bool = False
+    reason: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.variant is not None
 
 
-def _cpu_features() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith(("flags", "Features"))), platform.processor())
-    except OSError:
-        return platform.machine() + platform.processor()
+class KernelsUnavailableWarning(UserWarning):
+    """The kernels could not be built or loaded here; the model runs XLA's paths (filter it to silence)."""
 
 
-def _compile() -> Path:
-    """The shared library for this source, compiler flags and jax version (built if missing)."""
-    arch = os.environ.get("GPTOSS_JAX_KERNEL_ARCH", "native")  # e.g. x86-64-v3 to build the non-AVX-512 loops
-    flags = ["-O3", f"-march={arch}", "-std=c++17", "-shared", "-fPIC"]
-    # -march=native code is only valid on this kind of CPU: its feature flags are part of the key.
-    key_parts = [SOURCE.read_bytes(), " ".join(flags).encode(), jax.__version__.encode(), _cpu_features().encode()]
-    key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
-    library = _cache_dir() / f"cpu_kernels-{key}.so"
-    if library.exists():
-        return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    compiler = os.environ.get("CXX", "c++")
-    # Build beside the target and rename: concurrent first uses never load a half-written file.
-    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-        built = Path(scratch) / library.name
-        command = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-        os.replace(built, library)
-    return library
+# Libraries loaded into this process (kept referenced: XLA calls into them).
+_libraries: list[ctypes.CDLL] = []
 
 
 @functools.cache
-def _load() -> ctypes.CDLL | None:
+def load_kernels() -> KernelStatus:
+    """Build (if needed) and register this CPU's kernel variant, once per process.
+
+    When they are unavailable one warning says why; GPTOSS_JAX_KERNELS=0 turns them off quietly. A
+    GPTOSS_JAX_KERNEL_VARIANT this machine cannot run is an error (build.VariantError), not a fallback.
+    """
     if os.environ.get("GPTOSS_JAX_KERNELS", "1") == "0":
-        return None
+        return KernelStatus(None, reason="turned off by GPTOSS_JAX_KERNELS=0")
+    variant = build.chosen_variant()
     try:
-        library = ctypes.cdll.LoadLibrary(str(_compile()))
-    except (OSError, RuntimeError) as error:
-        warnings.warn(f"gptoss_jax: CPU kernels unavailable, using plain XLA (slower decoding): {error}")
-        return None
+        library = ctypes.cdll.LoadLibrary(str(build.build(variant)))
+    except (build.BuildError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = f"CPU kernels unavailable ({reason}); using XLA's paths, decoding is slower"
+        # Attributed to the package, not a source line: the notice prints as one line.
+        warnings.warn_explicit(message, KernelsUnavailableWarning, filename="gptoss_jax", lineno=0)
+        return KernelStatus(None, reason=reason)
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    return library
-
-
-def load_kernels() -> tuple[str, bool] | None:
-    """Build (if needed) and register the kernels: (the build's name, whether it multiplies bf16 pairs in
-    hardware), or None when they are unavailable (a one-line warning says why)."""
-    library = _load()
-    return None if library is None else ("native", bool(library.GptossHasBf16Products()))
+    _libraries.append(library)
+    return KernelStatus(variant.name, bf16_products=bool(library.GptossHasBf16Products()))
 
 
 def available() -> bool:
     """Whether the kernels are built and registered (building them on the first call)."""
-    return _load() is not None
+    return load_kernels().available
 
 
 def bf16_products() -> bool:
-    """Whether the kernels multiply bf16 pairs in hardware (AVX512-BF16). Without it the grouped
-    matmul and bf16 matvec rows run float32 loops: correct, but slower than XLA's paths for prefill."""
-    return available() and bool(_load().GptossHasBf16Products())
+    """Whether the registered kernels multiply bf16 pairs in hardware (AVX512-BF16)."""
+    return load_kernels().bf16_products
 
 
 def _layer_index(layer) -> jax.Array:

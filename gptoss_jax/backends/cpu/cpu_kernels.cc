@@ -13,8 +13,9 @@
 // A block's 16 possible values are built with integer arithmetic on float32 bit patterns (exact for
 // every scale, subnormals included) and looked up with one permute per 16 elements.
 //
-// Built on first use by gptoss_jax/kernels/__init__.py with the system C++ compiler (-march=native);
-// without AVX-512 the portable loops below are used instead of the intrinsics.
+// Built by gptoss_jax/backends/cpu/build.py in named variants of one instruction-set level each (never
+// -march=native): the intrinsics need AVX-512 F+BW (GPTOSS_AVX512, the avx512 variant) and, for bf16
+// products, AVX512-BF16 (the avx512bf16 variant); other builds run the portable loops below.
 
 #include <algorithm>
 #include <atomic>
