@@ -44,6 +44,7 @@ def _expected_variant() -> str:
     return "avx512" if v4 <= flags else "avx2" if v3 <= flags else "baseline"
 
 
+@pytest.mark.cpu_kernels
 def test_kernels_build_on_this_machine_for_the_variant_its_cpu_flags_allow():
     # CI machines have a C++ compiler: a kernel build that breaks must fail here, not fall back quietly.
     status = kernels.load_kernels()
@@ -57,6 +58,7 @@ def _isa_macros(*flags: str) -> set[str]:
     return {line.split()[1] for line in out.stdout.splitlines() if line.split()[1].startswith(("__AVX", "__FMA", "__BMI", "__F16C"))}
 
 
+@pytest.mark.cpu_kernels
 def test_every_runnable_variant_asks_for_no_instruction_this_cpu_lacks():
     # The compiler's own view of this CPU (-march=native) must cover each variant's instruction sets.
     native = _isa_macros("-march=native")
@@ -81,6 +83,7 @@ def _dense(blocks, scales) -> np.ndarray:
     return values.reshape(*values.shape[:-2], -1)
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_dequantize_is_bit_exact_for_every_scale_and_picks_the_layer_and_expert(dtype):
     rng = np.random.default_rng(0)
@@ -92,6 +95,7 @@ def test_dequantize_is_bit_exact_for_every_scale_and_picks_the_layer_and_expert(
     np.testing.assert_array_equal(np.asarray(ours).view(bits), np.asarray(expected).view(bits))
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_expert_matvec_matches_float64_products(dtype):
     # float32 rows: exact products; bf16 rows (the bf16 model's decoding): products of bf16 pairs.
@@ -111,6 +115,7 @@ def test_expert_matvec_matches_float64_products(dtype):
     assert np.abs(expected).max() > 0 and not ours[0, 1].any() and not ours[1, 2].any()
 
 
+@pytest.mark.cpu_kernels
 def test_expert_matvec_gradient_is_the_transposed_product():
     rng = np.random.default_rng(2)
     blocks, scales = _packed(rng, (4, 16, 2), (120, 124))
@@ -124,6 +129,7 @@ def test_expert_matvec_gradient_is_the_transposed_product():
     np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("n_out, width", [(130, 96), (64, 2880 // 10)])
 def test_grouped_matmul_and_its_gradient_match_float64_products(n_out, width):
     # Rows sorted by expert; expert 1 owns no rows, 13 rows (more than two tiles of 6) go to expert 3, and
@@ -152,6 +158,7 @@ def test_grouped_matmul_and_its_gradient_match_float64_products(n_out, width):
     assert not np.asarray(ours)[-2:].any() and not np.asarray(grad, np.float64)[-2:].any()
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("rows", [1, 2, 3, 9])
 def test_bf16_matvec_matches_float64_products(rows):
     rng = np.random.default_rng(rows)
@@ -226,6 +233,7 @@ print("variant ok", name)
 """
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_each_variant_this_cpu_runs_gives_xla_values(variant_cache, name):
     env = {**os.environ, "GPTOSS_JAX_CACHE": str(variant_cache), "GPTOSS_JAX_KERNEL_VARIANT": name}
@@ -233,6 +241,7 @@ def test_each_variant_this_cpu_runs_gives_xla_values(variant_cache, name):
     assert result.returncode == 0 and f"variant ok {name}" in result.stdout, result.stderr[-3000:]
 
 
+@pytest.mark.cpu_kernels
 def test_the_command_builds_ahead_of_time_and_fails_in_one_line(variant_cache, tmp_path):
     command = [sys.executable, "-m", "gptoss_jax.backends.cpu"]
     env = {**os.environ, "GPTOSS_JAX_CACHE": str(variant_cache)}
@@ -275,6 +284,7 @@ print("runs without kernels:", cpu.load_kernels().reason)
 def test_a_missing_compiler_gives_one_notice_and_a_model_on_xla_paths(hub_checkpoint, tmp_path):
     env = {**os.environ, "GPTOSS_JAX_CACHE": str(tmp_path / "cache"), "CXX": "/nonexistent"}
     env.pop("GPTOSS_JAX_KERNEL_VARIANT", None)
+    env.pop("GPTOSS_JAX_KERNELS", None)  # on, even in the suite's run without kernels: the compiler is missing
     result = subprocess.run([sys.executable, "-c", MISSING_COMPILER_SCRIPT, str(hub_checkpoint)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     reason = "no C++ compiler '/nonexistent' found; install one or set CXX"
@@ -319,6 +329,7 @@ def test_a_failing_compiler_error_ends_with_its_last_lines(tmp_path, monkeypatch
     assert "\n" not in str(failure.value) and list((tmp_path / "cache").iterdir()) == []
 
 
+@pytest.mark.cpu_kernels
 def test_decoding_with_and_without_kernels_gives_the_same_logits(hub_checkpoint):
     # bf16 decoding runs the matvec and expert kernels; with them off, the plain XLA paths.
     tokens = np.array([[5, 300, 17, 9]], np.int32)
@@ -332,6 +343,7 @@ def test_decoding_with_and_without_kernels_gives_the_same_logits(hub_checkpoint)
     assert model.runtime.expert_path_for(4, 32, packed=True, bf16=True, adapters=False) == "gathered"
 
 
+@pytest.mark.cpu_kernels
 def test_sorted_expert_path_gives_the_tiled_paths_values_and_gradients(hub_checkpoint, long_tokens):
     # bf16 prompts and training without expert adapters run the grouped kernel (its gradient is the same
     # kernel, transposed); the tiled path is the XLA formulation of the same products.
