@@ -70,7 +70,9 @@ def pytest_collection_modifyitems(config, items):
     if runtime.platform != "cpu":
         reason = f"needs the CPU kernels; jax's platform here is {runtime.platform}"
     else:
-        reason = "needs the CPU kernels, which are off or could not be built here (see the notice above)"
+        from gptoss_jax.backends import cpu
+
+        reason = f"needs the CPU kernels: {cpu.load_kernels().reason}"
     for item in items:
         if item.get_closest_marker("cpu_kernels"):
             item.add_marker(pytest.mark.skip(reason=reason))
