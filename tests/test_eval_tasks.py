@@ -8,8 +8,10 @@ import pytest
 from scipy.stats import binomtest
 
 from eval.run import summarize, wilson_interval
-from eval.tasks import TASKS, DataError, Example, extract_letter, extract_number, grade, read_examples
-from gptoss_jax import harmony
+from eval.tasks import TASKS, Example, grade, read_examples
+from gptoss_jax.chat import harmony
+from gptoss_jax.chat.answers import extract_letter, extract_number
+from gptoss_jax.errors import DataError
 
 AIME, GPQA, CUSTOM = TASKS["aime"], TASKS["gpqa"], TASKS["custom"]
 

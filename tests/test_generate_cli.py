@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import gptoss_jax
-from gptoss_jax import harmony
+from gptoss_jax.chat import harmony
 from gptoss_jax.inference.engine import Generator
 from gptoss_jax.inference.sampling import SamplingParams
 

@@ -12,7 +12,7 @@ import torch
 from transformers import GptOssForCausalLM
 
 from eval.perplexity import LOGIT_CHUNK
-from gptoss_jax import harmony
+from gptoss_jax.chat import harmony
 
 TEXT = 3 * (
     "The quick brown fox jumps over the lazy dog. Perplexity measures how well a language model predicts a "

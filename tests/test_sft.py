@@ -12,12 +12,13 @@ import pytest
 from flax import nnx
 
 import gptoss_jax
-from gptoss_jax import harmony
-from gptoss_jax.errors import ConfigError
+from gptoss_jax.chat import harmony
+from gptoss_jax.errors import ConfigError, DataError
 from gptoss_jax.lora import LoRAConfig
 from train import sft
-from train.config import OptimizerConfig, SFTConfig, read_config
-from train.data import DataError, load_dataset
+from gptoss_jax.training import OptimizerConfig
+from train.config import SFTConfig, read_config
+from train.data import load_dataset
 
 DATA = Path(__file__).parents[1] / "configs" / "data" / "sft-arithmetic.jsonl"
 

@@ -25,19 +25,20 @@ import yaml
 from flax import nnx
 
 import gptoss_jax
-from eval.common import run_command
-from gptoss_jax import harmony, mxfp4
+from gptoss_jax import mxfp4
+from gptoss_jax.chat import harmony
+from gptoss_jax.cli import run_command
 from gptoss_jax.checkpoint import names
 from gptoss_jax.checkpoint.load import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
 from gptoss_jax.checkpoint.reader import HUB_INDEX, HUB_PATTERNS, TensorSource, open_checkpoint
 from gptoss_jax.checkpoint.writer import hub_config_json, write_hub_shards
+from gptoss_jax.config import EXPERT_FORMATS
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import LoRAConfig, add_lora, merged_update
 from gptoss_jax.nn import GptOss
 from train.config import from_dict
 from train.loop import restore_params
 
-EXPERT_FORMATS = ("mxfp4", "bfloat16")
 # The weight each LoRA target adapts, as a model parameter path (the loader's tables name its tensors).
 TARGET_PARAMS = {
     "q": ("attn", "q_proj"),
