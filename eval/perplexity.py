@@ -23,6 +23,7 @@ from flax import nnx
 
 import gptoss_jax
 from gptoss_jax.cli import UsageError, add_checkpoint_args, check_checkpoint_args, checkpoint_directory, run_command
+from gptoss_jax.datafile import read_text
 from gptoss_jax import sharding
 from gptoss_jax.chat import harmony
 from gptoss_jax.inference.engine import MIN_PROMPT_BUCKET, bucket
