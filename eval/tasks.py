@@ -145,7 +145,8 @@ def read_examples(task: Task, path: Path, seed: int = 0) -> list[Example]:
     of the choices, so a file gives the same prompts on every run and wherever it lies.
     """
     if path.suffix == ".csv":
-        rows = csv.DictReader(io.StringIO(read_text(path, "examples"), newline=""))  # quoted fields may hold newlines
+        # newline="": quoted fields may hold newlines
+        rows = csv.DictReader(io.StringIO(read_text(path, "examples"), newline=""))
         records = [(rows.line_num, record) for record in rows]
     else:
         records = read_jsonl(path, "examples")

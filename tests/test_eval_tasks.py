@@ -124,6 +124,13 @@ def test_the_gpqa_csv_reads_with_quoted_newlines(tmp_path):
     assert "Line one\nline two?" in example.prompt and example.choices["ABCD".index(example.answer)] == "yes"
 
 
+def test_a_jsonl_line_may_hold_a_raw_line_separator_inside_a_string(tmp_path):
+    # JSON allows U+2028 unescaped in a string; str.splitlines() would cut the line there.
+    (tmp_path / "c.jsonl").write_text('{"prompt": "one\u2028two", "answer": "x"}\n', encoding="utf-8")
+    (example,) = read_examples(CUSTOM, tmp_path / "c.jsonl")
+    assert example.prompt == "one\u2028two"
+
+
 # Custom exact match.
 
 

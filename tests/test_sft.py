@@ -159,3 +159,10 @@ def test_config_overrides_and_number_parsing(tmp_path):
         read_config(SFTConfig, config, ["steps=many"])
     with pytest.raises(ConfigError, match="full fine-tuning .* needs experts: bfloat16"):
         read_config(SFTConfig, config, ["lora=null"])
+
+
+def test_an_unknown_reasoning_effort_is_a_config_error_naming_the_choices(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("checkpoint: random\ndata: d.jsonl\nrun_dir: r\n")
+    with pytest.raises(ConfigError, match="reasoning_effort must be one of low, medium, high, got 'max'"):
+        read_config(SFTConfig, config, ["reasoning_effort=max"])
