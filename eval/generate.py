@@ -30,8 +30,7 @@ from gptoss_jax.cli import (
     run_command,
 )
 from gptoss_jax import sharding
-from gptoss_jax.chat import harmony
-from gptoss_jax.chat import Chat, ChatReply
+from gptoss_jax.chat import Chat, ChatReply, harmony
 from gptoss_jax.inference.engine import Generator
 from gptoss_jax.chat.harmony import ChatMessage
 

@@ -32,8 +32,7 @@ from gptoss_jax.cli import (
 )
 from eval.tasks import TASKS, Example, Task, grade, read_examples
 from gptoss_jax import sharding
-from gptoss_jax.chat import harmony
-from gptoss_jax.chat import Chat
+from gptoss_jax.chat import Chat, harmony
 from gptoss_jax.inference.sampling import SamplingParams
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
