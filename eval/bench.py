@@ -268,9 +268,7 @@ def plan(args: argparse.Namespace) -> dict:
 def plan_training(args: argparse.Namespace) -> dict:
     """Compile one LoRA fine-tuning step (train.sft's) on abstract shapes: bytes held while training."""
     from gptoss_jax.lora import LoRAConfig, add_lora
-    from train.config import OptimizerConfig
-    from train.loop import TrainStep
-    from train.sft import sft_loss
+    from gptoss_jax.training import OptimizerConfig, TrainStep, sft_loss
 
     config = config_from(args)
     lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)

@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 
 import gptoss_jax
-from eval.common import (
+from gptoss_jax.cli import (
     UsageError,
     add_checkpoint_args,
     add_generation_args,
@@ -29,10 +29,10 @@ from eval.common import (
     checkpoint_directory,
     run_command,
 )
-from gptoss_jax import harmony, sharding
-from gptoss_jax.chat import Chat, ChatReply
+from gptoss_jax import sharding
+from gptoss_jax.chat import Chat, ChatReply, harmony
 from gptoss_jax.inference.engine import Generator
-from gptoss_jax.harmony import ChatMessage
+from gptoss_jax.chat.harmony import ChatMessage
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -22,8 +22,10 @@ import numpy as np
 from flax import nnx
 
 import gptoss_jax
-from eval.common import UsageError, add_checkpoint_args, check_checkpoint_args, checkpoint_directory, run_command
-from gptoss_jax import harmony, sharding
+from gptoss_jax.cli import UsageError, add_checkpoint_args, check_checkpoint_args, checkpoint_directory, run_command
+from gptoss_jax.datafile import read_text
+from gptoss_jax import sharding
+from gptoss_jax.chat import harmony
 from gptoss_jax.inference.engine import MIN_PROMPT_BUCKET, bucket
 from gptoss_jax.nn import GptOss
 
@@ -101,10 +103,7 @@ def run(args: argparse.Namespace, scratch: Path) -> int:
     if args.window < 2:
         raise UsageError(f"--window must be at least 2 tokens, got {args.window}")
     path = Path(args.text)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
+    text = read_text(path, "text")
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     directory = checkpoint_directory(args.checkpoint, scratch)
     encoding = harmony.load_encoding(directory)

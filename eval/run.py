@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import gptoss_jax
-from eval.common import (
+from gptoss_jax.cli import (
     UsageError,
     add_checkpoint_args,
     add_generation_args,
@@ -31,8 +31,8 @@ from eval.common import (
     run_command,
 )
 from eval.tasks import TASKS, Example, Task, grade, read_examples
-from gptoss_jax import harmony, sharding
-from gptoss_jax.chat import Chat
+from gptoss_jax import sharding
+from gptoss_jax.chat import Chat, harmony
 from gptoss_jax.inference.sampling import SamplingParams
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile

@@ -20,31 +20,27 @@ import io
 import json
 import random
 import re
-import string
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
 
-from gptoss_jax.harmony import ChatMessage
+from gptoss_jax.chat.answers import (
+    LETTERS,
+    NUMBER,
+    canonical_number,
+    extract_letter,
+    extract_number,
+    final_answer,
+    normalize_text,
+)
+from gptoss_jax.chat.harmony import ChatMessage
+from gptoss_jax.errors import DataError
+from gptoss_jax.datafile import read_jsonl, read_text
 
 DATA_DIR = Path(__file__).parent / "data"
-LETTERS = string.ascii_uppercase[:10]  # multiple choice takes 2 to 10 options
 
 # The prompts of OpenAI's own gpt-oss evals (gpt_oss/evals/aime_eval.py, gpqa_eval.py).
 AIME_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 CHOICE_TEMPLATE = "{question}\n\n{options}\n\nExpress your final answer as the corresponding option {letters}."
-
-_NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?"
-_ANSWER_NUMBER = re.compile(r"(?i:\banswer\b)(?:\s+is)?[\s:*_$=]*(" + _NUMBER + ")")
-# "Answer: C", "**Answer:** (C)", "The answer is option C".
-_ANSWER_LETTER = re.compile(r"(?i:\banswers?\b)(?:\s+is)?[\s:*_\-–—(\[]*(?i:option\s+)?([A-J])\b")
-# A line that starts with the letter: "C", "**C**", "(C) 42 K", "C. the second".
-_LINE_LETTER = re.compile(r"^[\s*_(\[]*([A-J])(?:[*_)\]]*\s*(?:[.):\-–]|$))", re.MULTILINE)
-_BRACKETED_LETTER = re.compile(r"(?<![A-Za-z0-9])\(([A-J])\)")
-
-
-class DataError(ValueError):
-    """A data file that cannot be read as the task's examples; the message names the file and line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +94,7 @@ def _text(record: dict[str, Any], where: str, *names: str) -> str:
 def _read_aime(record: dict[str, Any], where: str, example_id: str, rng: random.Random) -> Example:
     question = _text(record, where, "problem", "question")
     raw = _text(record, where, "answer")
-    answer = _canonical_number(raw) if re.fullmatch(_NUMBER, raw) else None
+    answer = canonical_number(raw) if re.fullmatch(NUMBER, raw) else None
     if answer is None:
         raise DataError(f"{where}: 'answer' must be a number, got {raw!r}")
     return Example(example_id, AIME_TEMPLATE.format(question=question), answer)
@@ -148,25 +144,12 @@ def read_examples(task: Task, path: Path, seed: int = 0) -> list[Example]:
     An example's id is its record's "id", else its line number. `seed` and the line number seed the shuffle
     of the choices, so a file gives the same prompts on every run and wherever it lies.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
-    records: list[tuple[int, dict[str, Any]]] = []
     if path.suffix == ".csv":
-        rows = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may hold newlines
+        # newline="": quoted fields may hold newlines
+        rows = csv.DictReader(io.StringIO(read_text(path, "examples"), newline=""))
         records = [(rows.line_num, record) for record in rows]
     else:
-        for line_number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            records.append((line_number, record))
+        records = read_jsonl(path, "examples")
     if not records:
         raise DataError(f"{path}: no examples")
     return [
@@ -175,73 +158,12 @@ def read_examples(task: Task, path: Path, seed: int = 0) -> list[Example]:
     ]
 
 
-# Extracting answers.
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last complete \\boxed{...} (or \\fbox{...}), nested braces included."""
-    starts = [match.end() for match in re.finditer(r"\\(?:boxed|fbox|framebox)\s*\{", text)]
-    for start in reversed(starts):
-        depth = 1
-        for index in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[index], 0)
-            if depth == 0:
-                return text[start:index]
-    return None
-
-
-def _canonical_number(text: str) -> str:
-    """One spelling per number: '033' and '33.0' are '33', '1,000' is '1000', '0.50' is '0.5'."""
-    value = Decimal(text.replace(",", ""))
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def extract_number(text: str) -> str | None:
-    """The last \\boxed{} number, else the number after "answer", else the last number; canonical."""
-    boxed = last_boxed(text)
-    candidates = [re.findall(_NUMBER, boxed)] if boxed is not None else []
-    candidates += [_ANSWER_NUMBER.findall(text), re.findall(_NUMBER, text)]
-    for found in candidates:
-        if found:
-            return _canonical_number(found[-1])
-    return None
-
-
-def extract_letter(text: str, count: int = 4) -> str | None:
-    """The option letter (among the first `count`) the text declares, by the first pattern that finds one:
-    "Answer: C", then \\boxed{C}, then a line starting with the letter, then a bare "(C)"; the last match wins."""
-    letters = LETTERS[:count]
-    boxed = last_boxed(text)
-    boxed_letter = re.sub(r"\\text(?:bf)?\{([^}]*)\}", r"\1", boxed).strip(" ()$") if boxed is not None else ""
-    patterns = [
-        _ANSWER_LETTER.findall(text),
-        [boxed_letter[0]] if re.match(r"[A-J](?![A-Za-z])", boxed_letter) else [],
-        _LINE_LETTER.findall(text),
-        _BRACKETED_LETTER.findall(text),
-    ]
-    for found in patterns:
-        found = [letter for letter in found if letter in letters]
-        if found:
-            return found[-1]
-    return None
-
-
-def normalize_text(text: str) -> str:
-    """Lower case, single spaces, no surrounding whitespace, quotes, markdown or final full stop."""
-    return " ".join(text.split()).casefold().strip(" \"'`*_.")
-
-
-def final_channel(messages: list[ChatMessage]) -> str | None:
-    """The text of the final-channel messages, or None when there is none (raw text does not count)."""
-    finals = [message.content for message in messages if message.channel == "final"]
-    return "".join(finals) if finals else None
+# Grading.
 
 
 def grade(task: Task, example: Example, messages: list[ChatMessage]) -> Grade:
     """Read the answer from a parsed completion and compare it with the gold answer."""
-    final = final_channel(messages)
+    final = final_answer(messages)
     extracted = task.extract(final, example) if final is not None else None
     return Grade(final, extracted, extracted is not None and extracted == example.answer)
 

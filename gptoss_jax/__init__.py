@@ -3,7 +3,7 @@
 from gptoss_jax.checkpoint.load import load, resident_bytes
 from gptoss_jax.config import PRESETS, GptOssConfig
 from gptoss_jax.inference.engine import Completion, GenerationError, Generator, generate
-from gptoss_jax.errors import CheckpointError, ConfigError, GptOssError
+from gptoss_jax.errors import CheckpointError, ConfigError, DataError, GptOssError
 from gptoss_jax.nn import GptOss, KVCache
 from gptoss_jax.runtime import Runtime
 from gptoss_jax.inference.sampling import SamplingParams
@@ -24,4 +24,5 @@ __all__ = [
     "GptOssError",
     "CheckpointError",
     "ConfigError",
+    "DataError",
 ]

@@ -11,3 +11,8 @@ class ConfigError(GptOssError):
 
 class CheckpointError(GptOssError):
     """A checkpoint path, file, index or tensor that cannot be loaded as gpt-oss."""
+
+
+class DataError(GptOssError):
+    """A data file (eval examples, training conversations, RL prompts) that cannot be read; the message
+    names the file and line."""

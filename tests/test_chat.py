@@ -6,7 +6,7 @@ import pytest
 
 import gptoss_jax
 from gptoss_jax.chat import Chat, ChatDelta, ChatReply, chat
-from gptoss_jax.harmony import ChatMessage
+from gptoss_jax.chat.harmony import ChatMessage
 from gptoss_jax.inference.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)

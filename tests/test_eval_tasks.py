@@ -8,8 +8,10 @@ import pytest
 from scipy.stats import binomtest
 
 from eval.run import summarize, wilson_interval
-from eval.tasks import TASKS, DataError, Example, extract_letter, extract_number, grade, read_examples
-from gptoss_jax import harmony
+from eval.tasks import TASKS, Example, grade, read_examples
+from gptoss_jax.chat import harmony
+from gptoss_jax.chat.answers import extract_letter, extract_number
+from gptoss_jax.errors import DataError
 
 AIME, GPQA, CUSTOM = TASKS["aime"], TASKS["gpqa"], TASKS["custom"]
 
@@ -120,6 +122,13 @@ def test_the_gpqa_csv_reads_with_quoted_newlines(tmp_path):
     )
     (example,) = read_examples(GPQA, tmp_path / "gpqa.csv")
     assert "Line one\nline two?" in example.prompt and example.choices["ABCD".index(example.answer)] == "yes"
+
+
+def test_a_jsonl_line_may_hold_a_raw_line_separator_inside_a_string(tmp_path):
+    # JSON allows U+2028 unescaped in a string; str.splitlines() would cut the line there.
+    (tmp_path / "c.jsonl").write_text('{"prompt": "one\u2028two", "answer": "x"}\n', encoding="utf-8")
+    (example,) = read_examples(CUSTOM, tmp_path / "c.jsonl")
+    assert example.prompt == "one\u2028two"
 
 
 # Custom exact match.

@@ -18,10 +18,10 @@ from gptoss_jax.checkpoint.random_weights import random_hub_tensors
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.checkpoint.writer import write_original_checkpoint
 from gptoss_jax.lora import TARGETS, LoRAConfig
+from gptoss_jax.training import OptimizerConfig
 from test_model_parity import relative_error, transformers_logits
 from test_sft import make_config
 from train import export, sft
-from train.config import OptimizerConfig
 
 pytestmark = pytest.mark.peer  # compares with transformers / OpenAI's reference (torch on the CPU)
 

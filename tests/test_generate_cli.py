@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import gptoss_jax
-from gptoss_jax import harmony
+from gptoss_jax.cli import RANDOM_NOTICE
+from gptoss_jax.chat import harmony
 from gptoss_jax.inference.engine import Generator
 from gptoss_jax.inference.sampling import SamplingParams
 
@@ -113,3 +114,6 @@ def test_the_random_checkpoint_demo_chats_with_no_network(tmp_path):
     result = run_generate("--checkpoint", "random", "--prompt", "hi", "--max-new-tokens", "4", "--json", env=env)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["tokens"]) == 4
+    # It says, in one line, that the model is random and how to get the real one.
+    notice = [line for line in result.stderr.splitlines() if "random" in line]
+    assert notice == [RANDOM_NOTICE] and "--checkpoint openai/gpt-oss-20b" in notice[0]

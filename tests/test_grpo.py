@@ -13,8 +13,8 @@ import pytest
 import gptoss_jax
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import LoRAConfig
+from gptoss_jax.training import OptimizerConfig
 from train import grpo
-from train.config import OptimizerConfig
 from train.rewards import RewardError
 from train.rl import PolicyLoss, group_advantages, policy_objective
 

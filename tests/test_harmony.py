@@ -1,4 +1,4 @@
-"""gptoss_jax.harmony: rendering and parsing match openai-harmony, the vocabulary loads offline, bad output never raises."""
+"""gptoss_jax.chat.harmony: rendering and parsing match openai-harmony, the vocabulary loads offline, bad output never raises."""
 
 from __future__ import annotations
 
@@ -14,19 +14,19 @@ import openai_harmony as oh
 import pytest
 from harmony_vocab import VOCAB_FILE, write_vocab
 
-from gptoss_jax.errors import GptOssError
-from gptoss_jax.harmony import (
+from gptoss_jax.chat.answers import final_answer
+from gptoss_jax.chat.harmony import (
     REASONING_EFFORTS,
     ChatMessage,
     HarmonyError,
     StreamDecoder,
     analysis_text,
-    final_text,
     load_encoding,
     parse_completion,
     render_chat,
     stop_tokens,
 )
+from gptoss_jax.errors import GptOssError
 
 WEATHER = {
     "name": "get_weather",
@@ -139,7 +139,7 @@ def test_parse_completion_gives_analysis_tool_call_and_final_messages(enc):
         ChatMessage("assistant", "It is 20 °C in Paris 🎉.", "final"),
     ]
     assert json.loads(messages[1].content) == {"city": "Paris"}
-    assert final_text(messages) == "It is 20 °C in Paris 🎉."
+    assert final_answer(messages) == "It is 20 °C in Paris 🎉."
     assert analysis_text(messages) == "The user wants the weather; call the tool."
 
 
@@ -158,7 +158,8 @@ def test_parse_completion_falls_back_to_raw_text_on_malformed_output(enc, kind):
         assert messages[0].content == "Hello world"
     else:
         assert messages[0].content == enc.decode(tokens)
-    assert final_text(messages) == messages[0].content
+    assert final_answer(messages) is None  # not harmony: no answer to grade
+    assert final_answer(messages, raw_text=True) == messages[0].content  # but a chat shows the text
 
 
 def test_parse_completion_of_nothing_is_no_messages(enc):
@@ -222,7 +223,7 @@ def test_load_encoding_reads_the_vocab_next_to_the_checkpoint_offline_and_restor
     checkpoint = write_vocab(tmp_path / "gpt-oss-20b")
     result = run_python(f"""
         import os
-        from gptoss_jax.harmony import load_encoding
+        from gptoss_jax.chat.harmony import load_encoding
         enc = load_encoding({str(checkpoint)!r})
         assert enc.encode("hello world") == [24912, 2375], enc.encode("hello world")
         assert "TIKTOKEN_ENCODINGS_BASE" not in os.environ
@@ -235,7 +236,7 @@ def test_load_encoding_with_no_source_raises_one_line_harmony_error_naming_the_o
     (tmp_path / "checkpoint").mkdir()
     result = run_python(f"""
         from gptoss_jax.errors import GptOssError
-        from gptoss_jax.harmony import HarmonyError, load_encoding
+        from gptoss_jax.chat.harmony import HarmonyError, load_encoding
         try:
             load_encoding({str(tmp_path / "checkpoint")!r})
         except HarmonyError as e:

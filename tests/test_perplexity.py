@@ -12,7 +12,7 @@ import torch
 from transformers import GptOssForCausalLM
 
 from eval.perplexity import LOGIT_CHUNK
-from gptoss_jax import harmony
+from gptoss_jax.chat import harmony
 
 pytestmark = pytest.mark.peer  # compares with transformers / OpenAI's reference (torch on the CPU)
 

@@ -12,12 +12,13 @@ import pytest
 from flax import nnx
 
 import gptoss_jax
-from gptoss_jax import harmony
-from gptoss_jax.errors import ConfigError
+from gptoss_jax.chat import harmony
+from gptoss_jax.errors import ConfigError, DataError
 from gptoss_jax.lora import LoRAConfig
 from train import sft
-from train.config import OptimizerConfig, SFTConfig, read_config
-from train.data import DataError, load_dataset
+from gptoss_jax.training import OptimizerConfig
+from train.config import SFTConfig, read_config
+from train.data import load_dataset
 
 DATA = Path(__file__).parents[1] / "configs" / "data" / "sft-arithmetic.jsonl"
 
@@ -160,3 +161,10 @@ def test_config_overrides_and_number_parsing(tmp_path):
         read_config(SFTConfig, config, ["lora=null", "experts=mxfp4"])
     with pytest.raises(ConfigError, match="experts must be one of auto, mxfp4, bfloat16, got 'fp8'"):
         read_config(SFTConfig, config, ["experts=fp8"])
+
+
+def test_an_unknown_reasoning_effort_is_a_config_error_naming_the_choices(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("checkpoint: random\ndata: d.jsonl\nrun_dir: r\n")
+    with pytest.raises(ConfigError, match="reasoning_effort must be one of low, medium, high, got 'max'"):
+        read_config(SFTConfig, config, ["reasoning_effort=max"])

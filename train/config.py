@@ -16,24 +16,13 @@ from typing import Any, TypeVar
 
 import yaml
 
-from gptoss_jax.config import AUTO, check_experts
+from gptoss_jax.chat.harmony import check_reasoning_effort
+from gptoss_jax.config import check_experts
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import LoRAConfig
+from gptoss_jax.training import OptimizerConfig
 
 T = TypeVar("T")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with linear warmup then cosine decay to `end_learning_rate`, after global-norm clipping."""
-
-    learning_rate: float = 1e-4
-    end_learning_rate: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    grad_clip: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +47,10 @@ class SFTConfig:
     mesh: str = ""  # e.g. "data=2,expert=4"; empty: one device
 
     def __post_init__(self):
+        try:
+            check_reasoning_effort(self.reasoning_effort)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         for name in ("steps", "batch_size", "grad_accum", "max_length", "save_every", "keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -68,11 +61,6 @@ def check_full_run_experts(full: bool, experts: str) -> None:
     """Full fine-tuning trains the experts, which packed MXFP4 bytes cannot be."""
     if full and experts == "mxfp4":
         raise ConfigError("full fine-tuning (lora: null) needs experts: bfloat16 or auto (MXFP4 bytes cannot be trained)")
-
-
-def experts_to_load(full: bool, experts: str) -> str:
-    """The `experts` argument for loading a run's base: a full run decodes MXFP4 to bf16 (exact)."""
-    return "bfloat16" if full and experts == AUTO else experts
 
 
 def run_arguments(argv: list[str] | None, prog: str, doc: str, example: str) -> argparse.Namespace:

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
 
-from gptoss_jax.errors import GptOssError
-from gptoss_jax.harmony import REASONING_EFFORTS, ChatMessage, render_training
+from gptoss_jax.chat.harmony import ChatMessage, check_reasoning_effort, render_training
+from gptoss_jax.datafile import read_jsonl
+from gptoss_jax.errors import DataError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content", "channel", "recipient", "content_type", "name")
 LENGTH_BUCKET = 64  # batches are padded to a multiple of this (few shapes, few compiles)
-
-
-class DataError(GptOssError):
-    """A data file the trainer cannot read, named with its line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,27 +45,6 @@ class Dataset:
         return out
 
 
-def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; an unreadable file or a line that is not a JSON
-    object is a DataError naming the file and line."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as error:
-        raise DataError(f"{path}: cannot read {what} ({error.strerror})") from None
-    out = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object")
-        out.append((number, record))
-    return out
-
-
 def read_conversations(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, parsed line) for each conversation; a malformed line is a DataError naming it."""
     out = read_jsonl(path, "data")
@@ -84,9 +59,10 @@ def _messages(path, number: int, record: dict) -> tuple[list[ChatMessage], dict]
     options: dict = {}
     effort = record.get("reasoning_effort")
     if effort is not None:
-        if effort not in REASONING_EFFORTS:
-            raise DataError(f"{path}:{number}: reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}")
-        options["reasoning_effort"] = effort
+        try:
+            options["reasoning_effort"] = check_reasoning_effort(effort)
+        except ValueError as error:
+            raise DataError(f"{path}:{number}: {error}") from None
     messages = []
     for index, message in enumerate(record["messages"]):
         where = f"{path}:{number}: message {index}"

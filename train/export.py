@@ -25,8 +25,9 @@ import yaml
 from flax import nnx
 
 import gptoss_jax
-from eval.common import run_command
-from gptoss_jax import harmony, mxfp4
+from gptoss_jax import mxfp4
+from gptoss_jax.chat import harmony
+from gptoss_jax.cli import run_command
 from gptoss_jax.checkpoint import names
 from gptoss_jax.checkpoint.names import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
 from gptoss_jax.checkpoint.reader import HUB_INDEX, HUB_PATTERNS, TensorSource, open_checkpoint
@@ -35,8 +36,9 @@ from gptoss_jax.config import AUTO, EXPERT_CHOICES, check_experts
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import LoRAConfig, add_lora, merged_update
 from gptoss_jax.nn import GptOss
-from train.config import experts_to_load, from_dict
+from train.config import from_dict
 from train.loop import restore_params
+from train.model import experts_to_load
 
 # The weight each LoRA target adapts, as a model parameter path (the loader's tables name its tensors).
 TARGET_PARAMS = {

@@ -28,18 +28,22 @@ from flax import nnx
 from tqdm import tqdm
 
 import gptoss_jax
-from eval.common import run_command
-from gptoss_jax import harmony
-from gptoss_jax.errors import ConfigError
-from gptoss_jax.lora import LoRAConfig, adapters_off
+from gptoss_jax.chat import harmony
+from gptoss_jax.chat.answers import final_answer
+from gptoss_jax.chat.harmony import check_reasoning_effort
+from gptoss_jax.cli import run_command
+from gptoss_jax.datafile import read_jsonl
+from gptoss_jax.errors import ConfigError, DataError
 from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.config import check_experts
-from train.config import OptimizerConfig, check_full_run_experts, read_config, run_arguments, to_dict
-from train.data import DataError, example_order, read_jsonl
+from gptoss_jax.lora import LoRAConfig, adapters_off
+from gptoss_jax.training import OptimizerConfig
+from train.config import check_full_run_experts, read_config, run_arguments, to_dict
+from train.data import example_order
 from train.loop import MetricsLog, Trainer
+from train.model import base_checkpoint, build_model
 from train.rewards import Sample, arithmetic_task, load_reward, score
 from train.rl import LOSSES, PolicyLoss, group_advantages, policy_objective
-from train.sft import base_checkpoint, build_model
 
 ROW_BUCKET = 64  # completions are padded to a multiple of this many tokens (few compiled shapes)
 
@@ -83,6 +87,10 @@ class GRPOConfig:
                      "micro_batch", "save_every", "keep", "task_size", "max_prompt_length"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        try:
+            check_reasoning_effort(self.reasoning_effort)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if (self.prompts_per_step * self.num_generations) % self.micro_batch:
@@ -257,9 +265,8 @@ class GRPO:
         samples = []
         for completion in completions:
             messages = harmony.parse_completion(self.encoding, completion.tokens)
-            finals = [m.content for m in messages if m.role == "assistant" and m.channel == "final"]
             samples.append(Sample(completion.tokens, harmony.decode_text(self.encoding, completion.tokens), messages,
-                                  "".join(finals) if finals else None, completion.finish_reason))  # fmt: skip
+                                  final_answer(messages), completion.finish_reason))  # fmt: skip
         return prompts, completions, samples, fields
 
     def run_step(self) -> dict:

@@ -17,9 +17,9 @@ import math
 import random
 from typing import Any, Callable
 
-from eval.tasks import extract_letter, extract_number
+from gptoss_jax.chat.answers import extract_letter, extract_number
+from gptoss_jax.chat.harmony import ChatMessage
 from gptoss_jax.errors import ConfigError, GptOssError
-from gptoss_jax.harmony import ChatMessage
 
 RewardFn = Callable[..., list[float]]
 
@@ -33,7 +33,7 @@ class Sample:
     tokens: list[int]
     text: str  # the completion decoded as raw text
     messages: list[ChatMessage]  # parsed harmony messages (raw text as one message if it is not harmony)
-    final: str | None  # the final channel's text, None if the completion has none
+    final: str | None  # the final channel's text (gptoss_jax.chat.answers.final_answer), None if it has none
     finish_reason: str  # "stop" or "length"
 
 

@@ -14,44 +14,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import jax
 import yaml
 from flax import nnx
 from tqdm import tqdm
 
-import gptoss_jax
-from eval.common import RANDOM, run_command, write_random_checkpoint
-from gptoss_jax import harmony, sharding
-from gptoss_jax.checkpoint.reader import open_checkpoint
-from gptoss_jax.lora import add_lora
-from train.config import SFTConfig, experts_to_load, read_config, run_arguments, to_dict
+from gptoss_jax.chat import harmony
+from gptoss_jax.cli import run_command
+from gptoss_jax.training import sft_loss
+from train.config import SFTConfig, read_config, run_arguments, to_dict
 from train.data import example_order, load_dataset, make_batch
 from train.loop import MetricsLog, Trainer
-
-
-def sft_loss(model: gptoss_jax.GptOss, batch: dict, dropout_key) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Summed negative log-likelihood of the learned tokens, their count, and the count of all tokens."""
-    hidden, _ = model.hidden(batch["inputs"], batch["positions"], dropout_key=dropout_key)
-    logprobs = model.token_logprobs(hidden, batch["targets"])
-    weights = batch["weights"]
-    return -(logprobs * weights).sum(), {"weight": weights.sum(), "tokens": (batch["positions"] >= 0).sum()}
-
-
-def base_checkpoint(config: SFTConfig) -> Path:
-    """The checkpoint folder to fine-tune (a hub repo id is fetched); `random` is a tiny random model
-    written once into the run dir."""
-    if config.checkpoint != RANDOM:
-        return open_checkpoint(config.checkpoint).directory
-    folder = Path(config.run_dir) / "base"
-    return folder / "tiny-random" if (folder / "tiny-random").exists() else write_random_checkpoint(folder)
-
-
-def build_model(config: SFTConfig, checkpoint: Path) -> gptoss_jax.GptOss:
-    """The base model with fresh adapters (or, for full fine-tuning, as loaded)."""
-    mesh = sharding.make_mesh(config.mesh) if config.mesh else None
-    experts = experts_to_load(config.lora is None, config.experts)
-    model = gptoss_jax.load(checkpoint, dtype=config.dtype, experts=experts, mesh=mesh)
-    return model if config.lora is None else add_lora(model, config.lora, seed=config.seed)
+from train.model import base_checkpoint, build_model
 
 
 def train(config: SFTConfig, progress: bool = True, stop_after: int | None = None) -> Trainer:

@@ -6,16 +6,20 @@ import dataclasses
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from gptoss_jax import harmony
+from gptoss_jax.chat import harmony
+from gptoss_jax.chat.answers import final_answer
+from gptoss_jax.chat.harmony import ChatMessage
 from gptoss_jax.inference.engine import Generator
-from gptoss_jax.harmony import ChatMessage
-from gptoss_jax.nn import GptOss
 from gptoss_jax.inference.sampling import SamplingParams
+from gptoss_jax.nn import GptOss
 
 
 @dataclasses.dataclass
 class ChatReply:
-    """One assistant turn: the parsed messages, the final answer and the reasoning apart, and the raw tokens."""
+    """One assistant turn: the parsed messages, the final answer and the reasoning apart, and the raw tokens.
+
+    `final` is what to show: the final channel, or the raw text of output that was not harmony.
+    """
 
     messages: list[ChatMessage]
     final: str
@@ -48,10 +52,7 @@ class Chat:
         encoding=None,
         generator: Generator | None = None,
     ):
-        if reasoning_effort not in harmony.REASONING_EFFORTS:
-            raise ValueError(
-                f"reasoning_effort must be one of {', '.join(harmony.REASONING_EFFORTS)}, got {reasoning_effort!r}"
-            )
+        harmony.check_reasoning_effort(reasoning_effort)
         self.model = model
         self.encoding = encoding or harmony.load_encoding(model.checkpoint_dir)
         self.generator = generator or Generator(model)
@@ -123,7 +124,7 @@ class Chat:
         messages = harmony.parse_completion(self.encoding, tokens)
         return ChatReply(
             messages=messages,
-            final=harmony.final_text(messages),
+            final=final_answer(messages, raw_text=True) or "",
             analysis=harmony.analysis_text(messages),
             tokens=tokens,
             logprobs=logprobs,

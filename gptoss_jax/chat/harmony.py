@@ -72,6 +72,13 @@ def _load(kind: str, folder: str) -> oh.HarmonyEncoding:
                 os.environ[ENV_VAR] = saved
 
 
+def check_reasoning_effort(effort: str, name: str = "reasoning_effort") -> str:
+    """`effort` if it is one the system message takes; else a ValueError naming `name` and the choices."""
+    if effort not in REASONING_EFFORTS:
+        raise ValueError(f"{name} must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}")
+    return effort
+
+
 @dataclass
 class ChatMessage:
     """One message. `name` is a tool message's author, e.g. "functions.get_weather"."""
@@ -147,9 +154,7 @@ def _conversation(
     tools: list[dict] | None,
 ) -> list[oh.Message]:
     """harmony messages: system (reasoning effort, identity), optional developer, then `messages`."""
-    if reasoning_effort not in REASONING_EFFORTS:
-        raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {reasoning_effort!r}")
-    system_content = oh.SystemContent.new().with_reasoning_effort(_EFFORT[reasoning_effort])
+    system_content = oh.SystemContent.new().with_reasoning_effort(_EFFORT[check_reasoning_effort(reasoning_effort)])
     if system is not None:
         system_content = system_content.with_model_identity(system)
     out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system_content)]
@@ -219,11 +224,6 @@ def parse_completion(encoding: oh.HarmonyEncoding, tokens: list[int]) -> list[Ch
         return [_from_harmony(m) for m in encoding.parse_messages_from_completion_tokens(tokens, oh.Role.ASSISTANT)]
     except Exception:  # a model can emit anything; a chat loop must still get its text
         return [ChatMessage("assistant", decode_text(encoding, tokens))]
-
-
-def final_text(messages: list[ChatMessage]) -> str:
-    """The answer: final-channel messages, and raw text that had no channel."""
-    return "".join(m.content for m in messages if m.role == "assistant" and m.channel in ("final", None))
 
 
 def analysis_text(messages: list[ChatMessage]) -> str:

@@ -1,4 +1,5 @@
-"""What the eval commands share: model and sampling options, the `random` checkpoint, error lines, atomic files."""
+"""What the commands (python -m eval.*, python -m train.*) share: model and sampling options, the `random`
+checkpoint, one `error:` line for a failure, atomic files."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-import gptoss_jax
-from gptoss_jax import harmony
+from gptoss_jax.chat import harmony
 from gptoss_jax.checkpoint.random_weights import random_hub_tensors
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.checkpoint.writer import write_hub_checkpoint
+from gptoss_jax.config import GptOssConfig
+from gptoss_jax.errors import GptOssError
 from gptoss_jax.inference.sampling import SamplingParams
 
 RANDOM = "random"
@@ -56,10 +58,10 @@ def check_checkpoint_args(args: argparse.Namespace) -> None:
 
 def check_generation_args(args: argparse.Namespace) -> SamplingParams:
     """Refuse bad generation options; the sampling parameters they give."""
-    if args.reasoning_effort not in harmony.REASONING_EFFORTS:
-        raise UsageError(
-            f"--reasoning-effort must be one of {', '.join(harmony.REASONING_EFFORTS)}, got {args.reasoning_effort!r}"
-        )
+    try:
+        harmony.check_reasoning_effort(args.reasoning_effort, "--reasoning-effort")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     try:
@@ -70,7 +72,7 @@ def check_generation_args(args: argparse.Namespace) -> SamplingParams:
 
 def write_random_checkpoint(directory: Path) -> Path:
     """A tiny random model with the full harmony vocabulary, plus the vocabulary file if bpe-openai has it."""
-    config = gptoss_jax.GptOssConfig.preset("tiny").replace(vocab_size=201088)
+    config = GptOssConfig.preset("tiny").replace(vocab_size=201088)
     path = write_hub_checkpoint(directory / "tiny-random", config, random_hub_tensors(config, seed=0))
     try:
         import bpe_openai  # optional: ships o200k_base.tiktoken, so chat works with no network
@@ -85,7 +87,17 @@ def write_random_checkpoint(directory: Path) -> Path:
 
 def checkpoint_directory(checkpoint: str, scratch: Path) -> Path:
     """The folder of a checkpoint given as a path, a hub repo id (fetched), or `random` (written into scratch)."""
-    return open_checkpoint(write_random_checkpoint(scratch) if checkpoint == RANDOM else checkpoint).directory
+    if checkpoint == RANDOM:
+        print(RANDOM_NOTICE, file=sys.stderr)
+        return open_checkpoint(write_random_checkpoint(scratch)).directory
+    return open_checkpoint(checkpoint).directory
+
+
+# What a first-time user of `--checkpoint random` (the demo) needs to know, in one line.
+RANDOM_NOTICE = (
+    "note: this is a tiny random model (gpt-oss's vocabulary, random weights): its replies are gibberish. "
+    "For the real one: --checkpoint openai/gpt-oss-20b (a 13 GB download) or a local checkpoint folder"
+)
 
 
 def run_command(run: Callable[[argparse.Namespace, Path], int], args: argparse.Namespace) -> int:
@@ -93,7 +105,7 @@ def run_command(run: Callable[[argparse.Namespace, Path], int], args: argparse.N
     try:
         with tempfile.TemporaryDirectory() as scratch:
             return run(args, Path(scratch))
-    except (UsageError, gptoss_jax.GptOssError, ValueError) as error:
+    except (UsageError, GptOssError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1
     except KeyboardInterrupt:

@@ -1,0 +1,35 @@
+"""The model a training run starts from, shared by train.sft and train.grpo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gptoss_jax
+from gptoss_jax import sharding
+from gptoss_jax.checkpoint.reader import open_checkpoint
+from gptoss_jax.cli import RANDOM, write_random_checkpoint
+from gptoss_jax.config import AUTO
+from gptoss_jax.lora import add_lora
+
+
+def base_checkpoint(config) -> Path:
+    """The checkpoint folder to fine-tune (a hub repo id is fetched); `random` is a tiny random model
+    written once into the run dir. `config` is a run config (SFTConfig, GRPOConfig)."""
+    if config.checkpoint != RANDOM:
+        return open_checkpoint(config.checkpoint).directory
+    folder = Path(config.run_dir) / "base"
+    return folder / "tiny-random" if (folder / "tiny-random").exists() else write_random_checkpoint(folder)
+
+
+def build_model(config, checkpoint: Path) -> gptoss_jax.GptOss:
+    """The base model with fresh adapters (or, for full fine-tuning, as loaded)."""
+    mesh = sharding.make_mesh(config.mesh) if config.mesh else None
+    experts = experts_to_load(config.lora is None, config.experts)
+    model = gptoss_jax.load(checkpoint, dtype=config.dtype, experts=experts, mesh=mesh)
+    return model if config.lora is None else add_lora(model, config.lora, seed=config.seed)
+
+
+def experts_to_load(full: bool, experts: str) -> str:
+    """The `experts` argument for loading a run's base: a full run trains its experts, so "auto" decodes
+    MXFP4 to bf16 (exact) there."""
+    return "bfloat16" if full and experts == AUTO else experts
