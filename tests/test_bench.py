@@ -34,6 +34,7 @@ def test_bench_beside_transformers_reports_both_and_their_ratio():
     assert report["model"]["packed_expert_bytes"] > 0 and report["peak_rss_bytes"] > report["model"]["resident_bytes"]
 
 
+@pytest.mark.quick
 def test_plan_shows_120b_decoding_at_batch_1_with_8k_context_fits_in_80_gb():
     report = run_bench("--plan", "--preset", "gpt-oss-120b", "--context", "8192")
     device = report["per_device"]

@@ -34,6 +34,7 @@ def test_a_batch_of_conversations_replies_as_each_would_alone(session):
         assert reply.prompt_tokens == len(session.render(messages))
 
 
+@pytest.mark.quick
 def test_streaming_yields_text_then_the_reply_it_adds_up_to(session):
     pieces = list(session.stream("Tell me a story.", max_new_tokens=10, sampling=GREEDY))
     *deltas, reply = pieces
@@ -52,6 +53,7 @@ def test_the_chat_function_uses_the_reasoning_effort_and_sampling_it_is_given(se
     assert "Reasoning: high" in rendered
 
 
+@pytest.mark.quick
 def test_an_unknown_reasoning_effort_is_refused(session):
     with pytest.raises(ValueError, match="low, medium, high"):
         Chat(session.model, reasoning_effort="extreme", encoding=session.encoding)

@@ -10,6 +10,8 @@ import pytest
 from gptoss_jax.config import FULL, PRESETS, SLIDING, GptOssConfig
 from gptoss_jax.errors import ConfigError
 
+pytestmark = pytest.mark.quick  # the day-to-day tier (scripts/test.sh -m quick)
+
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 # The released gpt-oss-20b config.json, as published at the root of openai/gpt-oss-20b.

@@ -61,6 +61,7 @@ def test_cached_greedy_equals_full_recompute_for_three_windows(model, generator,
     assert completion.finish_reason == "length"
 
 
+@pytest.mark.quick
 def test_cached_greedy_equals_transformers_generate(hub_checkpoint, generator, tiny_config):
     steps = 3 * tiny_config.sliding_window + 2
     peer = GptOssForCausalLM.from_pretrained(hub_checkpoint, dtype=torch.float32)
@@ -101,6 +102,7 @@ def test_a_stop_token_ends_the_row_and_is_kept(generator):
     assert stopped.tokens == free[: first + 1] and stopped.finish_reason == "stop"
 
 
+@pytest.mark.quick
 def test_streaming_yields_the_generated_tokens_in_order(generator):
     prompts = [prompt(5, 8), prompt(30, 9)]
     expected = generator.generate(prompts, max_new_tokens=12, sampling=GREEDY)
@@ -118,6 +120,7 @@ def test_a_fixed_seed_reproduces_a_sampled_generation_and_another_seed_differs(g
     assert first == again and first != other
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize(
     "prompts, message",
     [([[]], "prompt 0 is empty"), ([[1, 600]], "outside 0..511"), ([], "non-empty list")],
@@ -127,6 +130,7 @@ def test_bad_requests_are_refused_with_a_clear_error(generator, prompts, message
         generator.generate(prompts, max_new_tokens=4)
 
 
+@pytest.mark.quick
 def test_a_prompt_longer_than_the_context_is_refused(model, tiny_config):
     with pytest.raises(GenerationError, match="context"):
         Generator(model).generate([[1] * (tiny_config.max_context + 1)], max_new_tokens=1)

@@ -100,6 +100,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> N
         assert word in lines[0], lines[0]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize(
     "args, words",
     [

@@ -13,6 +13,8 @@ from gptoss_jax.chat import harmony
 from gptoss_jax.chat.answers import extract_letter, extract_number
 from gptoss_jax.errors import DataError
 
+pytestmark = pytest.mark.quick  # the day-to-day tier (scripts/test.sh -m quick)
+
 AIME, GPQA, CUSTOM = TASKS["aime"], TASKS["gpqa"], TASKS["custom"]
 
 

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import gptoss_jax
 from gptoss_jax.cli import RANDOM_NOTICE
 from gptoss_jax.chat import harmony
@@ -82,15 +84,18 @@ def test_a_prompt_from_stdin_streams_text_to_the_terminal(harmony_checkpoint, ha
     assert result.stdout.strip()
 
 
+@pytest.mark.quick
 def test_a_missing_checkpoint(tmp_path):
     assert_one_line_error(run_generate("--checkpoint", str(tmp_path / "nowhere"), "--prompt", "hi"), "nowhere")
 
 
+@pytest.mark.quick
 def test_an_unknown_reasoning_effort(harmony_checkpoint):
     result = run_generate("--checkpoint", str(harmony_checkpoint), "--prompt", "hi", "--reasoning-effort", "max")
     assert_one_line_error(result, "--reasoning-effort", "low, medium, high")
 
 
+@pytest.mark.quick
 def test_an_empty_prompt(harmony_checkpoint):
     assert_one_line_error(run_generate("--checkpoint", str(harmony_checkpoint), "--prompt", "  "), "empty")
 
@@ -100,6 +105,7 @@ def test_a_prompt_longer_than_the_context(harmony_checkpoint, harmony_vocab_dir)
     assert_one_line_error(result, "131072")
 
 
+@pytest.mark.quick
 def test_no_vocabulary_available(harmony_checkpoint, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "TIKTOKEN_ENCODINGS_BASE"}
     env.update(TIKTOKEN_RS_CACHE_DIR=str(tmp_path / "empty-cache"), HTTPS_PROXY="http://127.0.0.1:9")

@@ -48,6 +48,7 @@ def numpy_loss(loss: str, eps_low=0.2, eps_high=0.28, beta=0.0, max_length=8) ->
     return float(np.sum(token_terms) / len(token_terms)) if loss == "dapo" else float(np.mean(total_rows))
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo", "gspo"])
 @pytest.mark.parametrize("beta", [0.0, 0.05])
 def test_each_loss_matches_a_direct_computation(loss, beta):
@@ -57,6 +58,7 @@ def test_each_loss_matches_a_direct_computation(loss, beta):
     assert float(objective / metrics["weight"]) == pytest.approx(numpy_loss(loss, beta=beta), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.quick
 def test_clip_fractions_count_each_side_and_ignore_padding():
     settings = PolicyLoss("dapo", epsilon_low=0.2, epsilon_high=0.28)
     _, metrics = policy_objective(settings, *(jnp.asarray(x, jnp.float32) for x in (NEW, OLD, REF, ADVANTAGES, MASK)))
@@ -67,6 +69,7 @@ def test_clip_fractions_count_each_side_and_ignore_padding():
     assert float(metrics["tokens"]) == MASK.sum() == 13  # the padded tokens (ratio 0.3 / 3.0) count nowhere
 
 
+@pytest.mark.quick
 def test_group_advantages_normalise_per_group_and_zero_variance_groups_give_zero():
     rewards = np.array([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [3.0, 1.0, 2.0, 2.0]])
     scaled, centred = group_advantages(rewards, scale=True), group_advantages(rewards, scale=False)
@@ -161,6 +164,7 @@ def test_prompts_longer_than_the_limit_are_skipped_and_counted(tmp_path, harmony
     assert "skipped 1 prompt(s) longer than max_prompt_length=128" in capsys.readouterr().err
 
 
+@pytest.mark.quick
 def test_grpo_config_errors_are_named():
     with pytest.raises(ConfigError, match="micro_batch=3 must divide prompts_per_step \\* num_generations = 32"):
         grpo.GRPOConfig(checkpoint="random", run_dir="r", micro_batch=3)

@@ -28,6 +28,8 @@ from gptoss_jax.chat.harmony import (
 )
 from gptoss_jax.errors import GptOssError
 
+pytestmark = pytest.mark.quick  # the day-to-day tier (scripts/test.sh -m quick)
+
 WEATHER = {
     "name": "get_weather",
     "description": "Current weather in a city.",

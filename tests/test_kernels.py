@@ -44,6 +44,7 @@ def _expected_variant() -> str:
     return "avx512" if v4 <= flags else "avx2" if v3 <= flags else "baseline"
 
 
+@pytest.mark.quick
 @pytest.mark.cpu_kernels
 def test_kernels_build_on_this_machine_for_the_variant_its_cpu_flags_allow():
     # CI machines have a C++ compiler: a kernel build that breaks must fail here, not fall back quietly.
@@ -83,6 +84,7 @@ def _dense(blocks, scales) -> np.ndarray:
     return values.reshape(*values.shape[:-2], -1)
 
 
+@pytest.mark.quick
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_dequantize_is_bit_exact_for_every_scale_and_picks_the_layer_and_expert(dtype):
@@ -95,6 +97,7 @@ def test_dequantize_is_bit_exact_for_every_scale_and_picks_the_layer_and_expert(
     np.testing.assert_array_equal(np.asarray(ours).view(bits), np.asarray(expected).view(bits))
 
 
+@pytest.mark.quick
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_expert_matvec_matches_float64_products(dtype):
@@ -115,6 +118,7 @@ def test_expert_matvec_matches_float64_products(dtype):
     assert np.abs(expected).max() > 0 and not ours[0, 1].any() and not ours[1, 2].any()
 
 
+@pytest.mark.quick
 @pytest.mark.cpu_kernels
 def test_expert_matvec_gradient_is_the_transposed_product():
     rng = np.random.default_rng(2)
@@ -129,6 +133,7 @@ def test_expert_matvec_gradient_is_the_transposed_product():
     np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.quick
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("n_out, width", [(130, 96), (64, 2880 // 10)])
 def test_grouped_matmul_and_its_gradient_match_float64_products(n_out, width):
@@ -158,6 +163,7 @@ def test_grouped_matmul_and_its_gradient_match_float64_products(n_out, width):
     assert not np.asarray(ours)[-2:].any() and not np.asarray(grad, np.float64)[-2:].any()
 
 
+@pytest.mark.quick
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("rows", [1, 2, 3, 9])
 def test_bf16_matvec_matches_float64_products(rows):
@@ -257,6 +263,7 @@ def test_the_command_builds_ahead_of_time_and_fails_in_one_line(variant_cache, t
     assert unknown.returncode == 1 and unknown.stderr.startswith("error: unknown CPU kernel variant 'avx9000'")
 
 
+@pytest.mark.quick
 def test_a_variant_this_cpu_cannot_run_or_does_not_know_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("GPTOSS_JAX_KERNEL_VARIANT", "avx9000")
     with pytest.raises(build.VariantError, match=r"^unknown CPU kernel variant 'avx9000' on .*; expected one of \['baseline'"):
@@ -308,6 +315,7 @@ def _compiler_script(folder, body: str):
     return str(script)
 
 
+@pytest.mark.quick
 def test_a_hanging_compiler_is_stopped_at_the_timeout(tmp_path, monkeypatch):
     # The sleep is a child of the compiler, as cc1plus is of c++: it is stopped too, not waited for.
     monkeypatch.setenv("CXX", _compiler_script(tmp_path, "sleep 60\necho done"))
@@ -320,6 +328,7 @@ def test_a_hanging_compiler_is_stopped_at_the_timeout(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-built left behind
 
 
+@pytest.mark.quick
 def test_a_failing_compiler_error_ends_with_its_last_lines(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", _compiler_script(tmp_path, "echo 'cpu_kernels.cc:1: error: broken' >&2\necho 'compilation terminated.' >&2\nexit 1"))
     monkeypatch.setenv("GPTOSS_JAX_CACHE", str(tmp_path / "cache"))
@@ -329,6 +338,7 @@ def test_a_failing_compiler_error_ends_with_its_last_lines(tmp_path, monkeypatch
     assert "\n" not in str(failure.value) and list((tmp_path / "cache").iterdir()) == []
 
 
+@pytest.mark.quick
 @pytest.mark.cpu_kernels
 def test_decoding_with_and_without_kernels_gives_the_same_logits(hub_checkpoint):
     # bf16 decoding runs the matvec and expert kernels; with them off, the plain XLA paths.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import gptoss_jax
 from gptoss_jax.nn import KVCache
@@ -30,6 +31,7 @@ def test_prefill_in_chunks_then_decode_equals_one_forward_pass(hub_checkpoint, l
     assert np.abs(chunked - full).max() / scale <= 1e-5
 
 
+@pytest.mark.quick
 def test_padding_positions_are_never_stored(tiny_config):
     cache = KVCache.create(tiny_config, 1, 64, "float32").layers[0].group(0, False)
     keys = np.ones((1, 3, tiny_config.num_kv_heads, tiny_config.head_dim), np.float32)
@@ -38,6 +40,7 @@ def test_padding_positions_are_never_stored(tiny_config):
     assert (np.asarray(written.positions)[0] >= 0).sum() == 2
 
 
+@pytest.mark.quick
 def test_sliding_layers_keep_a_ring_of_window_slots(tiny_config):
     cache = KVCache.create(tiny_config, 2, 1024, "bfloat16")
     slots = [layer.positions.shape[-1] for layer in cache.layers]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.quick  # the day-to-day tier (scripts/test.sh -m quick)
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("gptoss_jax", "eval", "train")
 MAX_LINES = 500

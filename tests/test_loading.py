@@ -38,6 +38,7 @@ def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
+@pytest.mark.quick
 def test_hub_download_of_the_original_subfolder_is_found(tmp_path, original_checkpoint, long_tokens):
     # A hub download holds the original layout in original/; the folder's root has only other files.
     shutil.copytree(original_checkpoint, tmp_path / "original")
@@ -67,6 +68,7 @@ def test_repo_id_resolves_through_a_prefilled_hub_cache_offline(tmp_path, hub_ch
     np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), np.asarray(expected))
 
 
+@pytest.mark.quick
 def test_repo_id_missing_from_an_offline_cache_is_a_clear_error(tmp_path):
     result = run_python(
         """
@@ -94,6 +96,7 @@ def disk_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.glob("*.safetensors"))
 
 
+@pytest.mark.quick
 def test_loaded_model_keeps_experts_packed_within_ten_percent_of_disk(expert_heavy_checkpoint):
     model = gptoss_jax.load(expert_heavy_checkpoint, dtype="bfloat16")
     packed = jax.tree.leaves(nnx.state(model, PackedBytes))
@@ -102,6 +105,7 @@ def test_loaded_model_keeps_experts_packed_within_ten_percent_of_disk(expert_hea
     assert abs(gptoss_jax.resident_bytes(model) - on_disk) <= 0.10 * on_disk
 
 
+@pytest.mark.quick
 def test_experts_decoded_at_load_take_about_four_times_the_bytes(expert_heavy_checkpoint):
     # The same measure tells packed from decoded experts (4 bits against 16 per weight).
     packed = gptoss_jax.resident_bytes(gptoss_jax.load(expert_heavy_checkpoint, experts="mxfp4"))
@@ -143,12 +147,14 @@ def assert_clear_error(error: pytest.ExceptionInfo, *names: str) -> None:
         assert name in message, message
 
 
+@pytest.mark.quick
 def test_a_path_that_does_not_exist(tmp_path):
     with pytest.raises(CheckpointError) as error:
         gptoss_jax.load(tmp_path / "nowhere")
     assert_clear_error(error, "nowhere", "no such file")
 
 
+@pytest.mark.quick
 def test_a_folder_with_no_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("nothing here")
     with pytest.raises(CheckpointError) as error:
@@ -156,6 +162,7 @@ def test_a_folder_with_no_checkpoint(tmp_path):
     assert_clear_error(error, str(tmp_path), "no checkpoint")
 
 
+@pytest.mark.quick
 def test_an_index_naming_a_missing_shard(tmp_path, hub_checkpoint):
     broken = shutil.copytree(hub_checkpoint, tmp_path / "hub")
     shard = sorted(broken.glob("model-*.safetensors"))[-1]
@@ -165,6 +172,7 @@ def test_an_index_naming_a_missing_shard(tmp_path, hub_checkpoint):
     assert_clear_error(error, shard.name, "missing")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("damage", ["truncated", "corrupt_header"])
 def test_a_truncated_or_corrupt_safetensors_file(tmp_path, hub_checkpoint, damage):
     broken = shutil.copytree(hub_checkpoint, tmp_path / "hub")
@@ -176,6 +184,7 @@ def test_a_truncated_or_corrupt_safetensors_file(tmp_path, hub_checkpoint, damag
     assert_clear_error(error, shard.name)
 
 
+@pytest.mark.quick
 def test_a_tensor_with_the_wrong_shape(tmp_path, hub_single_file_checkpoint):
     broken = shutil.copytree(hub_single_file_checkpoint, tmp_path / "hub")
     tensors = load_file(broken / "model.safetensors")
@@ -187,6 +196,7 @@ def test_a_tensor_with_the_wrong_shape(tmp_path, hub_single_file_checkpoint):
     assert_clear_error(error, name, "expected")
 
 
+@pytest.mark.quick
 def test_a_config_whose_model_type_is_not_gpt_oss(tmp_path, hub_single_file_checkpoint):
     broken = shutil.copytree(hub_single_file_checkpoint, tmp_path / "hub")
     config = json.loads((broken / "config.json").read_text())
@@ -196,6 +206,7 @@ def test_a_config_whose_model_type_is_not_gpt_oss(tmp_path, hub_single_file_chec
     assert_clear_error(error, "config.json", "model_type", "mixtral")
 
 
+@pytest.mark.quick
 def test_a_tensor_missing_from_the_checkpoint(tmp_path, hub_single_file_checkpoint):
     broken = shutil.copytree(hub_single_file_checkpoint, tmp_path / "hub")
     tensors = load_file(broken / "model.safetensors")
@@ -206,6 +217,7 @@ def test_a_tensor_missing_from_the_checkpoint(tmp_path, hub_single_file_checkpoi
     assert_clear_error(error, "model.layers.3.mlp.router.bias", "missing")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("checkpoint", ["hub_checkpoint", "original_checkpoint"])
 def test_big_tensors_read_in_pieces_load_the_same_weights(checkpoint, request, monkeypatch):
     # The embedding and unembedding (1.16 GB each at 20b) are read a block of rows at a time; make the
@@ -218,6 +230,7 @@ def test_big_tensors_read_in_pieces_load_the_same_weights(checkpoint, request, m
         np.testing.assert_array_equal(np.asarray(getattr(pieces, name)[...]), np.asarray(getattr(whole, name)[...]))
 
 
+@pytest.mark.quick
 def test_a_big_tensor_with_the_wrong_shape_read_in_pieces(tmp_path, hub_single_file_checkpoint, monkeypatch):
     broken = shutil.copytree(hub_single_file_checkpoint, tmp_path / "hub")
     tensors = load_file(broken / "model.safetensors")

@@ -44,6 +44,7 @@ def _merge_into_weights(model, base):
         weight.set_value(value.at[group].add(jnp.asarray(update).reshape(value.shape[1:])))
 
 
+@pytest.mark.quick
 def test_fresh_adapters_leave_logits_unchanged_exactly(hub_checkpoint, long_tokens):
     model = gptoss_jax.load(hub_checkpoint, dtype="float32")
     before = np.asarray(model(long_tokens))
@@ -89,6 +90,7 @@ def test_gradients_reach_every_adapter_over_packed_experts(hub_checkpoint, long_
         np.testing.assert_allclose(np.asarray(blockwise), np.asarray(dense), rtol=1e-4, atol=1e-4 * np.abs(dense).max())
 
 
+@pytest.mark.quick
 def test_token_logprobs_match_log_softmax(hub_checkpoint, long_tokens):
     model = gptoss_jax.load(hub_checkpoint, dtype="float32")
     hidden, _ = model.hidden(long_tokens)

@@ -14,7 +14,7 @@ import gptoss_jax
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.runtime import Runtime
 
-pytestmark = pytest.mark.peer  # compares with transformers / OpenAI's reference (torch on the CPU)
+pytestmark = [pytest.mark.peer, pytest.mark.quick]  # compares with transformers / OpenAI's reference (torch on the CPU)
 
 
 def forced(**choices) -> Runtime:

@@ -10,7 +10,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from gptoss_jax import mxfp4
 
-pytestmark = pytest.mark.peer  # compares with transformers / OpenAI's reference (torch on the CPU)
+pytestmark = [pytest.mark.peer, pytest.mark.quick]  # compares with transformers / OpenAI's reference (torch on the CPU)
 
 
 def _bits(x):

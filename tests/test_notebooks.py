@@ -15,6 +15,7 @@ COLAB = Path(__file__).resolve().parents[1] / "colab"
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
 
 
+@pytest.mark.quick
 def test_the_colab_folder_holds_the_notebooks():
     assert {"01_quickstart.ipynb", "02_finetune_rl.ipynb", "03_many_devices.ipynb"} <= {path.name for path in NOTEBOOKS}
 
@@ -41,12 +42,14 @@ def install_cell(path: Path) -> str:
     return next(cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code")
 
 
+@pytest.mark.quick
 def test_every_notebook_installs_the_same_way_without_a_placeholder():
     cells = {install_cell(path) for path in NOTEBOOKS}
     assert len(cells) == 1
     assert "OWNER" not in cells.pop()
 
 
+@pytest.mark.quick
 def test_the_install_cell_says_what_to_do_when_there_is_nothing_to_install_from(tmp_path):
     # An interpreter without site-packages (-S) and without this folder on its path (-I) lacks gptoss_jax,
     # as a fresh Colab runtime does; there is no GPTOSS_JAX_SOURCE, wheel or clone to install from.

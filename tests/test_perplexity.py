@@ -64,6 +64,7 @@ def test_mean_nll_over_windows_matches_transformers_loss(harmony_checkpoint, har
         ("Some text here.", ["--window", "1"], ["--window", "at least 2"]),
     ],
 )
+@pytest.mark.quick
 def test_bad_input_is_one_error_line(harmony_checkpoint, harmony_vocab_dir, tmp_path, text, args, words):
     path = tmp_path / ("nowhere.txt" if text is None else "text.txt")
     if text is not None:

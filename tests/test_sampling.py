@@ -9,6 +9,8 @@ import pytest
 
 from gptoss_jax.inference.sampling import SamplingParams, filter_logits, greedy, sample
 
+pytestmark = pytest.mark.quick  # the day-to-day tier (scripts/test.sh -m quick)
+
 # Compiled once per shape; the eager path dispatches op by op and is far slower.
 sample_jit = jax.jit(sample)
 filter_jit = jax.jit(filter_logits)

@@ -105,6 +105,7 @@ def test_full_fine_tuning_trains_every_weight(tmp_path, harmony_checkpoint, harm
     assert losses(tmp_path / "full")[-1] < losses(tmp_path / "full")[0]
 
 
+@pytest.mark.quick
 def test_malformed_jsonl_line_is_named_with_its_number(tmp_path, harmony_vocab_dir):
     data = tmp_path / "bad.jsonl"
     good = DATA.read_text().splitlines()[0]
@@ -116,6 +117,7 @@ def test_malformed_jsonl_line_is_named_with_its_number(tmp_path, harmony_vocab_d
         load_dataset(data, harmony.load_encoding(), 128, "low")
 
 
+@pytest.mark.quick
 def test_conversations_without_an_assistant_message_are_skipped_and_counted(tmp_path, harmony_vocab_dir):
     data = tmp_path / "some.jsonl"
     user_only = json.dumps({"messages": [{"role": "user", "content": "hello?"}]})
@@ -125,6 +127,7 @@ def test_conversations_without_an_assistant_message_are_skipped_and_counted(tmp_
     assert dataset.warnings(str(data), 128) == [f"{data}: skipped 2 conversation(s) with no assistant message"]
 
 
+@pytest.mark.quick
 def test_only_assistant_tokens_after_the_header_are_learned(harmony_vocab_dir):
     encoding = harmony.load_encoding()
     messages = [
@@ -139,6 +142,7 @@ def test_only_assistant_tokens_after_the_header_are_learned(harmony_vocab_dir):
     assert tokens[: len(prompt)] == prompt  # the unlearned start is exactly what inference prompts with
 
 
+@pytest.mark.quick
 def test_cli_rejects_an_unknown_config_key_in_one_line(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(f"checkpoint: random\ndata: {DATA}\nrun_dir: {tmp_path / 'run'}\nlora:\n  rnk: 4\n")
@@ -149,6 +153,7 @@ def test_cli_rejects_an_unknown_config_key_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.quick
 def test_config_overrides_and_number_parsing(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("checkpoint: random\ndata: d.jsonl\nrun_dir: r\noptimizer:\n  learning_rate: 1e-3\n")
@@ -163,6 +168,7 @@ def test_config_overrides_and_number_parsing(tmp_path):
         read_config(SFTConfig, config, ["experts=fp8"])
 
 
+@pytest.mark.quick
 def test_an_unknown_reasoning_effort_is_a_config_error_naming_the_choices(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("checkpoint: random\ndata: d.jsonl\nrun_dir: r\n")

@@ -113,6 +113,7 @@ def test_sharded_model_matches_one_device_and_splits_the_experts(
     assert set(results["expert_layer_shard_fractions"]) == {1 / expert_split}
 
 
+@pytest.mark.quick
 def test_a_mesh_that_does_not_fit_the_model_is_a_clear_error(hub_checkpoint):
     import jax
 
@@ -124,6 +125,7 @@ def test_a_mesh_that_does_not_fit_the_model_is_a_clear_error(hub_checkpoint):
         spec_for(("experts", "embed"), (8, 128), mesh, "mlp1")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("spec", ["expert=0", "pipeline=2", "expert"])
 def test_bad_mesh_specs_are_refused(spec):
     with pytest.raises(GptOssError, match="axis=size"):

@@ -27,7 +27,7 @@ from gptoss_jax.checkpoint.writer import write_hub_checkpoint, write_original_ch
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.errors import CheckpointError
 
-pytestmark = pytest.mark.peer  # compares with transformers / OpenAI's reference (torch on the CPU)
+pytestmark = [pytest.mark.peer, pytest.mark.quick]  # compares with transformers / OpenAI's reference (torch on the CPU)
 
 TINY = GptOssConfig.preset("tiny")
 # Longer than twice the tiny sliding window (16), so the window mask is exercised.
