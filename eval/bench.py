@@ -6,6 +6,9 @@
     python -m eval.bench --preset gpt-oss-20b --write-random /tmp/random-20b   # then --checkpoint it
     python -m eval.bench --plan --preset gpt-oss-120b --context 8192          # bytes per device, no weights
     python -m eval.bench --plan --train --preset gpt-oss-20b --context 2048   # a LoRA training step's bytes
+    python -m eval.bench --plan --target v5e-8 --preset gpt-oss-120b --batch 16   # compiled for a TPU slice
+    python -m eval.bench --plan --target h100 --program all --require-fit       # every program, on an H100
+    python -m eval.bench --plan --matrix                                       # README's "Where it fits"
 
 The roofline divides the bytes one decode step must read (attention and router weights, the chosen
 experts' packed bytes, the unembedding, the valid part of the KV cache) by a memory bandwidth measured
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import resource
 import statistics
 import sys
@@ -30,15 +33,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 import gptoss_jax
-from gptoss_jax.checkpoint import names
+from eval import plan as plans
+from eval.plan import decode_step_bytes
+from gptoss_jax import targets
 from gptoss_jax.checkpoint.load import from_tensors
 from gptoss_jax.checkpoint.random_weights import random_hub_tensors, write_random_hub_checkpoint
 from gptoss_jax.checkpoint.writer import write_hub_checkpoint
-from gptoss_jax.config import FULL, GptOssConfig
+from gptoss_jax.config import GptOssConfig
 from gptoss_jax.inference.engine import Generator
-from gptoss_jax.nn import GptOss, KVCache
-from gptoss_jax.nn.moe import PackedBytes
 from gptoss_jax.inference.sampling import SamplingParams
+from gptoss_jax.nn import GptOss
+from gptoss_jax.nn.moe import PackedBytes
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -59,11 +64,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=512, help="prefill prompt length")
     parser.add_argument("--new-tokens", type=int, default=33, help="tokens generated per decode measurement")
     parser.add_argument("--compare", choices=["transformers"], help="run a peer on the same weights and prompts")
-    parser.add_argument("--plan", action="store_true", help="compile the decode step on abstract shapes only")
-    parser.add_argument("--context", type=int, default=8192, help="plan mode: KV cache length")
-    parser.add_argument("--mesh", help="plan mode: a mesh such as expert=8 (needs that many devices)")
-    parser.add_argument("--train", action="store_true", help="plan mode: a LoRA fine-tuning step (--context tokens a row)")
-    parser.add_argument("--lora-rank", type=int, default=16, help="plan mode with --train: adapter rank")
+    parser.add_argument("--plan", action="store_true", help="compile programs on abstract shapes only (eval/plan.py)")
+    parser.add_argument("--target", default="cpu", help="plan mode: the machine, e.g. v5e-8, v6e-1, h100, 8xh100, "
+                        "t4 (gptoss_jax/targets.py), or a TPU topology such as v6e:4x4")  # fmt: skip
+    parser.add_argument("--program", action="append", choices=[*plans.PROGRAMS, "all"],
+                        help="plan mode: programs to compile (default prefill and decode; --train: sft)")  # fmt: skip
+    parser.add_argument("--context", type=int, default=8192, help="plan mode: KV cache length (training: tokens a row)")
+    parser.add_argument("--mesh", help="plan mode: a mesh such as expert=8 (default: chosen from the target's devices)")
+    parser.add_argument("--train", action="store_true", help="plan mode: a LoRA fine-tuning step (--program sft)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="plan mode, training programs: adapter rank")
+    parser.add_argument("--require-fit", action="store_true", help="plan mode: exit 2 if a program does not fit")
+    parser.add_argument("--matrix", action="store_true", help="plan mode: plan every README row, rewrite its table")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument(
         "--write-random", metavar="DIR", help="write the random model of --preset/--layers to DIR (hub layout) and exit"
@@ -95,32 +106,6 @@ def measure_bandwidth() -> float:
         reduce(data).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return data.nbytes / best
-
-
-def decode_step_bytes(model: GptOss, batch: int, position: int) -> int:
-    """What one decode step must read: every non-expert weight a token touches, the experts the batch
-    chooses (at most all of them), the unembedding, and the valid part of the KV cache."""
-    c = model.config
-    state = nnx.state(model)
-    total = 0
-    for path, variable in nnx.to_flat_state(state):
-        if path[0] == "embed":
-            continue  # a step reads one row per token
-        if "mlp1" in path or "mlp2" in path or path[-1] in ("mlp1_bias", "mlp2_bias"):
-            continue  # counted per chosen expert below
-        total += variable.get_value().nbytes
-    expert_bytes = sum(
-        variable.get_value().nbytes
-        for path, variable in nnx.to_flat_state(state)
-        if "mlp1" in path or "mlp2" in path or path[-1] in ("mlp1_bias", "mlp2_bias")
-    )
-    chosen = min(c.num_experts, batch * c.experts_per_token)
-    total += expert_bytes * chosen // c.num_experts
-    cache_itemsize = jnp.dtype(model.dtype).itemsize
-    for kind in c.layer_types:
-        visible = position if kind == FULL else min(position, c.sliding_window)
-        total += 2 * batch * visible * c.num_kv_heads * c.head_dim * cache_itemsize
-    return total
 
 
 # Decode timings take the median of this many runs, for us and for the peer alike: this machine's speed
@@ -172,7 +157,8 @@ def bench_ours(model: GptOss, args: argparse.Namespace, bandwidth: float) -> dic
         )
         probes.append(measure_bandwidth())
         seconds_per_step = max(long - short, 1e-9) / (args.new_tokens - 1)
-        step_bytes = decode_step_bytes(model, batch, 16 + args.new_tokens // 2)
+        per_slot = 2 * batch * model.config.num_kv_heads * model.config.head_dim * jnp.dtype(model.dtype).itemsize
+        step_bytes = decode_step_bytes(nnx.state(model), model.config, batch, 16 + args.new_tokens // 2, per_slot)
         roofline = batch * statistics.median(probes) / step_bytes
         results[f"decode_batch_{batch}"] = {
             "compile_s": long_first - long,  # the prefill program was compiled by the short run
@@ -212,120 +198,44 @@ def bench_transformers(checkpoint: Path, args: argparse.Namespace, vocab: int) -
     return results
 
 
-def plan(args: argparse.Namespace) -> dict:
-    """Compile one decode step on abstract shapes and read XLA's memory analysis (per device)."""
-    from gptoss_jax import sharding
-
-    config = config_from(args)
-    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
-    abstract = nnx.eval_shape(lambda: GptOss(config, dtype=args.dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    batch = (args.batch or [1])[0]
-    cache = jax.eval_shape(lambda: KVCache.create(config, batch, args.context, args.dtype))
-    if mesh is not None:
-        sharding.set_mesh(abstract, mesh)
-        graphdef, _ = nnx.split(abstract)
-        state = jax.tree.map(
-            lambda variable, placed: variable.replace(jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=placed)),
-            state,
-            sharding.state_shardings(state, mesh),
-            is_leaf=lambda leaf: isinstance(leaf, nnx.Variable),
-        )
-
-    def decode_step(state, cache, tokens, positions):
-        model = nnx.merge(graphdef, state)
-        logits, cache = model(tokens[:, None], positions[:, None], cache)
-        return jnp.argmax(logits[:, 0], axis=-1), cache
-
-    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    start = time.perf_counter()
-    compiled = jax.jit(decode_step, donate_argnums=(1,)).lower(state, cache, tokens, tokens).compile()
-    compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    # The cache splits over 'data' (rows) and 'tensor' (kv heads) and is replicated over 'expert'.
-    cache_split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["tensor"]
-    weights = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
-    cache_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
-    per_device_weights = memory.argument_size_in_bytes - cache_bytes // cache_split - 2 * batch * 4
-    return {
-        "preset": args.preset,
-        "layers": config.num_layers,
-        "batch": batch,
-        "context": args.context,
-        "mesh": args.mesh or "one device",
-        "compile_s": compile_s,
-        "weights_bytes_total": weights,
-        "per_device": {
-            "weights_bytes": per_device_weights,
-            "cache_bytes": cache_bytes // cache_split,
-            "temp_bytes": memory.temp_size_in_bytes,
-            "total_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
-            + memory.output_size_in_bytes - memory.alias_size_in_bytes,
-        },
-    }
-
-
-def plan_training(args: argparse.Namespace) -> dict:
-    """Compile one LoRA fine-tuning step (train.sft's) on abstract shapes: bytes held while training."""
-    from gptoss_jax.lora import LoRAConfig, add_lora
-    from gptoss_jax.training import OptimizerConfig, TrainStep, sft_loss
-
-    config = config_from(args)
-    lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
-    abstract = nnx.eval_shape(lambda: add_lora(GptOss(config, dtype=args.dtype, rngs=nnx.Rngs(0)), lora))
-    step = TrainStep(abstract, nnx.LoRAParam, OptimizerConfig(), 1000, sft_loss)
-    opt_state = jax.eval_shape(step.optimizer.init, step.initial_params)
-    rows = (args.batch or [1])[0]
-    tokens = jax.ShapeDtypeStruct((1, rows, args.context), jnp.int32)
-    batch = {"inputs": tokens, "positions": tokens, "targets": tokens,
-             "weights": jax.ShapeDtypeStruct(tokens.shape, jnp.float32)}  # fmt: skip
-    start = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-        step.initial_params, opt_state, step.frozen, batch, jax.random.key(0)
-    ).compile()
-    compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-
-    def size(tree) -> int:
-        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
-
-    # What the same weights take with the experts decoded to bf16, the usual way to fine-tune gpt-oss.
-    bf16_bytes = sum(math.prod(shape) * 2 for shape, _ in names.dense_expert_hub_shapes(config).values())
-    return {
-        "preset": args.preset,
-        "layers": config.num_layers,
-        "batch": rows,
-        "context": args.context,
-        "lora_rank": args.lora_rank,
-        "compile_s": compile_s,
-        "training": {
-            "frozen_weights_bytes": size(step.frozen),
-            "adapter_bytes": size(step.initial_params),
-            "optimizer_bytes": size(opt_state),
-            "temp_bytes": memory.temp_size_in_bytes,
-            "total_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
-            + memory.output_size_in_bytes - memory.alias_size_in_bytes,
-            "bf16_weights_bytes": bf16_bytes,
-        },
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plan and "JAX_PLATFORMS" not in os.environ:
+        # A plan only compiles: this process's own devices may be the host's, and then the TPU and GPU
+        # compilers (gptoss_jax[plan]) need no driver.
+        jax.config.update("jax_platforms", "cpu")
     try:
         if args.write_random:
             path = write_random_hub_checkpoint(args.write_random, config_from(args))
             print(f"wrote a random {args.preset} ({config_from(args).num_layers} layers) to {path}")
             return 0
+        if args.plan and args.matrix:
+            return plans.write_matrix(progress=sys.stderr)
         if args.plan:
-            report = plan_training(args) if args.train else plan(args)
+            report = plan(args)
         else:
             report = run(args)
     except (gptoss_jax.GptOssError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(json.dumps(report, indent=2) if args.json else table(report))
+    print(json.dumps(report, indent=2) if args.json else plans.table(report) if args.plan else table(report))
+    if args.plan and args.require_fit and not all(one["fits"] for one in report["plans"]):
+        return 2
     return 0
+
+
+def plan(args: argparse.Namespace) -> dict:
+    """Plan the chosen programs on the target (eval/plan.py); one report each."""
+    config = config_from(args)
+    target = targets.target(args.target)
+    programs = args.program or (["sft"] if args.train else ["prefill", "decode"])
+    programs = list(plans.PROGRAMS) if "all" in programs else list(dict.fromkeys(programs))
+    batch = (args.batch or [1])[0]
+    reports = []
+    for program in programs:
+        workload = plans.Workload(program, batch, args.context, min(args.prompt_length, args.context), args.lora_rank)
+        reports.append(plans.plan(config, target, workload, args.mesh, args.dtype))
+    return {"preset": args.preset, "dtype": args.dtype, "description": target.description, "plans": reports}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -369,29 +279,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def table(report: dict) -> str:
     """A readable summary of a report."""
-    if "training" in report:
-        memory = {name: value / 2**30 for name, value in report["training"].items()}
-        return "\n".join(
-            [
-                f"plan: LoRA rank {report['lora_rank']} fine-tuning step of {report['preset']} ({report['layers']} "
-                f"layers), batch {report['batch']} x {report['context']} tokens; compiled in {report['compile_s']:.1f} s",
-                f"  frozen weights {memory['frozen_weights_bytes']:.2f} GiB (MXFP4 experts), adapters "
-                f"{memory['adapter_bytes']:.3f} GiB, optimizer {memory['optimizer_bytes']:.3f} GiB, temporaries "
-                f"{memory['temp_bytes']:.2f} GiB: total {memory['total_bytes']:.2f} GiB "
-                f"(the weights alone with bf16 experts: {memory['bf16_weights_bytes']:.2f} GiB)",
-            ]
-        )
-    if "per_device" in report:
-        device = report["per_device"]
-        return "\n".join(
-            [
-                f"plan: {report['preset']} ({report['layers']} layers), batch {report['batch']}, "
-                f"context {report['context']}, {report['mesh']}; compiled in {report['compile_s']:.1f} s",
-                f"  per device: weights {device['weights_bytes'] / 2**30:.2f} GiB, cache "
-                f"{device['cache_bytes'] / 2**30:.2f} GiB, temporaries {device['temp_bytes'] / 2**30:.2f} GiB, "
-                f"total {device['total_bytes'] / 2**30:.2f} GiB",
-            ]
-        )
     model = report["model"]
     lines = [
         f"{report['device']}, {report['dtype']}: {model['layers']} layers, {model['experts']} experts, vocab "

@@ -125,7 +125,7 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
 def set_mesh(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Tell the model and its modules that need it (the MoE layers' shard_map) which mesh it lives on;
     the model's runtime moves to the mesh's devices (their platform decides the algorithms)."""
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if hasattr(module, "mesh"):
             module.mesh = mesh
         if hasattr(module, "runtime"):

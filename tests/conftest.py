@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
+import os
+
+# The test extra installs the TPU and GPU compilers (gptoss_jax[plan]) to plan for them; on a host with
+# neither, jax must not try to start them (the CUDA plugin would fail its driver check and print a
+# traceback in every process). On a GPU or TPU host, run the suite with JAX_PLATFORMS=cuda or tpu.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
 import pytest
 
 from gptoss_jax.checkpoint.random_weights import random_hub_tensors

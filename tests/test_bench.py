@@ -36,19 +36,21 @@ def test_bench_beside_transformers_reports_both_and_their_ratio():
 
 @pytest.mark.quick
 def test_plan_shows_120b_decoding_at_batch_1_with_8k_context_fits_in_80_gb():
-    report = run_bench("--plan", "--preset", "gpt-oss-120b", "--context", "8192")
-    device = report["per_device"]
+    report = run_bench("--plan", "--preset", "gpt-oss-120b", "--context", "8192", "--program", "decode")
+    (decode,) = report["plans"]
+    device = decode["per_device"]
     # The checkpoint is 60.8 GiB with MXFP4 experts: the plan's weights are those bytes, not a bf16 copy.
-    assert abs(device["weights_bytes"] / 2**30 - 60.8) < 0.5
-    assert device["cache_bytes"] > 0 and device["temp_bytes"] > 0
-    assert device["total_bytes"] < 80e9
+    assert abs(device["weights"] / 2**30 - 60.8) < 0.5
+    assert device["cache"] > 0 and device["temp"] > 0
+    assert device["total"] < 80e9
 
 
 def test_plan_of_a_20b_lora_training_step_stays_far_below_the_bf16_weights():
     report = run_bench("--plan", "--train", "--preset", "gpt-oss-20b", "--context", "1024", "--lora-rank", "16")
-    training = report["training"]
+    (training,) = report["plans"]
+    device = training["per_device"]
     # Frozen weights are the MXFP4 checkpoint's 12.8 GiB; a bf16 copy of the experts alone would be 39 GiB.
-    assert abs(training["frozen_weights_bytes"] / 2**30 - 12.8) < 0.1
+    assert abs(device["weights"] / 2**30 - 12.8) < 0.1
     assert abs(training["bf16_weights_bytes"] / 2**30 - 39.0) < 0.1
-    assert abs(training["optimizer_bytes"] - 2 * training["adapter_bytes"]) < 64  # AdamW: two moments (+ counts)
-    assert training["total_bytes"] < 0.6 * training["bf16_weights_bytes"]
+    assert abs(device["optimizer"] - 2 * device["adapters"]) < 64  # AdamW: two moments (+ counts)
+    assert device["total"] < 0.6 * training["bf16_weights_bytes"]

@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from cli_errors import assert_one_line_error
 from conftest import TINY_HARMONY
 from eval.tasks import TASKS, read_examples
 from gptoss_jax.checkpoint.random_weights import random_hub_tensors
@@ -89,15 +90,6 @@ def test_a_model_that_always_answers_56_gets_one_of_the_five_custom_examples(
     summary = json.loads((tmp_path / "custom-medium.summary.json").read_text())
     assert summary["accuracy"] == 0.2 and summary["no_answer"] == 0.0
     assert "20.0%" in result.stdout
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 @pytest.mark.quick

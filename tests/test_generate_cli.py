@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import gptoss_jax
+from cli_errors import assert_one_line_error
 from gptoss_jax.cli import RANDOM_NOTICE
 from gptoss_jax.chat import harmony
 from gptoss_jax.inference.engine import Generator
@@ -25,15 +26,6 @@ def run_generate(*args: str, stdin: str | None = None, env: dict | None = None) 
         timeout=600,
         env=env if env is not None else dict(os.environ),
     )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def test_generate_json_runs_end_to_end_and_matches_the_library(harmony_checkpoint, harmony_vocab_dir):

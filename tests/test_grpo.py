@@ -16,7 +16,7 @@ from gptoss_jax.lora import LoRAConfig
 from gptoss_jax.training import OptimizerConfig
 from train import grpo
 from train.rewards import RewardError
-from train.rl import PolicyLoss, group_advantages, policy_objective
+from gptoss_jax.rl import PolicyLoss, group_advantages, policy_objective
 
 # Hand-made batch: 3 rows of 5 tokens; row 2 has 2 padded tokens; ratios cross both clip edges.
 NEW = np.log(np.array([[0.5, 0.9, 0.3, 0.2, 0.6], [0.45, 0.1, 0.8, 0.5, 0.5], [0.7, 0.2, 0.9, 0.3, 0.3]]))

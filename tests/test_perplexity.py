@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import GptOssForCausalLM
 
+from cli_errors import assert_one_line_error
 from eval.perplexity import LOGIT_CHUNK
 from gptoss_jax.chat import harmony
 
@@ -70,8 +71,4 @@ def test_bad_input_is_one_error_line(harmony_checkpoint, harmony_vocab_dir, tmp_
     if text is not None:
         path.write_text(text)
     result = run_perplexity("--checkpoint", str(harmony_checkpoint), "--text", str(path), *args)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for word in words:
-        assert word in lines[0]
+    assert_one_line_error(result, *words)

@@ -37,13 +37,13 @@ from gptoss_jax.errors import ConfigError, DataError
 from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.config import check_experts
 from gptoss_jax.lora import LoRAConfig, adapters_off
+from gptoss_jax.rl import LOSSES, PolicyLoss, completion_hidden, group_advantages, rl_loss
 from gptoss_jax.training import OptimizerConfig
 from train.config import check_full_run_experts, read_config, run_arguments, to_dict
 from train.data import example_order
 from train.loop import MetricsLog, Trainer
 from train.model import base_checkpoint, build_model
 from train.rewards import Sample, arithmetic_task, load_reward, score
-from train.rl import LOSSES, PolicyLoss, group_advantages, policy_objective
 
 ROW_BUCKET = 64  # completions are padded to a multiple of this many tokens (few compiled shapes)
 
@@ -134,30 +134,6 @@ def load_prompts(config: GRPOConfig, encoding) -> Prompts:
     if not prompts.examples:
         raise DataError(f"{config.prompts or 'task'}: no prompt fits max_prompt_length={config.max_prompt_length}")
     return prompts
-
-
-def completion_hidden(model: gptoss_jax.GptOss, batch: dict, dropout_key=None) -> jax.Array:
-    """Hidden states [R, W, D] of each row's completion window (the forward runs over the whole row, with
-    the rollout's experts if the batch has them; only the window is unembedded)."""
-    hidden, _, _ = model.forward(batch["inputs"], batch["positions"], dropout_key=dropout_key,
-                                 routes=batch.get("routes"))  # fmt: skip
-    window = batch["window_start"][:, None] + jnp.arange(batch["targets"].shape[1])[None, :]
-    window = jnp.minimum(window, hidden.shape[1] - 1)
-    return jnp.take_along_axis(hidden, window[:, :, None], axis=1)
-
-
-def rl_loss(settings: PolicyLoss):
-    """The TrainStep loss: the policy objective on the batch's completion windows."""
-
-    def loss(model: gptoss_jax.GptOss, batch: dict, dropout_key) -> tuple[jax.Array, dict[str, jax.Array]]:
-        new, entropy = model.token_logprobs_and_entropy(completion_hidden(model, batch, dropout_key), batch["targets"])
-        objective, metrics = policy_objective(
-            settings, new, batch["old_logprobs"], batch.get("ref_logprobs"), batch["advantages"], batch["mask"]
-        )
-        metrics["entropy"] = (entropy * batch["mask"]).sum()
-        return objective, metrics
-
-    return loss
 
 
 def build_batch(prompts: list[list[int]], completions, advantages: np.ndarray, micro_batch: int, replay: bool,

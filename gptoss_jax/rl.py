@@ -1,4 +1,5 @@
-"""Policy-gradient losses of the GRPO family, as pure functions of per-token log-probabilities.
+"""Policy-gradient losses of the GRPO family, as pure functions of per-token log-probabilities, and the
+training-step loss built on them (train.grpo trains with it; eval.bench plans its step).
 
 Shapes: R rows (completions), T tokens. `mask` marks completion tokens (1) against prompt and padding
 (0). `old` are the log-probabilities the rollout sampled with, `ref` the reference model's (for the KL
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax.errors import ConfigError
+from gptoss_jax.nn import GptOss
 
 LOSSES = ("grpo", "dr_grpo", "dapo", "gspo")
 
@@ -108,3 +110,27 @@ def policy_objective(
         "logprob_gap_max": gap.max(),
     }
     return objective, metrics
+
+
+def completion_hidden(model: GptOss, batch: dict, dropout_key=None) -> jax.Array:
+    """Hidden states [R, W, D] of each row's completion window (the forward runs over the whole row, with
+    the rollout's experts if the batch has them; only the window is unembedded)."""
+    hidden, _, _ = model.forward(batch["inputs"], batch["positions"], dropout_key=dropout_key,
+                                 routes=batch.get("routes"))  # fmt: skip
+    window = batch["window_start"][:, None] + jnp.arange(batch["targets"].shape[1])[None, :]
+    window = jnp.minimum(window, hidden.shape[1] - 1)
+    return jnp.take_along_axis(hidden, window[:, :, None], axis=1)
+
+
+def rl_loss(settings: PolicyLoss):
+    """The TrainStep loss: the policy objective on the batch's completion windows."""
+
+    def loss(model: GptOss, batch: dict, dropout_key) -> tuple[jax.Array, dict[str, jax.Array]]:
+        new, entropy = model.token_logprobs_and_entropy(completion_hidden(model, batch, dropout_key), batch["targets"])
+        objective, metrics = policy_objective(
+            settings, new, batch["old_logprobs"], batch.get("ref_logprobs"), batch["advantages"], batch["mask"]
+        )
+        metrics["entropy"] = (entropy * batch["mask"]).sum()
+        return objective, metrics
+
+    return loss
