@@ -74,7 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train", action="store_true", help="plan mode: a LoRA fine-tuning step (--program sft)")
     parser.add_argument("--lora-rank", type=int, default=16, help="plan mode, training programs: adapter rank")
     parser.add_argument("--require-fit", action="store_true", help="plan mode: exit 2 if a program does not fit")
-    parser.add_argument("--matrix", action="store_true", help="plan mode: plan every README row, rewrite its table")
+    parser.add_argument("--matrix", action="store_true", help="plan mode: plan every README row, rewrite its table "
+                        "(plans already in eval/plans.json are reused: an interrupted run resumes)")  # fmt: skip
+    parser.add_argument("--fresh", action="store_true", help="with --matrix: plan every cell again")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument(
         "--write-random", metavar="DIR", help="write the random model of --preset/--layers to DIR (hub layout) and exit"
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote a random {args.preset} ({config_from(args).num_layers} layers) to {path}")
             return 0
         if args.plan and args.matrix:
-            return plans.write_matrix(progress=sys.stderr)
+            return plans.write_matrix(fresh=args.fresh, progress=sys.stderr)
         if args.plan:
             report = plan(args)
         else:

@@ -22,6 +22,7 @@ plan says so with XLA's figure.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -309,9 +310,21 @@ def _xla_figure(error: str) -> str:
     return f"{found.group(1)} > {found.group(2)}" if found else "out of HBM"
 
 
-def matrix(presets=MATRIX_PRESETS, target_names=MATRIX_TARGETS, columns=MATRIX_COLUMNS, progress=None) -> str:
+RESULTS = Path(__file__).with_name("plans.json")  # the matrix's plans, kept so a run can resume
+
+
+def _key(preset: str, target: str, workload: Workload) -> str:
+    w = workload
+    return f"{preset} {target} {w.program} batch={w.batch} context={w.context} prompt={w.prompt_length} rank={w.lora_rank}"
+
+
+def matrix(presets=MATRIX_PRESETS, target_names=MATRIX_TARGETS, columns=MATRIX_COLUMNS, results=None,
+           save=lambda results: None, progress=None) -> str:  # fmt: skip
     """The "Where it fits" table in Markdown: per model and target, each column's per-device memory
-    (the largest of its programs) or "no", the mesh, and decode at 8k x 1's bound on tokens/s."""
+    (the largest of its programs) or "no", the mesh, and decode at 8k x 1's bound on tokens/s.
+
+    `results` holds plans already made (by key); each new plan is added to it and `save`d at once."""
+    results = {} if results is None else results
     lines = [
         "| model | target | mesh | " + " | ".join(columns) + " | decode 8k x 1 bound |",
         "|---" * (len(columns) + 4) + "|",
@@ -322,7 +335,13 @@ def matrix(presets=MATRIX_PRESETS, target_names=MATRIX_TARGETS, columns=MATRIX_C
             target = targets.target(name)
             cells, meshes, bound = [], set(), "-"
             for column, workloads in columns.items():
-                reports = [plan(config, target, workload) for workload in workloads]
+                reports = []
+                for workload in workloads:
+                    key = _key(preset, name, workload)
+                    if key not in results:
+                        results[key] = plan(config, target, workload)
+                        save(results)
+                    reports.append(results[key])
                 meshes.update(report["mesh"] for report in reports)
                 cells.append(matrix_cell(reports))
                 for report in reports:
@@ -334,17 +353,23 @@ def matrix(presets=MATRIX_PRESETS, target_names=MATRIX_TARGETS, columns=MATRIX_C
     return "\n".join(lines)
 
 
-def write_matrix(progress=None) -> int:
-    """Rewrite the README's table between its markers (written whole once every plan has run)."""
-    table_text = matrix(progress=progress)
+def _write_whole(path: Path, text: str) -> None:
+    written = path.with_name(path.name + ".tmp")
+    written.write_text(text)
+    os.replace(written, path)  # whole or not at all
+
+
+def write_matrix(fresh: bool = False, progress=None) -> int:
+    """Plan every cell (reusing eval/plans.json unless `fresh`), then rewrite the README's table."""
+    results = {} if fresh or not RESULTS.exists() else json.loads(RESULTS.read_text())
+    table_text = matrix(results=results, save=lambda done: _write_whole(RESULTS, json.dumps(done, indent=1)),
+                        progress=progress)  # fmt: skip
     text = README.read_text()
     if BEGIN not in text or END not in text:
         raise GptOssError(f"{README}: the markers {BEGIN!r} and {END!r} are missing")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    written = README.with_suffix(".md.tmp")
-    written.write_text(head + BEGIN + "\n" + table_text + "\n" + END + tail)
-    os.replace(written, README)  # whole or not at all
+    _write_whole(README, head + BEGIN + "\n" + table_text + "\n" + END + tail)
     print(table_text)
     return 0
 

@@ -83,3 +83,19 @@ def test_targets_are_named_as_users_rent_them(name, platform, devices, topology)
 def test_an_unknown_target_names_the_known_ones():
     with pytest.raises(targets.TargetError, match="unknown target 'v9-8'.*h100"):
         targets.target("v9-8")
+
+
+def test_the_matrix_writes_a_row_per_model_and_target_and_reuses_plans_made():
+    columns = {
+        "serve 8k x 1": (plans.Workload("prefill", 1, 256, 64), plans.Workload("decode", 1, 256)),
+        "too big": (plans.Workload("decode", 256, 131072),),
+    }
+    results, saves = {}, []
+    table = plans.matrix(("tiny",), ("v5e-1", "h100"), columns, results, saves.append)
+    header, rule, tpu, gpu = table.splitlines()
+    assert header.startswith("| model | target | mesh | serve 8k x 1 | too big |") and rule.count("|---") == 6
+    assert tpu.startswith("| tiny | v5e:1x1, 16 GiB | expert=1 | ") and "no (XLA: " in tpu and "> 15.75G)" in tpu
+    assert gpu.startswith("| tiny | NVIDIA H100 80GB HBM3, 80 GiB | expert=1 | ") and "tok/s |" in gpu
+    assert len(results) == len(saves) == 6
+    again = plans.matrix(("tiny",), ("v5e-1", "h100"), columns, results, saves.append)
+    assert again == table and len(saves) == 6  # nothing planned twice
