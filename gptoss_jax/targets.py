@@ -5,8 +5,8 @@ to get abstract devices of it on a machine that has none (a TPU topology through
 config through jax's CUDA plugin). `TARGETS` is the one table; add a row for another machine. TPU slices
 not in the table are named by topology ("v6e:4x4", "v5p:2x2x2") or by chip count ("v6e-16", "v5p-32").
 
-Figures are the vendors' public specs: memory per device, and HBM bandwidth in bytes per second. GPU
-fields not given default to an H100's where a compile does not depend on them.
+Figures are public specs: memory per device (for GPUs the total the driver reports), and memory
+bandwidth in bytes per second.
 """
 
 from __future__ import annotations
@@ -81,13 +81,15 @@ class GpuSpec:
         )
 
 
+MiB = 2**20
+# Memory is what the driver reports as the device's total (nvidia-smi), a little under the marketed GB.
 GPUS = {
-    "t4": GpuSpec("Tesla T4", 16 * GiB, 320e9, (7, 5), 40, 64, 1.59, 4 * 2**20, 65536, 65536, 1024),
-    "l4": GpuSpec("NVIDIA L4", 24 * GiB, 300e9, (8, 9), 58, 128, 2.04, 48 * 2**20, 102400, 101376, 1536),
-    "a100-40gb": GpuSpec("NVIDIA A100-SXM4-40GB", 40 * GiB, 1555e9, (8, 0), 108, 64, 1.41, 40 * 2**20, 167936, 166912),
-    "a100-80gb": GpuSpec("NVIDIA A100-SXM4-80GB", 80 * GiB, 2039e9, (8, 0), 108, 64, 1.41, 40 * 2**20, 167936, 166912),
-    "h100": GpuSpec("NVIDIA H100 80GB HBM3", 80 * GiB, 3352e9, (9, 0), 132, 128, 1.98, 50 * 2**20, 233472, 232448),
-    "h200": GpuSpec("NVIDIA H200", 141 * 10**9, 4800e9, (9, 0), 132, 128, 1.98, 50 * 2**20, 233472, 232448),
+    "t4": GpuSpec("Tesla T4", 15360 * MiB, 320e9, (7, 5), 40, 64, 1.59, 4 * MiB, 65536, 65536, 1024),
+    "l4": GpuSpec("NVIDIA L4", 23034 * MiB, 300e9, (8, 9), 58, 128, 2.04, 48 * MiB, 102400, 101376, 1536),
+    "a100-40gb": GpuSpec("NVIDIA A100-SXM4-40GB", 40960 * MiB, 1555e9, (8, 0), 108, 64, 1.41, 40 * MiB, 167936, 166912),
+    "a100-80gb": GpuSpec("NVIDIA A100-SXM4-80GB", 81920 * MiB, 2039e9, (8, 0), 108, 64, 1.41, 40 * MiB, 167936, 166912),
+    "h100": GpuSpec("NVIDIA H100 80GB HBM3", 81559 * MiB, 3352e9, (9, 0), 132, 128, 1.98, 50 * MiB, 233472, 232448),
+    "h200": GpuSpec("NVIDIA H200", 143771 * MiB, 4800e9, (9, 0), 132, 128, 1.98, 50 * MiB, 233472, 232448),
 }
 
 

@@ -40,7 +40,7 @@ def test_a_tpu_slice_plan_splits_the_experts_and_reports_xla_figures():
 def test_a_gpu_plan_compiles_for_an_h100_without_one():
     report = plans.plan(TINY, targets.target("h100"), plans.Workload("prefill", batch=2, context=256, prompt_length=64))
     assert report["platform"] == "gpu" and report["fits"]
-    assert report["memory_bytes"] == 80 * 2**30 and report["per_device"]["total"] > 0
+    assert 79 * 2**30 < report["memory_bytes"] <= 80 * 2**30 and report["per_device"]["total"] > 0  # "80GB"
     assert report["bytes_accessed"] is None  # XLA's GPU compiler gives no cost analysis
 
 
