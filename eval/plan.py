@@ -89,6 +89,10 @@ def device_bytes(leaf: Any) -> int:
     return math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
 
 
+def _tree_bytes(tree: Any) -> int:
+    return sum(map(device_bytes, jax.tree.leaves(tree)))
+
+
 def _is_expert(path: tuple) -> bool:
     return "mlp1" in path or "mlp2" in path or path[-1] in ("mlp1_bias", "mlp2_bias")
 
@@ -147,16 +151,12 @@ def abstract_model(config: GptOssConfig, mesh, dtype: str, lora_rank: int | None
 def _cache(config: GptOssConfig, batch: int, length: int, dtype: str, mesh, filled: bool) -> KVCache:
     abstract = jax.eval_shape(lambda: KVCache.create(config, batch, length, dtype))
     placed = jax.tree.map(
-        lambda leaf, axes_spec: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, axes_spec)),
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(
+            mesh, sharding.spec_for(CACHE_AXES[: leaf.ndim - 1], leaf.shape, mesh, "KV cache"))),
         abstract,
-        jax.tree.map(lambda leaf: _cache_spec(leaf, mesh), abstract),
     )
     # A decode step runs on a cache a prefill has filled (a fresh one tells attention it is empty).
     return KVCache(tuple(dataclasses.replace(layer, empty=not filled) for layer in placed.layers))
-
-
-def _cache_spec(leaf, mesh) -> PartitionSpec:
-    return sharding.spec_for(CACHE_AXES[: leaf.ndim - 1], leaf.shape, mesh, "KV cache")
 
 
 def _rows(mesh, shape: tuple[int, ...], dtype, axis: int = 0) -> jax.ShapeDtypeStruct:
@@ -178,7 +178,7 @@ def _lower(model: GptOss, workload: Workload, mesh, dtype: str):
         sampling = {name: _rows(mesh, (w.batch,), value.dtype) for name, value in SamplingParams().as_arrays(w.batch).items()}
         rows = _rows(mesh, (w.batch,), jnp.int32)
         cache = _cache(config, w.batch, w.context, dtype, mesh, filled=w.program == "decode")
-        parts = {"weights": sum(map(device_bytes, jax.tree.leaves(state))), "cache": sum(map(device_bytes, jax.tree.leaves(cache)))}
+        parts = {"weights": _tree_bytes(state), "cache": _tree_bytes(cache)}
         if w.program == "prefill":
             tokens = _rows(mesh, (w.batch, w.prompt_length), jnp.int32)
             return generator._prefill.lower(state, tokens, rows, cache, sampling, key), parts
@@ -200,9 +200,9 @@ def _lower(model: GptOss, workload: Workload, mesh, dtype: str):
                  "window_start": _rows(mesh, (1, w.batch), jnp.int32, axis=1),
                  "routes": _rows(mesh, routes, jnp.int32, axis=3)}  # fmt: skip
     parts = {
-        "weights": sum(map(device_bytes, jax.tree.leaves(step.frozen))),
-        "adapters": sum(map(device_bytes, jax.tree.leaves(params))),
-        "optimizer": sum(map(device_bytes, jax.tree.leaves(opt_state))),
+        "weights": _tree_bytes(step.frozen),
+        "adapters": _tree_bytes(params),
+        "optimizer": _tree_bytes(opt_state),
     }
     return jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, step.frozen, batch, key), parts
 
