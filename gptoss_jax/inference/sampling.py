@@ -19,8 +19,9 @@ Every step keeps a prefix of the row sorted in descending order, so their inters
 prefix too: one descending sort per row gives a single cutoff value, and the kept set is
 `logits >= cutoff`. No argsort or scatter back is needed.
 
-Reproducibility: a fixed key with a fixed batch (shape and row order) reproduces exactly. A row's
-draw depends on the batch it is in, since the Gumbel noise is drawn for the whole [B, V] block.
+Reproducibility: a fixed key with a fixed batch (shape and row order) reproduces exactly. With one
+key a row's draw depends on the batch it is in (the Gumbel noise is drawn for the whole [B, V] block);
+with a key per row it does not.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: 
 def sample(logits: jax.Array, key: jax.Array, params_arrays: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Next tokens int32 [B] and their logprobs float32 [B] under the raw (unscaled, unfiltered) logits.
 
+    key: one key for the batch, or a key per row [B] (continuous batching: each request its own seed).
+
     Rows with temperature 0 take the argmax; others sample softmax(filtered logits / temperature).
     """
     logits = jnp.asarray(logits, jnp.float32)
@@ -122,8 +125,11 @@ def sample(logits: jax.Array, key: jax.Array, params_arrays: dict[str, jax.Array
         filtered = jax.lax.cond(
             needs_filter, lambda x: filter_logits(x, top_k, top_p, min_p), lambda x: x, scaled
         )
-        # categorical draws Gumbel noise of shape [B, V]: every row gets its own independent draw.
-        sampled = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        if key.ndim == 0:  # one key: Gumbel noise drawn for the whole [B, V] block
+            sampled = jax.random.categorical(key, filtered, axis=-1)
+        else:  # a key per row: a row's draw does not depend on the rows beside it
+            sampled = jax.vmap(jax.random.categorical)(key, filtered)
+        sampled = sampled.astype(jnp.int32)
         return jnp.where(is_greedy, greedy(logits), sampled)
 
     # An all-greedy batch skips the random draw over the vocabulary (a few ms a step on a CPU).

@@ -1,0 +1,309 @@
+"""Continuous batching: a fixed number of slots over one static-shape KV cache, requests joining and
+leaving them one at a time.
+
+A request waits in a queue until a slot frees; its prompt is then prefilled into that slot's row of the
+cache, `prefill_chunk` tokens per scheduling step, while the other slots keep decoding (so a long prompt
+delays the others' next token by one chunk, not by the whole prompt). Every decode step advances all
+slots at once with one compiled program; a free slot rides along with position -1, so it stores nothing
+and is cheap to ignore. A request leaves on its own stop token or token limit, or when cancelled, and its
+slot is free for the next request at the following step.
+
+Each request carries its own sampling knobs and seed (a key per row), so what a request generates does
+not depend on the requests beside it: greedy rows equal `Generator.generate` on the prompt alone.
+
+Programs compiled: one decode step, and per prompt-chunk bucket (powers of two up to `prefill_chunk`)
+one program for a prompt's first chunk (attends to itself only, blockwise) and one for later chunks
+(attends to the slot's cache too).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_jax.inference.engine import MIN_PROMPT_BUCKET, Completion, GenerationError, bucket
+from gptoss_jax.inference.sampling import SamplingParams, sample
+from gptoss_jax.nn import GptOss, KVCache
+from gptoss_jax.nn.cache import LayerCache
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request: a prompt of token ids and how to continue it."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int = 256
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    stop_tokens: Sequence[int] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One generated token of one request; `finish_reason` is set on its last one."""
+
+    request: int
+    token: int
+    logprob: float
+    finish_reason: str | None  # None, "stop" (a stop token), "length" (max_new_tokens), "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class _Slot:
+    """What the host tracks of a slot's request."""
+
+    request_id: int
+    request: Request
+    prompt: list[int]
+    prefilled: int = 0  # prompt tokens already in the cache
+    produced: int = 0  # tokens generated so far
+    routes: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
+class Batcher:
+    """Slots over one KV cache; `submit` requests, then call `step` (or `run`) to make their tokens."""
+
+    def __init__(self, model: GptOss, slots: int = 8, context: int | None = None, prefill_chunk: int = 512,
+                 record_routes: bool = False):  # fmt: skip
+        """slots: rows of the cache (requests decoding at once); context: positions a slot holds, prompt
+        and generated tokens together (default: the model's); prefill_chunk: prompt tokens prefilled per
+        step; record_routes: keep the experts every token of a request went through (RL's router replay)."""
+        self.model, self.config = model, model.config
+        self.slots = slots
+        self.context = min(context or self.config.max_context, self.config.max_context)
+        self.prefill_chunk = bucket(prefill_chunk, MIN_PROMPT_BUCKET)
+        self.record_routes = record_routes
+        data_parallel = 1 if model.mesh is None else model.mesh.shape["data"]
+        if slots % data_parallel:
+            raise GenerationError(f"slots ({slots}) must be a multiple of the mesh's data axis ({data_parallel})")
+        self.graphdef, self.state = nnx.split(model)
+        cache = KVCache.create(self.config, slots, self.context, model.dtype, model.mesh)
+        self._cache = KVCache(tuple(dataclasses.replace(layer, empty=False) for layer in cache.layers))
+        self._token = jnp.zeros(slots, jnp.int32)
+        self._position = jnp.zeros(slots, jnp.int32)  # the position of the token each slot feeds next
+        self._keys = jax.random.key_data(jax.random.split(jax.random.key(0), slots))
+        self._sampling = {name: np.array(value) for name, value in SamplingParams().as_arrays(slots).items()}
+        self._step_program = jax.jit(self._step_impl, donate_argnums=(1,))
+        self._chunk_program = jax.jit(self._chunk_impl, static_argnums=(5,), donate_argnums=(1,))
+        self._ids = itertools.count()
+        self._queue: collections.OrderedDict[int, Request] = collections.OrderedDict()
+        self._active: list[_Slot | None] = [None] * slots
+        self._done_routes: dict[int, np.ndarray] = {}
+
+    # Bookkeeping a server reads.
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(slot is not None for slot in self._active)
+
+    def slot_of(self, request_id: int) -> int | None:
+        """The slot a request occupies (None while queued or once finished)."""
+        return next((i for i, slot in enumerate(self._active) if slot and slot.request_id == request_id), None)
+
+    def compiled_programs(self) -> int:
+        return self._step_program._cache_size() + self._chunk_program._cache_size()
+
+    def has_work(self) -> bool:
+        return bool(self._queue) or self.busy_slots > 0
+
+    # Requests.
+
+    def submit(self, request: Request) -> int:
+        """Queue a request; returns its id (events carry it)."""
+        prompt = [int(token) for token in request.prompt]
+        if not prompt:
+            raise GenerationError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
+            raise GenerationError(f"the prompt has a token id outside 0..{self.config.vocab_size - 1}")
+        if request.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+        if len(prompt) + request.max_new_tokens > self.context:
+            raise GenerationError(
+                f"prompt of {len(prompt)} tokens + max_new_tokens {request.max_new_tokens} exceeds the context "
+                f"of {self.context} tokens"
+            )
+        request_id = next(self._ids)
+        self._queue[request_id] = dataclasses.replace(request, prompt=prompt, stop_tokens=tuple(request.stop_tokens))
+        return request_id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a request, queued or running; its slot is free at once. False if it is not known."""
+        if self._queue.pop(request_id, None) is not None:
+            return True
+        index = self.slot_of(request_id)
+        if index is None:
+            return False
+        self._active[index] = None
+        return True
+
+    def routes(self, request_id: int) -> np.ndarray | None:
+        """With record_routes, while the request holds its slot: experts of every token fed so far,
+        int32 [num_groups, pattern, tokens, k]."""
+        index = self.slot_of(request_id)
+        if index is None or not self._active[index].routes:
+            return None
+        return np.concatenate(self._active[index].routes, axis=2)
+
+    # Scheduling.
+
+    def step(self) -> list[Event]:
+        """One scheduling step: fill free slots from the queue, prefill one chunk of the longest-waiting
+        prompt, then one decode step of every slot that is generating. Returns the tokens made."""
+        for index, slot in enumerate(self._active):
+            if slot is None and self._queue:
+                request_id, request = self._queue.popitem(last=False)
+                self._active[index] = _Slot(request_id, request, list(request.prompt))
+        events: list[Event] = []
+        decoding = [slot is not None and slot.prefilled == len(slot.prompt) for slot in self._active]
+        prefilling = [i for i, slot in enumerate(self._active) if slot is not None and not decoding[i]]
+        if prefilling:
+            events += self._prefill_chunk(prefilling[0])
+        if any(decoding):
+            events += self._decode(decoding)
+        return events
+
+    def run(self, requests: Iterable[Request]) -> list[Completion]:
+        """Serve `requests` to the end; one Completion per request, in order."""
+        ids = [self.submit(request) for request in requests]
+        completions = {request_id: Completion([], [], "length") for request_id in ids}
+        while self.has_work():
+            for event in self.step():
+                completion = completions[event.request]
+                completion.tokens.append(event.token)
+                completion.logprobs.append(event.logprob)
+                if event.finished:
+                    completion.finish_reason = event.finish_reason
+        for request_id, completion in completions.items():
+            completion.routes = self._done_routes.pop(request_id, None)
+        return [completions[request_id] for request_id in ids]
+
+    # Host side of the two programs.
+
+    def _prefill_chunk(self, index: int) -> list[Event]:
+        slot = self._active[index]
+        start = slot.prefilled
+        piece = slot.prompt[start : start + self.prefill_chunk]
+        tokens = np.zeros((1, bucket(len(piece), MIN_PROMPT_BUCKET)), np.int32)
+        tokens[0, : len(piece)] = piece
+        self._set_sampling(index, slot.request.sampling)
+        carry = (self._cache, self._token, self._position, self._keys)
+        carry, token, logprob, routes = self._chunk_program(
+            self.state, carry, self._sampling_row(index), np.int32(index),
+            (tokens, np.int32(start), np.int32(len(piece)), np.uint32(slot.request.seed)), start == 0,
+        )  # fmt: skip
+        self._cache, self._token, self._position, self._keys = carry
+        slot.prefilled += len(piece)
+        if self.record_routes:
+            slot.routes.append(np.asarray(routes)[:, :, 0, : len(piece)])
+        if slot.prefilled < len(slot.prompt):
+            return []
+        return [self._emit(index, int(token), float(logprob))]
+
+    def _decode(self, decoding: list[bool]) -> list[Event]:
+        carry = (self._cache, self._token, self._position, self._keys)
+        carry, tokens, logprobs, routes = self._step_program(self.state, carry, self._sampling, np.asarray(decoding))
+        self._cache, self._token, self._position, self._keys = carry
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        routes = np.asarray(routes) if self.record_routes else None
+        events = []
+        for index, is_decoding in enumerate(decoding):
+            if is_decoding and self._active[index] is not None:
+                if routes is not None:
+                    self._active[index].routes.append(routes[:, :, index, None])
+                events.append(self._emit(index, int(tokens[index]), float(logprobs[index])))
+        return events
+
+    def _emit(self, index: int, token: int, logprob: float) -> Event:
+        slot = self._active[index]
+        slot.produced += 1
+        reason = None
+        if token in slot.request.stop_tokens:
+            reason = "stop"
+        elif slot.produced >= slot.request.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            if self.record_routes:
+                # Every generated token but the last went through the model.
+                self._done_routes[slot.request_id] = np.concatenate(slot.routes, axis=2)
+            self._active[index] = None  # free from the next step on
+        return Event(slot.request_id, token, logprob, reason)
+
+    def _set_sampling(self, index: int, sampling: SamplingParams) -> None:
+        for name, value in sampling.as_arrays(1).items():
+            self._sampling[name][index] = np.asarray(value)[0]
+
+    def _sampling_row(self, index: int) -> dict[str, np.ndarray]:
+        return {name: value[index : index + 1] for name, value in self._sampling.items()}
+
+    # The two jitted programs.
+
+    def _step_impl(self, state, carry, sampling, active):
+        """One decode step of the `active` slots; the others feed position -1 (stored nowhere) and keep
+        their state (a slot between prompt chunks, or free)."""
+        model = nnx.merge(self.graphdef, state)
+        cache, token, position, keys = carry
+        fed = jnp.where(active, position, -1)
+        hidden, cache, routes = model.forward(token[:, None], fed[:, None], cache)
+        split = jax.vmap(jax.random.split)(jax.random.wrap_key_data(keys))
+        new_token, logprob = sample(model.logits(hidden[:, 0]), split[:, 1], sampling)
+        carry = (
+            cache,
+            jnp.where(active, new_token, token),
+            jnp.where(active, position + 1, position),
+            jnp.where(active[:, None], jax.random.key_data(split[:, 0]), keys),
+        )
+        return carry, new_token, logprob, routes[..., 0, :] if self.record_routes else None
+
+    def _chunk_impl(self, state, carry, sampling, index, chunk, first: bool):
+        """Prefill one chunk of a prompt into slot `index` and sample the token after it (used once the
+        prompt's last chunk is in). `first` (static): the prompt's first chunk, which clears the slot and
+        attends to itself only."""
+        model = nnx.merge(self.graphdef, state)
+        cache, token, position, keys = carry
+        tokens, start, length, seed = chunk
+        steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        positions = jnp.where(steps < length, start + steps, -1)[None]
+        row = KVCache(tuple(_row(layer, index, clear=first) for layer in cache.layers))
+        hidden, row, routes = model.forward(tokens, positions, row)
+        cache = KVCache(tuple(_with_row(layer, index, new) for layer, new in zip(cache.layers, row.layers)))
+        key = jax.random.key(seed) if first else jax.random.wrap_key_data(keys[index])
+        key, step_key = jax.random.split(key)
+        last = jax.lax.dynamic_index_in_dim(hidden[0], length - 1, keepdims=True)
+        next_token, logprob = sample(model.logits(last), step_key[None], sampling)
+        carry = (
+            cache,
+            token.at[index].set(next_token[0]),
+            position.at[index].set(start + length),
+            keys.at[index].set(jax.random.key_data(key)),
+        )
+        return carry, next_token[0], logprob[0], routes if self.record_routes else None
+
+
+def _row(layer: LayerCache, index, clear: bool) -> LayerCache:
+    """Slot `index`'s row of a cache layer ([groups, 1, ...]); `clear` empties it for a new prompt (its
+    first chunk then attends to itself only)."""
+    take = lambda array: jax.lax.dynamic_slice_in_dim(array, index, 1, axis=1)  # noqa: E731
+    positions = take(layer.positions)
+    if clear:
+        positions = jnp.full_like(positions, -1)
+    return LayerCache(take(layer.keys), take(layer.values), positions, empty=clear)
+
+
+def _with_row(layer: LayerCache, index, row: LayerCache) -> LayerCache:
+    put = lambda array, part: jax.lax.dynamic_update_slice_in_dim(array, part, index, axis=1)  # noqa: E731
+    return LayerCache(put(layer.keys, row.keys), put(layer.values, row.values), put(layer.positions, row.positions))
