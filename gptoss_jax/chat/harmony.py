@@ -269,6 +269,16 @@ class StreamDecoder:
         return self._raw_push([], final=True)
 
     @property
+    def recipient(self) -> str | None:
+        """Who the message in progress is addressed to (e.g. "functions.get_weather" for a tool call)."""
+        return None if self._raw is not None else self._parser.current_recipient
+
+    @property
+    def finished_messages(self) -> int:
+        """How many messages have ended so far."""
+        return len(self._parser.messages)
+
+    @property
     def messages(self) -> list[ChatMessage]:
         """The messages so far, the one in progress (or the raw text) last."""
         done = [_from_harmony(m) for m in self._parser.messages]

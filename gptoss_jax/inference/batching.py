@@ -43,6 +43,9 @@ class Request:
     sampling: SamplingParams = SamplingParams()
     seed: int = 0
     stop_tokens: Sequence[int] = ()
+    # A test hook: emit these tokens (then sample as usual) and feed them back as if sampled; their
+    # logprobs are not computed (NaN). Lets a test put exact output through the code that reads it.
+    forced_tokens: Sequence[int] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +128,15 @@ class Batcher:
 
     def submit(self, request: Request) -> int:
         """Queue a request; returns its id (events carry it)."""
+        prompt = self.check(request)
+        request_id = next(self._ids)
+        self._queue[request_id] = dataclasses.replace(
+            request, prompt=prompt, stop_tokens=tuple(request.stop_tokens), forced_tokens=tuple(request.forced_tokens)
+        )
+        return request_id
+
+    def check(self, request: Request) -> list[int]:
+        """The request's prompt as ints, or a GenerationError saying why it cannot be served."""
         prompt = [int(token) for token in request.prompt]
         if not prompt:
             raise GenerationError("the prompt is empty")
@@ -137,9 +149,7 @@ class Batcher:
                 f"prompt of {len(prompt)} tokens + max_new_tokens {request.max_new_tokens} exceeds the context "
                 f"of {self.context} tokens"
             )
-        request_id = next(self._ids)
-        self._queue[request_id] = dataclasses.replace(request, prompt=prompt, stop_tokens=tuple(request.stop_tokens))
-        return request_id
+        return prompt
 
     def cancel(self, request_id: int) -> bool:
         """Drop a request, queued or running; its slot is free at once. False if it is not known."""
@@ -212,7 +222,16 @@ class Batcher:
             slot.routes.append(np.asarray(routes)[:, :, 0, : len(piece)])
         if slot.prefilled < len(slot.prompt):
             return []
-        return [self._emit(index, int(token), float(logprob))]
+        return [self._emit(index, *self._forced(index, int(token), float(logprob)))]
+
+    def _forced(self, index: int, token: int, logprob: float) -> tuple[int, float]:
+        """The token a slot emits: its request's next forced token (fed back in place of the sample), if any."""
+        forced = self._active[index].request.forced_tokens
+        produced = self._active[index].produced
+        if produced >= len(forced):
+            return token, logprob
+        self._token = self._token.at[index].set(forced[produced])
+        return int(forced[produced]), float("nan")
 
     def _decode(self, decoding: list[bool]) -> list[Event]:
         carry = (self._cache, self._token, self._position, self._keys)
@@ -225,7 +244,7 @@ class Batcher:
             if is_decoding and self._active[index] is not None:
                 if routes is not None:
                     self._active[index].routes.append(routes[:, :, index, None])
-                events.append(self._emit(index, int(tokens[index]), float(logprobs[index])))
+                events.append(self._emit(index, *self._forced(index, int(tokens[index]), float(logprobs[index]))))
         return events
 
     def _emit(self, index: int, token: int, logprob: float) -> Event:
