@@ -9,6 +9,7 @@
     python -m eval.bench --plan --target v5e-8 --preset gpt-oss-120b --batch 16   # compiled for a TPU slice
     python -m eval.bench --plan --target h100 --program all --require-fit       # every program, on an H100
     python -m eval.bench --plan --matrix                                       # README's "Where it fits"
+    python -m eval.bench --preset gpt-oss-20b --layers 4 --serve              # continuous vs static batching
 
 The roofline divides the bytes one decode step must read (attention and router weights, the chosen
 experts' packed bytes, the unembedding, the valid part of the KV cache) by a memory bandwidth measured
@@ -34,6 +35,7 @@ from flax import nnx
 
 import gptoss_jax
 from eval import plan as plans
+from eval import serving_bench
 from eval.plan import decode_step_bytes
 from gptoss_jax import targets
 from gptoss_jax.checkpoint.load import from_tensors
@@ -77,6 +79,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--matrix", action="store_true", help="plan mode: plan every README row, rewrite its table "
                         "(plans already in eval/plans.json are reused: an interrupted run resumes)")  # fmt: skip
     parser.add_argument("--fresh", action="store_true", help="with --matrix: plan every cell again")
+    parser.add_argument("--serve", action="store_true", help="replay requests through static and continuous "
+                        "batching (eval/serving_bench.py)")  # fmt: skip
+    parser.add_argument("--requests", type=int, default=64, help="serve mode: requests, all arriving at once")
+    parser.add_argument("--concurrency", type=int, default=16, help="serve mode: static batch size and slots")
+    parser.add_argument("--min-output", type=int, default=8, help="serve mode: shortest output (tokens)")
+    parser.add_argument("--max-output", type=int, default=512, help="serve mode: longest output (tokens)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument(
         "--write-random", metavar="DIR", help="write the random model of --preset/--layers to DIR (hub layout) and exit"
@@ -220,7 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     except (gptoss_jax.GptOssError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(json.dumps(report, indent=2) if args.json else plans.table(report) if args.plan else table(report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif args.plan:
+        print(plans.table(report))
+    elif args.serve:
+        print(serving_bench.table(report["serving"], f"{report['device']}, {report['dtype']}, "
+                                  f"{report['model']['layers']} layers"))  # fmt: skip
+    else:
+        print(table(report))
     if args.plan and args.require_fit and not all(one["fits"] for one in report["plans"]):
         return 2
     return 0
@@ -265,6 +281,12 @@ def run(args: argparse.Namespace) -> dict:
             "resident_bytes": gptoss_jax.resident_bytes(model),
             "packed_expert_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model, PackedBytes))),
         }
+        if args.serve:
+            prompt = min(args.prompt_length, 128)
+            report["serving"] = serving_bench.bench_serving(model, args.requests, args.concurrency, prompt,
+                                                            args.min_output, args.max_output)  # fmt: skip
+            report["peak_rss_bytes"] = peak_rss_bytes()
+            return report
         report["bandwidth_bytes_per_s"] = measure_bandwidth()
         report["ours"] = bench_ours(model, args, report["bandwidth_bytes_per_s"])
         report["peak_rss_bytes"] = peak_rss_bytes()

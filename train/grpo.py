@@ -34,6 +34,7 @@ from gptoss_jax.chat.harmony import check_reasoning_effort
 from gptoss_jax.cli import run_command
 from gptoss_jax.datafile import read_jsonl
 from gptoss_jax.errors import ConfigError, DataError
+from gptoss_jax.inference.batching import Batcher, Request
 from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.config import check_experts
 from gptoss_jax.lora import LoRAConfig, adapters_off
@@ -47,6 +48,8 @@ from train.rewards import Sample, arithmetic_task, load_reward, score
 
 ROW_BUCKET = 64  # completions are padded to a multiple of this many tokens (few compiled shapes)
 
+
+ROLLOUTS = ("continuous", "static")
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
@@ -73,6 +76,10 @@ class GRPOConfig:
     num_iterations: int = 1  # optimizer steps per batch of rollouts
     micro_batch: int = 8  # completions per micro-batch of the training step
     router_replay: bool = True
+    # continuous: completions take slots of one KV cache as they free (a row that ends early makes room
+    # for the next); static: all completions in one batch until the longest ends (train.grpo before).
+    rollout: str = "continuous"
+    rollout_slots: int = 16  # continuous rollouts: completions decoded at once
     dtype: str = "bfloat16"
     experts: str = "auto"  # as the checkpoint stores them (MXFP4 stays packed), or "bfloat16" / "mxfp4"
     lora: LoRAConfig | None = LoRAConfig()
@@ -91,6 +98,10 @@ class GRPOConfig:
             check_reasoning_effort(self.reasoning_effort)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        if self.rollout not in ROLLOUTS:
+            raise ConfigError(f"rollout must be one of {', '.join(ROLLOUTS)}, got {self.rollout!r}")
+        if self.rollout_slots < 1:
+            raise ConfigError(f"rollout_slots must be at least 1, got {self.rollout_slots}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if (self.prompts_per_step * self.num_generations) % self.micro_batch:
@@ -207,7 +218,12 @@ class GRPO:
         needs_copy = config.lora is None and config.beta > 0
         self._starting = jax.tree.map(jnp.copy, self.trainer.params) if needs_copy else None
         self.resumed = self.trainer.restore_latest()
-        self.generator = gptoss_jax.Generator(self.trainer.model(), record_routes=config.router_replay)
+        if config.rollout == "continuous":
+            slots = min(config.rollout_slots, config.prompts_per_step * config.num_generations)
+            self.engine = Batcher(self.trainer.model(), slots=slots, record_routes=config.router_replay,
+                                  context=config.max_prompt_length + config.max_new_tokens)  # fmt: skip
+        else:
+            self.engine = gptoss_jax.Generator(self.trainer.model(), record_routes=config.router_replay)
         self._reference_logprobs = jax.jit(self._reference_impl)
 
     @property
@@ -230,14 +246,17 @@ class GRPO:
         order = example_order(len(self.prompts.examples), config.seed, self.trainer.examples_seen, config.prompts_per_step)
         prompts = [self.prompts.tokens[i] for i in order for _ in range(config.num_generations)]
         fields = [self.prompts.examples[i] for i in order for _ in range(config.num_generations)]
-        self.generator.update(self.trainer.model())
-        completions = self.generator.generate(
-            prompts,
-            max_new_tokens=config.max_new_tokens,
-            sampling=SamplingParams(temperature=config.temperature, top_p=config.top_p),
-            seed=config.seed * 1_000_003 + self.step,
-            stop_tokens=harmony.stop_tokens(self.encoding),
-        )
+        self.engine.update(self.trainer.model())
+        sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p)
+        seed, stops = config.seed * 1_000_003 + self.step, harmony.stop_tokens(self.encoding)
+        if config.rollout == "continuous":  # a seed per completion, so a row's sample is its own
+            completions = self.engine.run(
+                Request(prompt, config.max_new_tokens, sampling, (seed * 65_536 + row) % 2**32, stops)
+                for row, prompt in enumerate(prompts)
+            )
+        else:
+            completions = self.engine.generate(prompts, max_new_tokens=config.max_new_tokens, sampling=sampling,
+                                               seed=seed, stop_tokens=stops)  # fmt: skip
         samples = []
         for completion in completions:
             messages = harmony.parse_completion(self.encoding, completion.tokens)

@@ -104,6 +104,11 @@ class Batcher:
         self._active: list[_Slot | None] = [None] * slots
         self._done_routes: dict[int, np.ndarray] = {}
 
+    def update(self, model: GptOss) -> None:
+        """Use `model`'s weights from now on (same structure: the compiled programs are reused)."""
+        self.model = model
+        self.state = nnx.state(model)
+
     # Bookkeeping a server reads.
 
     @property
