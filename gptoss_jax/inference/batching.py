@@ -2,7 +2,7 @@
 leaving them one at a time.
 
 A request waits in a queue until a slot frees; its prompt is then prefilled into that slot's row of the
-cache, `prefill_chunk` tokens per scheduling step, while the other slots keep decoding (so a long prompt
+cache, at most `prefill_chunk` tokens per scheduling step, while the other slots keep decoding (so a long prompt
 delays the others' next token by one chunk, not by the whole prompt). Every decode step advances all
 slots at once with one compiled program; a free slot rides along with position -1, so it stores nothing
 and is cheap to ignore. A request leaves on its own stop token or token limit, or when cancelled, and its
@@ -11,9 +11,12 @@ slot is free for the next request at the following step.
 Each request carries its own sampling knobs and seed (a key per row), so what a request generates does
 not depend on the requests beside it: greedy rows equal `Generator.generate` on the prompt alone.
 
-Programs compiled: one decode step, and per prompt-chunk bucket (powers of two up to `prefill_chunk`)
-one program for a prompt's first chunk (attends to itself only, blockwise) and one for later chunks
-(attends to the slot's cache too).
+Several waiting prompts are prefilled in one call (rows x chunk length within `prefill_chunk` tokens),
+so a burst of short prompts costs a few calls, not one each.
+
+Programs compiled: one decode step, and per (rows, chunk length) bucket (powers of two, their product
+at most `prefill_chunk`) one program for prompts' first chunks (attend to themselves only, blockwise)
+and one for later chunks (attend to the slot's cache too).
 """
 
 from __future__ import annotations
@@ -177,8 +180,8 @@ class Batcher:
     # Scheduling.
 
     def step(self) -> list[Event]:
-        """One scheduling step: fill free slots from the queue, prefill one chunk of the longest-waiting
-        prompt, then one decode step of every slot that is generating. Returns the tokens made."""
+        """One scheduling step: fill free slots from the queue, prefill the next chunk of the longest-waiting
+        prompts, then one decode step of every slot that is generating. Returns the tokens made."""
         for index, slot in enumerate(self._active):
             if slot is None and self._queue:
                 request_id, request = self._queue.popitem(last=False)
@@ -187,10 +190,28 @@ class Batcher:
         decoding = [slot is not None and slot.prefilled == len(slot.prompt) for slot in self._active]
         prefilling = [i for i, slot in enumerate(self._active) if slot is not None and not decoding[i]]
         if prefilling:
-            events += self._prefill_chunk(prefilling[0])
+            events += self._prefill_chunks(self._prefill_batch(prefilling))
         if any(decoding):
             events += self._decode(decoding)
         return events
+
+    def _prefill_batch(self, prefilling: list[int]) -> list[int]:
+        """The slots whose next chunks go in this step: the longest-waiting one, and others of the same
+        kind (first chunk or not) while rows x chunk length stays within `prefill_chunk` tokens."""
+        prefilling = sorted(prefilling, key=lambda index: self._active[index].request_id)
+        first = self._active[prefilling[0]].prefilled == 0
+        chosen, longest = [], 0
+        for index in prefilling:
+            slot = self._active[index]
+            if (slot.prefilled == 0) != first:
+                continue
+            piece = min(len(slot.prompt) - slot.prefilled, self.prefill_chunk)
+            width = bucket(max(longest, piece), MIN_PROMPT_BUCKET)
+            if chosen and bucket(len(chosen) + 1, 1) * width > self.prefill_chunk:
+                break
+            chosen.append(index)
+            longest = max(longest, piece)
+        return chosen
 
     def run(self, requests: Iterable[Request]) -> list[Completion]:
         """Serve `requests` to the end; one Completion per request, in order."""
@@ -209,25 +230,40 @@ class Batcher:
 
     # Host side of the two programs.
 
-    def _prefill_chunk(self, index: int) -> list[Event]:
-        slot = self._active[index]
-        start = slot.prefilled
-        piece = slot.prompt[start : start + self.prefill_chunk]
-        tokens = np.zeros((1, bucket(len(piece), MIN_PROMPT_BUCKET)), np.int32)
-        tokens[0, : len(piece)] = piece
-        self._set_sampling(index, slot.request.sampling)
+    def _prefill_chunks(self, indices: list[int]) -> list[Event]:
+        """One chunk of each of these slots' prompts in one call (all first chunks, or all later ones)."""
+        slots = [self._active[index] for index in indices]
+        pieces = [slot.prompt[slot.prefilled : slot.prefilled + self.prefill_chunk] for slot in slots]
+        rows = bucket(len(indices), 1)
+        # Rows up to the bucket repeat the first: the same inputs write the same values to the same slot.
+        padded = list(range(len(indices))) + [0] * (rows - len(indices))
+        tokens = np.zeros((rows, bucket(max(map(len, pieces)), MIN_PROMPT_BUCKET)), np.int32)
+        for row, i in enumerate(padded):
+            tokens[row, : len(pieces[i])] = pieces[i]
+        where = np.array([indices[i] for i in padded], np.int32)
+        for index, slot in zip(indices, slots):
+            self._set_sampling(index, slot.request.sampling)
+        chunk = (
+            tokens,
+            np.array([slots[i].prefilled for i in padded], np.int32),
+            np.array([len(pieces[i]) for i in padded], np.int32),
+            np.array([slots[i].request.seed for i in padded], np.uint32),
+        )
+        sampling = {name: value[where] for name, value in self._sampling.items()}
         carry = (self._cache, self._token, self._position, self._keys)
-        carry, token, logprob, routes = self._chunk_program(
-            self.state, carry, self._sampling_row(index), np.int32(index),
-            (tokens, np.int32(start), np.int32(len(piece)), np.uint32(slot.request.seed)), start == 0,
-        )  # fmt: skip
+        first = slots[0].prefilled == 0
+        carry, token, logprob, routes = self._chunk_program(self.state, carry, sampling, where, chunk, first)
         self._cache, self._token, self._position, self._keys = carry
-        slot.prefilled += len(piece)
-        if self.record_routes:
-            slot.routes.append(np.asarray(routes)[:, :, 0, : len(piece)])
-        if slot.prefilled < len(slot.prompt):
-            return []
-        return [self._emit(index, *self._forced(index, int(token), float(logprob)))]
+        token, logprob = np.asarray(token), np.asarray(logprob)
+        routes = np.asarray(routes) if self.record_routes else None
+        events = []
+        for row, (index, slot, piece) in enumerate(zip(indices, slots, pieces)):
+            slot.prefilled += len(piece)
+            if routes is not None:
+                slot.routes.append(routes[:, :, row, : len(piece)])
+            if slot.prefilled == len(slot.prompt):
+                events.append(self._emit(index, *self._forced(index, int(token[row]), float(logprob[row]))))
+        return events
 
     def _forced(self, index: int, token: int, logprob: float) -> tuple[int, float]:
         """The token a slot emits: its request's next forced token (fed back in place of the sample), if any."""
@@ -271,9 +307,6 @@ class Batcher:
         for name, value in sampling.as_arrays(1).items():
             self._sampling[name][index] = np.asarray(value)[0]
 
-    def _sampling_row(self, index: int) -> dict[str, np.ndarray]:
-        return {name: value[index : index + 1] for name, value in self._sampling.items()}
-
     # The two jitted programs.
 
     def _step_impl(self, state, carry, sampling, active):
@@ -293,41 +326,40 @@ class Batcher:
         )
         return carry, new_token, logprob, routes[..., 0, :] if self.record_routes else None
 
-    def _chunk_impl(self, state, carry, sampling, index, chunk, first: bool):
-        """Prefill one chunk of a prompt into slot `index` and sample the token after it (used once the
-        prompt's last chunk is in). `first` (static): the prompt's first chunk, which clears the slot and
-        attends to itself only."""
+    def _chunk_impl(self, state, carry, sampling, slots, chunk, first: bool):
+        """Prefill one chunk of a prompt into each of `slots` [R] and sample the token after it (used once a
+        prompt's last chunk is in). `first` (static): prompts' first chunks, which clear their slots and
+        attend to themselves only."""
         model = nnx.merge(self.graphdef, state)
         cache, token, position, keys = carry
-        tokens, start, length, seed = chunk
-        steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        positions = jnp.where(steps < length, start + steps, -1)[None]
-        row = KVCache(tuple(_row(layer, index, clear=first) for layer in cache.layers))
-        hidden, row, routes = model.forward(tokens, positions, row)
-        cache = KVCache(tuple(_with_row(layer, index, new) for layer, new in zip(cache.layers, row.layers)))
-        key = jax.random.key(seed) if first else jax.random.wrap_key_data(keys[index])
-        key, step_key = jax.random.split(key)
-        last = jax.lax.dynamic_index_in_dim(hidden[0], length - 1, keepdims=True)
-        next_token, logprob = sample(model.logits(last), step_key[None], sampling)
+        tokens, starts, lengths, seeds = chunk
+        steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+        positions = jnp.where(steps < lengths[:, None], starts[:, None] + steps, -1)
+        rows = KVCache(tuple(_rows(layer, slots, clear=first) for layer in cache.layers))
+        hidden, rows, routes = model.forward(tokens, positions, rows)
+        cache = KVCache(tuple(_with_rows(layer, slots, new) for layer, new in zip(cache.layers, rows.layers)))
+        key = jax.vmap(jax.random.key)(seeds) if first else jax.random.wrap_key_data(keys[slots])
+        split = jax.vmap(jax.random.split)(key)
+        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        next_token, logprob = sample(model.logits(last), split[:, 1], sampling)
         carry = (
             cache,
-            token.at[index].set(next_token[0]),
-            position.at[index].set(start + length),
-            keys.at[index].set(jax.random.key_data(key)),
+            token.at[slots].set(next_token),
+            position.at[slots].set(starts + lengths),
+            keys.at[slots].set(jax.random.key_data(split[:, 0])),
         )
-        return carry, next_token[0], logprob[0], routes if self.record_routes else None
+        return carry, next_token, logprob, routes if self.record_routes else None
 
 
-def _row(layer: LayerCache, index, clear: bool) -> LayerCache:
-    """Slot `index`'s row of a cache layer ([groups, 1, ...]); `clear` empties it for a new prompt (its
-    first chunk then attends to itself only)."""
-    take = lambda array: jax.lax.dynamic_slice_in_dim(array, index, 1, axis=1)  # noqa: E731
-    positions = take(layer.positions)
+def _rows(layer: LayerCache, slots, clear: bool) -> LayerCache:
+    """These slots' rows of a cache layer ([groups, R, ...]); `clear` empties them for new prompts (whose
+    first chunks then attend to themselves only)."""
+    positions = layer.positions[:, slots]
     if clear:
         positions = jnp.full_like(positions, -1)
-    return LayerCache(take(layer.keys), take(layer.values), positions, empty=clear)
+    return LayerCache(layer.keys[:, slots], layer.values[:, slots], positions, empty=clear)
 
 
-def _with_row(layer: LayerCache, index, row: LayerCache) -> LayerCache:
-    put = lambda array, part: jax.lax.dynamic_update_slice_in_dim(array, part, index, axis=1)  # noqa: E731
-    return LayerCache(put(layer.keys, row.keys), put(layer.values, row.values), put(layer.positions, row.positions))
+def _with_rows(layer: LayerCache, slots, rows: LayerCache) -> LayerCache:
+    return LayerCache(layer.keys.at[:, slots].set(rows.keys), layer.values.at[:, slots].set(rows.values),
+                      layer.positions.at[:, slots].set(rows.positions))  # fmt: skip
