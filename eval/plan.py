@@ -212,8 +212,12 @@ _OVERFLOW = re.compile(r"RESOURCE_EXHAUSTED[^\n]*")
 
 
 def plan(config: GptOssConfig, target: Target, workload: Workload, mesh_spec: str | None = None,
-         dtype: str = "bfloat16") -> dict:  # fmt: skip
-    """Compile `workload`'s program for `target` and report its per-device figures (see the module doc)."""
+         dtype: str = "bfloat16", compile_if_inputs_overflow: bool = True) -> dict:  # fmt: skip
+    """Compile `workload`'s program for `target` and report its per-device figures (see the module doc).
+
+    compile_if_inputs_overflow=False: when the program's inputs alone (weights, cache, adapters,
+    optimizer state) exceed the device's memory, report that without compiling (the matrix's shortcut:
+    a doomed compile of a large program takes minutes)."""
     devices = target.abstract_devices()
     mesh_spec = mesh_spec or auto_mesh(config, len(devices), workload.batch)
     mesh = sharding.make_mesh(mesh_spec, devices)
@@ -236,6 +240,12 @@ def plan(config: GptOssConfig, target: Target, workload: Workload, mesh_spec: st
     }
     start = time.perf_counter()
     lowered, parts = _lower(model, workload, mesh, dtype)
+    inputs = sum(parts.values())
+    if not compile_if_inputs_overflow and target.memory_bytes is not None and inputs > target.memory_bytes:
+        report.update(compile_s=time.perf_counter() - start, fits=False, per_device=parts, inputs_overflow=True,
+                      error=f"its inputs alone need {inputs / 2**30:.2f} GiB a device (weights, cache, adapters, "
+                            f"optimizer state), the device has {target.memory_bytes / 2**30:.2f} GiB")  # fmt: skip
+        return report
     try:
         compiled = lowered.compile()
     except Exception as error:  # XLA's own verdict on a device that is too small (TPU)
@@ -300,7 +310,10 @@ def matrix_cell(reports: list[dict]) -> str:
     """One column's verdict: the largest per-device total of its programs, or why it does not fit."""
     failed = [report for report in reports if not report["fits"]]
     if failed:
-        total = failed[0]["per_device"].get("total")
+        device = failed[0]["per_device"]
+        if failed[0].get("inputs_overflow"):
+            return f"no (inputs {sum(device.values()) / 2**30:.1f} GiB)"
+        total = device.get("total")
         return f"no ({_gib(total)} GiB)" if total else "no (XLA: " + _xla_figure(failed[0]["error"]) + ")"
     return f"{max(report['per_device']['total'] for report in reports) / 2**30:.1f} GiB"
 
@@ -339,7 +352,7 @@ def matrix(presets=MATRIX_PRESETS, target_names=MATRIX_TARGETS, columns=MATRIX_C
                 for workload in workloads:
                     key = _key(preset, name, workload)
                     if key not in results:
-                        results[key] = plan(config, target, workload)
+                        results[key] = plan(config, target, workload, compile_if_inputs_overflow=False)
                         save(results)
                     reports.append(results[key])
                 meshes.update(report["mesh"] for report in reports)

@@ -58,6 +58,13 @@ def test_an_over_size_plan_reports_xla_saying_it_does_not_fit():
     report = plans.plan(TINY, targets.target("v5e-1"), plans.Workload("decode", batch=256, context=131072))
     assert not report["fits"]
     assert "RESOURCE_EXHAUSTED" in report["error"] and "\n" not in report["error"]
+    # The matrix's shortcut: inputs that alone exceed the device are reported without compiling.
+    quick = plans.plan(TINY, targets.target("v5e-1"), plans.Workload("decode", batch=256, context=131072),
+                       compile_if_inputs_overflow=False)  # fmt: skip
+    inputs = sum(quick["per_device"].values())
+    assert not quick["fits"] and quick["inputs_overflow"] and inputs > 16 * 2**30
+    assert f"inputs alone need {inputs / 2**30:.2f} GiB" in quick["error"]
+    assert plans.matrix_cell([quick]) == f"no (inputs {inputs / 2**30:.1f} GiB)"
 
 
 def test_require_fit_exits_non_zero_with_one_line_saying_why():
@@ -94,7 +101,8 @@ def test_the_matrix_writes_a_row_per_model_and_target_and_reuses_plans_made():
     table = plans.matrix(("tiny",), ("v5e-1", "h100"), columns, results, saves.append)
     header, rule, tpu, gpu = table.splitlines()
     assert header.startswith("| model | target | mesh | serve 8k x 1 | too big |") and rule.count("|---") == 6
-    assert tpu.startswith("| tiny | v5e:1x1, 16 GiB | expert=1 | ") and "no (XLA: " in tpu and "> 15.75G)" in tpu
+    # The cache of 256 x 131072 positions alone overflows a v5e chip: said without compiling.
+    assert tpu.startswith("| tiny | v5e:1x1, 16 GiB | expert=1 | ") and "| no (inputs 16.3 GiB) |" in tpu
     assert gpu.startswith("| tiny | NVIDIA H100 80GB HBM3, 80 GiB | expert=1 | ") and "tok/s |" in gpu
     assert len(results) == len(saves) == 6
     again = plans.matrix(("tiny",), ("v5e-1", "h100"), columns, results, saves.append)
