@@ -2,8 +2,8 @@
 its longest row ends, the next batch waits for it) and continuous batching (Batcher: a request takes a
 slot as soon as one frees), in one run: throughput, time to first token and inter-token latency.
 
-All requests arrive at once; output lengths are long-tailed (log-normal, clipped), as reasoning traces
-are, and each request stops at its own length (greedy, no stop token: a random model's lengths would
+All requests arrive at once; output lengths are long-tailed (log-uniform), as reasoning traces are,
+and each request stops at its own length (greedy, no stop token: a random model's lengths would
 be arbitrary). Prompts fall in one prompt bucket, so each engine compiles a fixed set of programs, and
 both are warmed on those shapes before the clock starts.
 """
@@ -22,10 +22,10 @@ GREEDY = SamplingParams(temperature=0)
 
 
 def workload(vocab: int, count: int, prompt_length: int, min_output: int, max_output: int, seed: int = 0) -> list[Request]:
-    """`count` greedy requests: prompts of prompt_length/2..prompt_length tokens, outputs log-normal with a
-    median of 4 x min_output, clipped to [min_output, max_output]."""
+    """`count` greedy requests: prompts of prompt_length/2..prompt_length tokens, outputs log-uniform over
+    [min_output, max_output] (as many between 8 and 16 tokens as between 256 and 512: a long tail)."""
     rng = np.random.default_rng(seed)
-    outputs = np.clip(np.round(min_output * 4 * rng.lognormal(0.0, 1.0, count)), min_output, max_output).astype(int)
+    outputs = np.round(np.exp(rng.uniform(np.log(min_output), np.log(max_output), count))).astype(int)
     lengths = rng.integers(prompt_length // 2 + 1, prompt_length + 1, count)
     return [Request(rng.integers(0, vocab, n).tolist(), int(m), GREEDY) for n, m in zip(lengths, outputs)]
 
@@ -65,9 +65,13 @@ def run_static(model, requests: list[Request], concurrency: int) -> dict:
     return _summary(start, arrivals) | {"compiled_programs": generator.compiled_programs()}
 
 
-def run_continuous(model, requests: list[Request], concurrency: int, prefill_chunk: int) -> dict:
-    """All requests submitted to a Batcher of `concurrency` slots, stepped until every one is done."""
+def run_continuous(model, requests: list[Request], concurrency: int, prefill_chunk: int | None = None) -> dict:
+    """All requests submitted to a Batcher of `concurrency` slots, stepped until every one is done.
+
+    prefill_chunk: prompt tokens a step may prefill; by default what the static engine prefills in one
+    call (concurrency x the prompt bucket), so both batchings get the same prefill budget."""
     longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    prefill_chunk = prefill_chunk or concurrency * bucket(max(len(r.prompt) for r in requests), 16)
     batcher = Batcher(model, slots=concurrency, context=bucket(longest, 128), prefill_chunk=prefill_chunk)
     # Warm: every prompt chunk bucket the requests will use, and the decode step.
     buckets = {bucket(min(len(r.prompt), batcher.prefill_chunk), 16) for r in requests}
@@ -79,11 +83,12 @@ def run_continuous(model, requests: list[Request], concurrency: int, prefill_chu
     while batcher.has_work():
         for event in batcher.step():
             arrivals.setdefault(index[event.request], []).append(time.perf_counter())
-    return _summary(start, arrivals) | {"compiled_programs": batcher.compiled_programs(), "slots": concurrency}
+    return _summary(start, arrivals) | {"compiled_programs": batcher.compiled_programs(), "slots": concurrency,
+                                        "prefill_chunk": batcher.prefill_chunk}  # fmt: skip
 
 
 def bench_serving(model, count: int, concurrency: int, prompt_length: int, min_output: int, max_output: int,
-                  prefill_chunk: int = 512) -> dict:  # fmt: skip
+                  prefill_chunk: int | None = None) -> dict:  # fmt: skip
     requests = workload(model.config.vocab_size, count, prompt_length, min_output, max_output)
     outputs = [r.max_new_tokens for r in requests]
     report = {

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+import gptoss_jax
+from eval import serving_bench
+
 
 def run_bench(*args: str) -> dict:
     result = subprocess.run(
@@ -54,3 +57,15 @@ def test_plan_of_a_20b_lora_training_step_stays_far_below_the_bf16_weights():
     assert abs(training["bf16_weights_bytes"] / 2**30 - 39.0) < 0.1
     assert abs(device["optimizer"] - 2 * device["adapters"]) < 64  # AdamW: two moments (+ counts)
     assert device["total"] < 0.6 * training["bf16_weights_bytes"]
+
+
+def test_serving_bench_replays_the_same_requests_through_both_batchings(hub_checkpoint):
+    model = gptoss_jax.load(hub_checkpoint, dtype="float32")
+    report = serving_bench.bench_serving(model, count=12, concurrency=4, prompt_length=40, min_output=2, max_output=24)
+    total = report["output_tokens"]["total"]
+    for name in ("static", "continuous"):
+        run = report[name]
+        assert run["tokens"] == total  # every request's own number of tokens, none lost or extra
+        assert 0 < run["ttft_p50_s"] <= run["ttft_p99_s"] <= run["wall_s"] and run["itl_p50_s"] <= run["itl_p99_s"]
+    assert report["throughput_ratio"] == report["continuous"]["tokens_per_s"] / report["static"]["tokens_per_s"]
+    assert "continuous / static throughput" in serving_bench.table(report, "cpu")

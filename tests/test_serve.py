@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -19,6 +21,7 @@ import pytest
 import uvicorn
 
 import gptoss_jax
+from cli_errors import assert_one_line_error
 from gptoss_jax.chat.harmony import load_encoding
 from gptoss_jax.inference.batching import Batcher
 from gptoss_jax.serving.app import create_app
@@ -123,6 +126,14 @@ def test_chat_reasoning_content_and_usage(server):
     prompt = script.encoding.render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), len(tokens))
     assert reply.usage.total_tokens == len(prompt) + len(tokens)
+
+    # A later turn: the earlier reply's reasoning is dropped from the prompt (harmony's rule), its answer kept.
+    server.client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[
+        {"role": "user", "content": "hi [reason]"},
+        {"role": "assistant", "content": "Hello there!", "reasoning": "The user greets."},
+        {"role": "user", "content": "and now?"},
+    ])  # fmt: skip
+    assert "Hello there!" in script.prompts[-1] and "The user greets." not in script.prompts[-1]
 
     stream = ask(server, "hi [reason]", max_tokens=64, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
@@ -272,6 +283,11 @@ def test_errors_are_openai_json(server):
     assert httpx.get(url + "/v1/nothing").json()["error"]["message"] == "Not Found"
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == [MODEL]
+    # A fault inside the engine (here the test hook hands it a token that is not one) fails that request
+    # with a 500 and the engine goes on serving.
+    server.script.outputs["[boom]"] = ["not a token"]
+    with pytest.raises(openai.InternalServerError, match="engine failed"):
+        ask(server, "[boom]", max_tokens=4)
     assert ask(server, "still fine", max_tokens=2).usage.completion_tokens == 2
 
 
@@ -302,3 +318,33 @@ def test_full_queue_answers_429_then_serves(harmony_checkpoint, harmony_vocab_di
         assert server.metric("requests_refused_total") == 2
     finally:
         server.stop()
+
+
+def test_the_command_serves_a_random_model_and_refuses_bad_options(tmp_path, harmony_vocab_dir):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    command = [sys.executable, "-m", "eval.serve", "--checkpoint", "random", "--port", str(port), "--slots", "2",
+               "--context", "256", "--dtype", "float32"]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert process.poll() is None and time.time() < deadline, "the server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert [model.id for model in client.models.list()] == ["gpt-oss-random"]
+        reply = client.chat.completions.create(model="gpt-oss-random", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=3, temperature=0)  # fmt: skip
+        assert reply.usage.completion_tokens == 3
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    bad = subprocess.run([sys.executable, "-m", "eval.serve", "--checkpoint", "random", "--slots", "0"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert_one_line_error(bad, "--slots must be at least 1")

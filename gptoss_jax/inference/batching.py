@@ -58,7 +58,7 @@ class Event:
     request: int
     token: int
     logprob: float
-    finish_reason: str | None  # None, "stop" (a stop token), "length" (max_new_tokens), "cancelled"
+    finish_reason: str | None  # None, "stop" (a stop token), "length" (max_new_tokens), "error" (serving)
 
     @property
     def finished(self) -> bool:

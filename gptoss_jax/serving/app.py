@@ -117,6 +117,8 @@ def create_app(batcher: Batcher, encoding, model_name: str, *, max_queue: int = 
     async def read(ticket, reader: OutputReader) -> AsyncIterator[tuple[list, str | None]]:
         """(deltas, finish reason or None) per generated token; a stop string ends the request early."""
         async for event in loop.stream(ticket):
+            if event.finish_reason == "error":
+                raise ApiError(500, "the engine failed on this request (logged); retry", kind="server_error")
             deltas = reader.push(event.token)
             if event.finished or reader.stopped:
                 if not event.finished:
@@ -200,6 +202,8 @@ def create_app(batcher: Batcher, encoding, model_name: str, *, max_queue: int = 
         (ticket,) = submit(prompt, max_tokens, sampling, seed, 1, [])
         tokens, reason = [], "length"
         async for event in loop.stream(ticket):
+            if event.finish_reason == "error":
+                raise ApiError(500, "the engine failed on this request (logged); retry", kind="server_error")
             tokens.append(event.token)
             reason = event.finish_reason
         return {

@@ -9,12 +9,15 @@ refused at once (the server answers 429), so a burst cannot grow memory or laten
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
 from gptoss_jax.inference.batching import Batcher, Event, Request
+
+log = logging.getLogger("gptoss_jax.serve")
 
 
 class QueueFull(Exception):
@@ -106,7 +109,13 @@ class ServingLoop:
             self._take_inbox(block=not self.batcher.has_work())
             if not self.batcher.has_work():
                 continue
-            events = self.batcher.step()
+            try:
+                events = self.batcher.step()
+            except Exception:  # a fault of ours: fail the requests in flight, keep serving the next ones
+                log.exception("engine step failed")
+                events = [Event(request_id, -1, float("nan"), "error") for request_id in list(self._tickets)]
+                for request_id in list(self._tickets):
+                    self.batcher.cancel(request_id)
             self.metrics.steps += 1
             for event in events:
                 self._deliver(event)
