@@ -316,6 +316,18 @@ def test_full_queue_answers_429_then_serves(harmony_checkpoint, harmony_vocab_di
             model=MODEL, messages=[{"role": "user", "content": "next"}], max_tokens=3, temperature=0)  # fmt: skip
         assert served.usage.completion_tokens == 3
         assert server.metric("requests_refused_total") == 2
+        # The one slot, taken by a long stream whose client leaves: the next request gets the slot.
+        headers = {"authorization": "Bearer secret"}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "long"}], "max_tokens": 300, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as response:
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(lines)
+        started = server.metric("engine_steps_total")
+        reply = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "mine"}], "max_tokens": 3, "temperature": 0})
+        assert reply.json()["usage"]["completion_tokens"] == 3 and server.metric("requests_cancelled_total") == 1
+        assert server.metric("engine_steps_total") - started < 100  # it did not wait out the 300-token stream
     finally:
         server.stop()
 
