@@ -109,7 +109,6 @@ def ask(server, content: str, **options):
     )
 
 
-@pytest.mark.quick
 def test_chat_reasoning_content_and_usage(server):
     script = server.script
     script.outputs["[reason]"] = tokens = script.assistant(message("analysis", "The user greets."),
