@@ -287,6 +287,10 @@ def test_errors_are_openai_json(server):
     server.script.outputs["[boom]"] = ["not a token"]
     with pytest.raises(openai.InternalServerError, match="engine failed"):
         ask(server, "[boom]", max_tokens=4)
+    with pytest.raises(openai.InternalServerError, match="engine failed"):
+        ask(server, "[boom]", max_tokens=4, n=2)
+    with pytest.raises(openai.APIError):  # streamed: the failure ends the stream
+        list(ask(server, "[boom]", max_tokens=4, n=2, stream=True))
     assert ask(server, "still fine", max_tokens=2).usage.completion_tokens == 2
 
 

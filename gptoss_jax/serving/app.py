@@ -152,15 +152,23 @@ def create_app(batcher: Batcher, encoding, model_name: str, *, max_queue: int = 
 
             async def chunks():
                 yield _sse(chat.first_chunk(len(tickets)))
-                async for index, deltas, finish in _merged([read(t, r) for t, r in zip(tickets, readers)], loop, tickets):
-                    for chunk in chat.chunks(index, deltas, finish):
-                        yield _sse(chunk)
+                try:
+                    async for index, deltas, finish in _merged([read(t, r) for t, r in zip(tickets, readers)], loop, tickets):
+                        for chunk in chat.chunks(index, deltas, finish):
+                            yield _sse(chunk)
+                except ApiError as error:  # the status is sent: the error goes in the stream, as OpenAI's does
+                    yield _sse(error.body())
+                    return
                 if usage:
                     yield _sse(chat.usage_chunk(readers))
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(chunks(), media_type="text/event-stream")
-        finishes = await asyncio.gather(*(_last(read(t, r)) for t, r in zip(tickets, readers)))
+        try:
+            finishes = await asyncio.gather(*(_last(read(t, r)) for t, r in zip(tickets, readers)))
+        finally:  # on a failure, the other choices stop too (finished ones are ignored)
+            for ticket in tickets:
+                loop.cancel(ticket)
         return chat.completion(readers, finishes)
 
     @app.post("/v1/responses")
@@ -180,6 +188,8 @@ def create_app(batcher: Batcher, encoding, model_name: str, *, max_queue: int = 
                     async for deltas, finish in read(ticket, reader):
                         for out in builder.push(deltas) + (builder.finish(reader, finish) if finish else []):
                             yield _sse(out, out["type"])
+                except ApiError as error:
+                    yield _sse({"type": "error", "code": error.code, "message": error.message, "param": error.param}, "error")
                 finally:
                     loop.cancel(ticket)
 
@@ -238,15 +248,20 @@ async def _merged(streams: list, loop: ServingLoop, tickets: list) -> AsyncItera
     queue: asyncio.Queue = asyncio.Queue()
 
     async def forward(index, stream):
-        async for deltas, event in stream:
-            await queue.put((index, deltas, event))
-        await queue.put((index, None, None))
+        try:
+            async for deltas, event in stream:
+                await queue.put((index, deltas, event))
+            await queue.put((index, None, None))
+        except Exception as error:  # e.g. the engine failed this choice: end the whole response
+            await queue.put((index, error, None))
 
     tasks = [asyncio.create_task(forward(index, stream)) for index, stream in enumerate(streams)]
     open_streams = len(tasks)
     try:
         while open_streams:
             index, deltas, event = await queue.get()
+            if isinstance(deltas, Exception):
+                raise deltas
             if deltas is None:
                 open_streams -= 1
                 continue
