@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, help="override the vocabulary size")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--batch", type=int, action="append", help="decode batch sizes (default 1 and 16)")
-    parser.add_argument("--prompt-length", type=int, default=512, help="prefill prompt length")
+    parser.add_argument("--prompt-length", type=int, default=512, help="prefill prompt length (--serve: prompts of "
+                        "half of it up to it, at most 128 tokens)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=33, help="tokens generated per decode measurement")
     parser.add_argument("--compare", choices=["transformers"], help="run a peer on the same weights and prompts")
     parser.add_argument("--plan", action="store_true", help="compile programs on abstract shapes only (eval/plan.py)")

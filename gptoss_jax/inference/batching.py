@@ -70,8 +70,7 @@ class _Slot:
     """What the host tracks of a slot's request."""
 
     request_id: int
-    request: Request
-    prompt: list[int]
+    request: Request  # as submitted: its prompt a list of ints
     prefilled: int = 0  # prompt tokens already in the cache
     produced: int = 0  # tokens generated so far
     routes: list[np.ndarray] = dataclasses.field(default_factory=list)
@@ -169,14 +168,6 @@ class Batcher:
         self._active[index] = None
         return True
 
-    def routes(self, request_id: int) -> np.ndarray | None:
-        """With record_routes, while the request holds its slot: experts of every token fed so far,
-        int32 [num_groups, pattern, tokens, k]."""
-        index = self.slot_of(request_id)
-        if index is None or not self._active[index].routes:
-            return None
-        return np.concatenate(self._active[index].routes, axis=2)
-
     # Scheduling.
 
     def step(self) -> list[Event]:
@@ -185,9 +176,9 @@ class Batcher:
         for index, slot in enumerate(self._active):
             if slot is None and self._queue:
                 request_id, request = self._queue.popitem(last=False)
-                self._active[index] = _Slot(request_id, request, list(request.prompt))
+                self._active[index] = _Slot(request_id, request)
         events: list[Event] = []
-        decoding = [slot is not None and slot.prefilled == len(slot.prompt) for slot in self._active]
+        decoding = [slot is not None and slot.prefilled == len(slot.request.prompt) for slot in self._active]
         prefilling = [i for i, slot in enumerate(self._active) if slot is not None and not decoding[i]]
         if prefilling:
             events += self._prefill_chunks(self._prefill_batch(prefilling))
@@ -205,7 +196,7 @@ class Batcher:
             slot = self._active[index]
             if (slot.prefilled == 0) != first:
                 continue
-            piece = min(len(slot.prompt) - slot.prefilled, self.prefill_chunk)
+            piece = min(len(slot.request.prompt) - slot.prefilled, self.prefill_chunk)
             width = bucket(max(longest, piece), MIN_PROMPT_BUCKET)
             if chosen and bucket(len(chosen) + 1, 1) * width > self.prefill_chunk:
                 break
@@ -233,7 +224,7 @@ class Batcher:
     def _prefill_chunks(self, indices: list[int]) -> list[Event]:
         """One chunk of each of these slots' prompts in one call (all first chunks, or all later ones)."""
         slots = [self._active[index] for index in indices]
-        pieces = [slot.prompt[slot.prefilled : slot.prefilled + self.prefill_chunk] for slot in slots]
+        pieces = [slot.request.prompt[slot.prefilled : slot.prefilled + self.prefill_chunk] for slot in slots]
         rows = bucket(len(indices), 1)
         # Rows up to the bucket repeat the first: the same inputs write the same values to the same slot.
         padded = list(range(len(indices))) + [0] * (rows - len(indices))
@@ -261,7 +252,7 @@ class Batcher:
             slot.prefilled += len(piece)
             if routes is not None:
                 slot.routes.append(routes[:, :, row, : len(piece)])
-            if slot.prefilled == len(slot.prompt):
+            if slot.prefilled == len(slot.request.prompt):
                 events.append(self._emit(index, *self._forced(index, int(token[row]), float(logprob[row]))))
         return events
 
