@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss_jax.inference.engine import MIN_PROMPT_BUCKET, Completion, GenerationError, bucket
+from gptoss_jax.inference.engine import MIN_PROMPT_BUCKET, Completion, GenerationError, bucket, checked_prompt
 from gptoss_jax.inference.sampling import SamplingParams, sample
 from gptoss_jax.nn import GptOss, KVCache
 from gptoss_jax.nn.cache import LayerCache
@@ -144,11 +144,7 @@ class Batcher:
 
     def check(self, request: Request) -> list[int]:
         """The request's prompt as ints, or a GenerationError saying why it cannot be served."""
-        prompt = [int(token) for token in request.prompt]
-        if not prompt:
-            raise GenerationError("the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
-            raise GenerationError(f"the prompt has a token id outside 0..{self.config.vocab_size - 1}")
+        prompt = checked_prompt(request.prompt, self.config.vocab_size, "the prompt")
         if request.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
         if len(prompt) + request.max_new_tokens > self.context:

@@ -222,17 +222,23 @@ class Generator:
             raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         checked = []
         for row, prompt in enumerate(prompts):
-            prompt = [int(token) for token in prompt]
-            if not prompt:
-                raise GenerationError(f"prompt {row} is empty")
-            if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
-                raise GenerationError(f"prompt {row} has a token id outside 0..{self.config.vocab_size - 1}")
+            prompt = checked_prompt(prompt, self.config.vocab_size, f"prompt {row}")
             if len(prompt) >= self.config.max_context:
                 raise GenerationError(
                     f"prompt {row} has {len(prompt)} tokens; the context holds {self.config.max_context}"
                 )
             checked.append(prompt)
         return checked
+
+
+def checked_prompt(prompt: Sequence[int], vocab_size: int, name: str) -> list[int]:
+    """The prompt as ints, or a GenerationError naming it when it is empty or holds an id outside the vocabulary."""
+    prompt = [int(token) for token in prompt]
+    if not prompt:
+        raise GenerationError(f"{name} is empty")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise GenerationError(f"{name} has a token id outside 0..{vocab_size - 1}")
+    return prompt
 
 
 def generate(
