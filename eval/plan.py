@@ -234,7 +234,8 @@ def plan(config: GptOssConfig, target: Target, workload: Workload, mesh_spec: st
         **dataclasses.asdict(workload),
         "layers": config.num_layers,
         "expert_path": model.runtime.expert_path_for(
-            pairs_per_device, config.num_experts, packed=True, bf16=dtype == "bfloat16", adapters=training
+            pairs_per_device, config.num_experts, packed=True, bf16=dtype == "bfloat16", adapters=training,
+            tpu_form=model.runtime.expert_form == "tpu",
         ),
         "memory_bytes": target.memory_bytes,
     }

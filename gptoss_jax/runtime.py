@@ -8,7 +8,7 @@ the bench use the model's. Environment variables are user overrides, read here a
 kernels are built and loaded, in gptoss_jax.backends.cpu and nowhere else:
 
   GPTOSS_JAX_EXPERT_PATH=NAME       force an expert algorithm (one of EXPERT_PATHS)
-  GPTOSS_JAX_KERNELS=0              do not use the CPU kernels (XLA's paths everywhere)
+  GPTOSS_JAX_KERNELS=0              do not use the CPU or TPU kernels (XLA's paths everywhere)
   GPTOSS_JAX_KERNEL_VARIANT=NAME    the CPU kernels' build (see backends/cpu/build.py), not this CPU's best
 """
 
@@ -23,7 +23,7 @@ import jax
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 # How the experts run (see `Runtime.expert_path_for`); "auto" lets the runtime choose per shape.
-EXPERT_PATHS = ("auto", "fused", "sorted", "gathered", "tiled", "grouped")
+EXPERT_PATHS = ("auto", "fused", "sorted", "gathered", "tiled", "grouped", "pallas")
 # Paths that need the CPU kernels.
 KERNEL_EXPERT_PATHS = ("fused", "sorted")
 
@@ -45,6 +45,11 @@ class Runtime:
     # wider fused range pay off only then.
     bf16_products: bool = False
     expert_path: str = "auto"
+    # Pallas kernels (gptoss_jax/backends/tpu): the model keeps its MXFP4 experts in the TPU form and the
+    # grouped kernel decodes them in VMEM. On by default on TPU; elsewhere only in interpret mode (tests).
+    pallas: bool = False
+    # Run the Pallas kernels in Pallas' interpreter (any platform; slow: small shapes only).
+    interpret: bool = False
     # A long sequence attending to itself runs this many queries a block: a block's scores stay in
     # cache (on a CPU, 32 queries of a 512-token prompt ran attention over 2x faster than 256) ...
     attention_block: int = 32
@@ -60,6 +65,10 @@ class Runtime:
             raise ValueError(f"expert_path {self.expert_path!r} needs the CPU kernels, which this runtime lacks")
         if self.cpu_kernels is not None and self.platform != "cpu":
             raise ValueError(f"the CPU kernels cannot run on platform {self.platform!r}")
+        if self.pallas and self.platform != "tpu" and not self.interpret:
+            raise ValueError(f"the Pallas TPU kernels run on platform {self.platform!r} only with interpret=True")
+        if self.expert_path == "pallas" and not self.pallas:
+            raise ValueError("expert_path 'pallas' needs the Pallas kernels (pallas=True)")
 
     @classmethod
     def for_platform(cls, platform: str, *, kernels: bool = True, **options) -> "Runtime":
@@ -70,10 +79,13 @@ class Runtime:
         platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
         if os.environ.get("GPTOSS_JAX_EXPERT_PATH") and "expert_path" not in options:
             options["expert_path"] = os.environ["GPTOSS_JAX_EXPERT_PATH"]
-        if platform == "cpu" and kernels:
+        kernels = kernels and os.environ.get("GPTOSS_JAX_KERNELS", "1") != "0"
+        if platform == "cpu" and kernels and not options.get("pallas"):
             status = _cpu_kernel_status()
             if status.available:
                 return cls("cpu", cpu_kernels=status.variant, bf16_products=status.bf16_products, **options)
+        if platform == "tpu" and kernels:
+            options.setdefault("pallas", True)
         return cls(platform, **options)
 
     @classmethod
@@ -93,7 +105,10 @@ class Runtime:
         """This runtime's choices, moved to `devices` (a forced kernel path that cannot run there is dropped;
         a runtime told to do without the CPU kernels still does)."""
         kept = {"attention_block": self.attention_block, "key_block": self.key_block}
-        runtime = Runtime.for_devices(devices, kernels=self.cpu_kernels is not None or self.platform != "cpu", **kept)
+        if self.interpret:  # a test's interpreted kernels stay interpreted wherever the model goes
+            kept.update(pallas=self.pallas, interpret=True)
+        kernels = self.cpu_kernels is not None or self.pallas or self.platform not in ("cpu", "tpu")
+        runtime = Runtime.for_devices(devices, kernels=kernels, **kept)
         if self.expert_path in KERNEL_EXPERT_PATHS and runtime.cpu_kernels is None:
             return runtime
         return dataclasses.replace(runtime, expert_path=self.expert_path)
@@ -103,8 +118,15 @@ class Runtime:
 
     def without_kernels(self) -> "Runtime":
         """The same choices on XLA's own paths (a forced kernel path falls back to "auto")."""
-        path = "auto" if self.expert_path in KERNEL_EXPERT_PATHS else self.expert_path
-        return dataclasses.replace(self, cpu_kernels=None, bf16_products=False, expert_path=path)
+        path = "auto" if self.expert_path in (*KERNEL_EXPERT_PATHS, "pallas") else self.expert_path
+        return dataclasses.replace(self, cpu_kernels=None, bf16_products=False, expert_path=path, pallas=False,
+                                   interpret=False)
+
+    @property
+    def expert_form(self) -> str:
+        """How a model built for this runtime holds MXFP4 experts: "tpu" (gptoss_jax.backends.tpu's
+        to_tpu_form, for the Pallas kernels) or "checkpoint" (as the checkpoint stores them)."""
+        return "tpu" if self.pallas else "checkpoint"
 
     @property
     def whole_stacks(self) -> bool:
@@ -112,8 +134,14 @@ class Runtime:
         slicing a layer out per step: the CPU kernels read a layer in place, where XLA's slice copies it."""
         return self.cpu_kernels is not None
 
-    def expert_path_for(self, pairs: int, num_experts: int, *, packed: bool, bf16: bool, adapters: bool) -> str:
-        """How the experts run for `pairs` (token, chosen expert) pairs.
+    def expert_path_for(
+        self, pairs: int, num_experts: int, *, packed: bool, bf16: bool, adapters: bool, tpu_form: bool = False
+    ) -> str:
+        """How the experts run for `pairs` (token, chosen expert) pairs (tpu_form: packed experts held in the
+        TPU form).
+
+        pallas: MXFP4 weights in the TPU form with the Pallas kernels (TPU, or interpreted): rows sorted by
+          expert in whole tiles, one grouped kernel call a projection decoding each tile in VMEM.
 
         fused: CPU kernels, MXFP4 weights, decode-sized batches; one kernel reads each chosen expert's
           packed bytes once and applies them to every token that chose it.
@@ -124,6 +152,14 @@ class Runtime:
           expert's weights and runs the expert MLP (XLA's CPU ragged_dot computes every group for every row).
         grouped: GPU and TPU: jax.lax.ragged_dot over all experts' decoded weights.
         """
+        if tpu_form:
+            if self.expert_path not in ("auto", "pallas", *KERNEL_EXPERT_PATHS):  # an XLA path, forced
+                return self.expert_path
+            if self.pallas:
+                return "pallas"
+            return "gathered" if pairs <= num_experts else ("tiled" if self.platform == "cpu" else "grouped")
+        if self.expert_path == "pallas":  # the weights are not in its form
+            return self.without_kernels().expert_path_for(pairs, num_experts, packed=packed, bf16=bf16, adapters=adapters)
         if self.expert_path != "auto" and (packed or self.expert_path not in KERNEL_EXPERT_PATHS):
             return self.expert_path
         kernels = self.cpu_kernels is not None and packed

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax import mxfp4
+from gptoss_jax.backends.tpu.mxfp4_matmul import blocks_to_tpu_form, scales_to_tpu_form
 from gptoss_jax.checkpoint.names import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
 from gptoss_jax.checkpoint.reader import MemorySource, TensorSource, open_checkpoint
 from gptoss_jax.config import AUTO, GptOssConfig, check_experts
@@ -113,7 +114,14 @@ def _read_layer_param(
             blocks = jax.device_put(blocks, NamedSharding(sharding.mesh, PartitionSpec(*spec, None)))
             scales = jax.device_put(scales, sharding)
         return _dequantize(blocks, scales, dtype, sharding)
+    if inner[-1] in TPU_FORM:  # packed experts laid out for the Pallas kernels: converted on the host
+        name, convert = TPU_FORM[inner[-1]]
+        return _place(convert(source.read(PER_LAYER[(*inner[:-1], name)].format(n=layer))), dtype, sharding)
     return _place(source.read(PER_LAYER[inner].format(n=layer)).reshape(shape), dtype, sharding)
+
+
+# A model variable holding packed experts in the TPU form -> the checkpoint tensor and its conversion.
+TPU_FORM = {"tpu_blocks": ("blocks", blocks_to_tpu_form), "tpu_scales": ("scales", scales_to_tpu_form)}
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

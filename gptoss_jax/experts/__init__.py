@@ -3,7 +3,8 @@
 Per pair (few tokens: decoding): `gathered` (XLA, decodes each pair's expert) and `fused` (the CPU
 kernel reads each chosen expert's packed bytes once). Grouped by expert (many tokens: prefill,
 training): `sorted` (the CPU grouped kernel), `tiled` (XLA on the CPU, tiles of one expert) and
-`grouped` (jax.lax.ragged_dot, for GPU and TPU). A new backend plugs its products in here.
+`grouped` (jax.lax.ragged_dot, for GPU and TPU). For any number: `pallas` (the TPU kernel decoding MXFP4
+tiles in VMEM, on experts held in the TPU form). A new backend plugs its products in here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.experts.common import ExpertAdapters
 from gptoss_jax.experts.gather import fused, gathered
-from gptoss_jax.experts.group import grouped, sorted_kernel, tiled
+from gptoss_jax.experts.group import grouped, pallas_tiles, sorted_kernel, tiled
 from gptoss_jax.runtime import Runtime
 
 
@@ -46,9 +47,10 @@ def expert_outputs(
     path = runtime.expert_path_for(
         tokens.shape[0] * config.experts_per_token,
         config.num_experts,
-        packed="blocks" in params["mlp1"],
+        packed="weight" not in params["mlp1"],
         bf16=jnp.dtype(dtype) == jnp.bfloat16,
         adapters=bool(lora),
+        tpu_form="tpu_blocks" in params["mlp1"],
     )
     if path == "fused":
         out = fused(tokens, marked, weights, params, bias2, adapters, config, dtype)
@@ -56,6 +58,8 @@ def expert_outputs(
         out = sorted_kernel(tokens, marked, weights, params, bias2, config)
     elif path == "gathered":
         out = gathered(tokens, local, weights, params, bias2, adapters, config, dtype, runtime)
+    elif path == "pallas":
+        out = pallas_tiles(tokens, marked, weights, params, bias2, adapters, config, dtype, runtime)
     elif path == "tiled":
         out = tiled(tokens, marked, weights, params, bias2, adapters, config, dtype, runtime, sharded)
     else:

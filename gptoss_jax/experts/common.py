@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from gptoss_jax import mxfp4
 from gptoss_jax.backends.cpu import experts as cpu_experts
 from gptoss_jax.backends.cpu.stacks import take, whole
+from gptoss_jax.backends.tpu.mxfp4_matmul import from_tpu_form
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.nn.ops import dropout, matmul
 from gptoss_jax.runtime import Runtime
@@ -44,6 +45,13 @@ def decode_experts(weights: dict, dtype, runtime: Runtime, experts: jax.Array | 
     if "weight" in weights:
         weight = weights["weight"]
         return (weight if experts is None else weight[experts]).astype(dtype)
+    if "tpu_blocks" in weights:  # the TPU form, on an XLA path (the Pallas kernels turned off)
+        blocks, scales = weights["tpu_blocks"], weights["tpu_scales"]
+        if experts is None:
+            blocks, scales = whole(blocks), whole(scales)
+        else:
+            blocks, scales = take(blocks, experts), take(scales, experts)
+        return mxfp4.dequantize(*from_tpu_form(blocks, scales), dtype)
     blocks, scales = weights["blocks"], weights["scales"]
     if experts is not None and experts.ndim == 0 and runtime.cpu_kernels is not None:
         return cpu_experts.dequantize_one(blocks, scales, experts, dtype)

@@ -7,10 +7,14 @@ in no group and have weight 0 (see expert_outputs).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from gptoss_jax.backends.cpu import experts as cpu_experts
+from gptoss_jax.backends.cpu.stacks import unstack
+from gptoss_jax.backends.tpu import mxfp4_matmul
 from gptoss_jax.experts.common import ExpertAdapters, decode_experts, sort_by_expert, swiglu
 from gptoss_jax.sharding import MESH_AXES
 
@@ -24,6 +28,36 @@ def sorted_kernel(tokens, experts, weights, params, bias2, config) -> jax.Array:
     y = cpu_experts.grouped_products(h.astype(jnp.bfloat16), sizes, params["mlp2"])
     y = (y + bias2[sorted_experts].astype(jnp.float32)) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((tokens.shape[0], tokens.shape[1]), jnp.float32).at[token_of].add(y)
+
+
+class _Tiles(NamedTuple):
+    order: jax.Array  # pair order[i] is the i-th pair sorted by expert
+    slot: jax.Array  # its row among the tiles (past the end for pairs held elsewhere)
+    tile_expert: jax.Array  # [tiles] the expert of each tile (the last expert's for unused tiles)
+    used_tiles: jax.Array  # int32: tiles holding rows, all before the unused ones
+    padded_sizes: jax.Array  # [local_count] each expert's rows rounded up to whole tiles
+
+
+def _whole_tiles(experts: jax.Array, local_count: int, tile: int, tiles: int) -> _Tiles:
+    """Pairs sorted by expert, each expert's run padded to whole tiles of `tile` rows (`tiles` of them
+    at most), so that a tile holds one expert's rows.
+
+    experts [N, k] holds local ids, or local_count for pairs held elsewhere (they get no row).
+    """
+    pairs = experts.size
+    flat_experts = experts.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    sorted_experts = flat_experts[order]
+    sizes = jnp.bincount(flat_experts, length=local_count + 1)[:local_count]
+    padded = -(-sizes // tile) * tile
+    padded_end = jnp.cumsum(padded)
+    expert_of_row = jnp.minimum(sorted_experts, local_count - 1)
+    rank_in_run = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[expert_of_row]
+    slot = jnp.where(sorted_experts < local_count, padded_end[expert_of_row] - padded[expert_of_row] + rank_in_run, tiles * tile)
+    tile_start = jnp.arange(tiles) * tile
+    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, tile_start, side="right"), local_count - 1)
+    used_tiles = (padded_end[-1] // tile).astype(jnp.int32)
+    return _Tiles(order, slot, tile_expert.astype(jnp.int32), used_tiles, padded.astype(jnp.int32))
 
 
 def _tile_rows(pairs: int, num_experts: int) -> int:
@@ -52,19 +86,10 @@ def tiled(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, con
     pairs, hidden = tokens.shape[0] * k, tokens.shape[1]
     tile = _tile_rows(pairs, local_count)
     tiles = -(-pairs // tile) + local_count  # enough for every expert's run rounded up to whole tiles
-    flat_experts = experts.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    sorted_experts = flat_experts[order]
-    sizes = jnp.bincount(flat_experts, length=local_count + 1)[:local_count]
-    padded = -(-sizes // tile) * tile
-    padded_end = jnp.cumsum(padded)
-    expert_of_row = jnp.minimum(sorted_experts, local_count - 1)
-    rank_in_run = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[expert_of_row]
-    slot = jnp.where(sorted_experts < local_count, padded_end[expert_of_row] - padded[expert_of_row] + rank_in_run, tiles * tile)
+    layout = _whole_tiles(experts, local_count, tile, tiles)
+    order, slot, tile_expert = layout.order, layout.slot, layout.tile_expert
     rows = jnp.zeros((tiles * tile, hidden), tokens.dtype).at[slot].set(tokens[order // k], mode="drop")
-    tile_start = jnp.arange(tiles) * tile
-    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, tile_start, side="right"), local_count - 1)
-    in_use = tile_start < padded_end[-1]
+    in_use = jnp.arange(tiles) < layout.used_tiles
 
     @jax.checkpoint
     def one_tile(_, scanned):
@@ -109,3 +134,56 @@ def grouped(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, c
     y = (y + bias2[sorted_experts].astype(jnp.float32)) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((tokens.shape[0], tokens.shape[1]), jnp.float32).at[token_of].add(y)
 
+
+
+# Rows a tile of the Pallas kernel: a multiple of 16 (bf16 packs 16 rows a vreg), at most 256 (the MXU's side).
+PALLAS_MIN_TILE_ROWS = 16
+PALLAS_MAX_TILE_ROWS = 256
+# Output columns a tile: each step reads one expert's bytes for these columns (about 0.5 MB at 2880 inputs).
+PALLAS_TILE_COLUMNS = 384
+
+
+def pallas_tiles(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, config, dtype, runtime) -> jax.Array:
+    """MXFP4 experts in the TPU form (TPU, or interpreted): pairs sorted by expert into whole tiles, each
+    projection one call of the Pallas kernel, which decodes a tile of one expert's bytes in VMEM at a time
+    and reads each expert's bytes once per tile of its rows (once per step while decoding). Adapters add
+    their grouped products on the same rows.
+    """
+    k = config.experts_per_token
+    local_count = params["mlp1_bias"].shape[0]
+    pairs, hidden = tokens.shape[0] * k, tokens.shape[1]
+    tile = min(PALLAS_MAX_TILE_ROWS, max(PALLAS_MIN_TILE_ROWS, _tile_rows(pairs, local_count)))
+    # Each expert with rows takes at most one tile more than its rows fill.
+    tiles = pairs // tile + min(local_count, pairs)
+    layout = _whole_tiles(experts, local_count, tile, tiles)
+    in_use = (jnp.arange(tiles * tile) < layout.used_tiles * tile)[:, None]
+    row_expert = jnp.repeat(layout.tile_expert, tile)
+    tiling = mxfp4_matmul.Tiling(tile, PALLAS_TILE_COLUMNS)
+
+    def product(x, weights):  # the kernel leaves rows of unused tiles undefined: zero them
+        stack, layer = unstack(weights["tpu_blocks"])
+        scales, _ = unstack(weights["tpu_scales"])
+        _check_tpu_form(stack, scales)
+        out = mxfp4_matmul.grouped_matmul(
+            x, layout.tile_expert, layout.used_tiles, stack, scales, layer, tiling=tiling, interpret=runtime.interpret
+        )
+        return jnp.where(in_use, out, 0.0)
+
+    rows = jnp.zeros((tiles * tile, hidden), dtype).at[layout.slot].set(tokens[layout.order // k].astype(dtype), mode="drop")
+    h = product(rows, params["mlp1"]) + adapters.grouped("mlp1", rows, layout.padded_sizes)
+    h = swiglu(h + params["mlp1_bias"][row_expert].astype(jnp.float32), config)
+    y = product(h.astype(dtype), params["mlp2"]) + adapters.grouped("mlp2", h, layout.padded_sizes)
+    y = y + bias2[row_expert].astype(jnp.float32)
+    y = y.at[layout.slot].get(mode="fill", fill_value=0.0) * weights.reshape(-1)[layout.order][:, None]
+    return jnp.zeros((tokens.shape[0], hidden), jnp.float32).at[layout.order // k].add(y)
+
+
+def _check_tpu_form(blocks, scales) -> None:
+    """The kernel needs each device's scale rows to cover its blocks: true unless 'tensor' splits an
+    expert's input (mlp2 on a mesh with tensor > 1), where the padded scale rows do not split alike."""
+    groups, rows = blocks.shape[-3], scales.shape[-3]
+    if rows != -(-groups // mxfp4_matmul.BLOCK_BYTES):
+        raise NotImplementedError(
+            f"the Pallas expert kernels cannot split an expert's input over 'tensor' ({groups} blocks here, scale "
+            f"rows for {rows * mxfp4_matmul.BLOCK_BYTES}): use a mesh without 'tensor', or GPTOSS_JAX_KERNELS=0"
+        )

@@ -29,11 +29,11 @@ from gptoss_jax.runtime import Runtime
 class Block(nnx.Module):
     """One pre-norm transformer layer: attention then mixture of experts, each added to the residual."""
 
-    def __init__(self, config: GptOssConfig, param_dtype, dtype, experts: str, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, param_dtype, dtype, experts: str, rngs: nnx.Rngs, expert_form: str):
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         self.attn = Attention(config, param_dtype, dtype, rngs)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
-        self.mlp = MoE(config, param_dtype, dtype, experts, rngs)
+        self.mlp = MoE(config, param_dtype, dtype, experts, rngs, expert_form)
 
     def __call__(
         self,
@@ -56,8 +56,10 @@ class Block(nnx.Module):
 class LayerGroup(nnx.Module):
     """One repetition of the layer pattern (for gpt-oss: a sliding-window layer then a full one)."""
 
-    def __init__(self, config: GptOssConfig, param_dtype, dtype, experts: str, rngs: nnx.Rngs):
-        self.layers = nnx.List([Block(config, param_dtype, dtype, experts, rngs) for _ in config.layer_pattern])
+    def __init__(self, config: GptOssConfig, param_dtype, dtype, experts: str, rngs: nnx.Rngs, expert_form: str):
+        self.layers = nnx.List(
+            [Block(config, param_dtype, dtype, experts, rngs, expert_form) for _ in config.layer_pattern]
+        )
         self.sliding = tuple(kind == SLIDING for kind in config.layer_pattern)
 
     def __call__(
@@ -118,7 +120,7 @@ class GptOss(nnx.Module):
         @nnx.split_rngs(splits=c.num_groups)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_groups(rngs: nnx.Rngs) -> LayerGroup:
-            return LayerGroup(config, compute, compute, experts, rngs)
+            return LayerGroup(config, compute, compute, experts, rngs, self.runtime.expert_form)
 
         self.groups = make_groups(rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, compute)

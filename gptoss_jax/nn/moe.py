@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec
 
 from gptoss_jax import mxfp4
 from gptoss_jax.backends.cpu.stacks import LayerOf
+from gptoss_jax.backends.tpu.mxfp4_matmul import to_tpu_form
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.experts import expert_outputs
 from gptoss_jax.nn.lora import LoRA, project
@@ -26,21 +27,32 @@ class PackedBytes(nnx.Variable):
 
 
 class PackedExpertWeights(nnx.Module):
-    """One projection of every expert, kept as MXFP4 bytes: [E, out, in/32, 16] blocks, [E, out, in/32] scales."""
+    """One projection of every expert, kept as MXFP4 bytes.
 
-    def __init__(self, num_experts: int, out_features: int, in_features: int, out_axis: str, in_axis: str, rngs):
+    form "checkpoint": `blocks` [E, out, in/32, 16] and `scales` [E, out, in/32], as stored.
+    form "tpu": `tpu_blocks` [E, in/32, 16, out] and `tpu_scales` [E, ceil(in/512), 16, out], the same bytes
+    laid out for the Pallas kernels (gptoss_jax.backends.tpu.mxfp4_matmul.to_tpu_form).
+    """
+
+    def __init__(
+        self, num_experts: int, out_features: int, in_features: int, out_axis: str, in_axis: str, rngs, form: str
+    ):
         groups = in_features // mxfp4.BLOCK_SIZE
         shape = (num_experts, out_features, groups)
         axes = ("experts", out_axis, in_axis + "_blocks")
-        self.blocks = PackedBytes(
-            jax.random.randint(rngs.params(), (*shape, mxfp4.BYTES_PER_BLOCK), 0, 256, jnp.int32).astype(jnp.uint8),
-            axes=(*axes, "block_bytes"),
-        )
+        blocks = jax.random.randint(rngs.params(), (*shape, mxfp4.BYTES_PER_BLOCK), 0, 256, jnp.int32).astype(jnp.uint8)
         # Scale 2**-6 on fp4 values of RMS ~2.9 gives weights of RMS ~0.05, a sensible random init.
-        self.scales = PackedBytes(jnp.full(shape, mxfp4.SCALE_BIAS - 6, jnp.uint8), axes=axes)
+        scales = jnp.full(shape, mxfp4.SCALE_BIAS - 6, jnp.uint8)
+        if form == "tpu":
+            blocks, scales = to_tpu_form(blocks, scales)
+            self.tpu_blocks = PackedBytes(blocks, axes=("experts", in_axis + "_blocks", "block_bytes", out_axis))
+            self.tpu_scales = PackedBytes(scales, axes=("experts", in_axis + "_scale_rows", "block_bytes", out_axis))
+        else:
+            self.blocks = PackedBytes(blocks, axes=(*axes, "block_bytes"))
+            self.scales = PackedBytes(scales, axes=axes)
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {"blocks": self.blocks[...], "scales": self.scales[...]}
+        return {name: value[...] for name, value in vars(self).items() if isinstance(value, PackedBytes)}
 
 
 class DenseExpertWeights(nnx.Module):
@@ -76,12 +88,16 @@ class MoE(nnx.Module):
     what it holds, and a psum over the 'expert' and 'tensor' axes adds them up.
     """
 
-    def __init__(self, config: GptOssConfig, param_dtype, dtype, experts: str, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, param_dtype, dtype, experts: str, rngs: nnx.Rngs, expert_form: str):
+        """expert_form: how MXFP4 experts are held ("checkpoint" or "tpu", see PackedExpertWeights)."""
         c = config
         e, h, i = c.num_experts, c.hidden_size, c.intermediate_size
         self.router = nnx.Param(init(rngs, (e, h), param_dtype, h**-0.5), axes=("router", "embed"))
         self.router_bias = nnx.Param(jnp.zeros((e,), param_dtype), axes=("router",))
-        weights = PackedExpertWeights if experts == "mxfp4" else DenseExpertWeights
+        if experts == "mxfp4":
+            weights = functools.partial(PackedExpertWeights, form=expert_form)
+        else:
+            weights = DenseExpertWeights
         self.mlp1 = weights(e, 2 * i, h, "expert_intermediate", "embed", rngs=rngs)
         self.mlp2 = weights(e, h, i, "embed", "intermediate", rngs=rngs)
         self.mlp1_bias = nnx.Param(jnp.zeros((e, 2 * i), param_dtype), axes=("experts", "expert_intermediate"))

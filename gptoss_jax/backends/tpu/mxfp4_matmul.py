@@ -1,0 +1,320 @@
+"""A grouped matmul against MXFP4 experts that decodes each weight tile in VMEM (Pallas, TPU).
+
+Rows arrive sorted by expert and padded so that each expert's rows fill whole tiles of `tiling.rows`
+(gptoss_jax/experts/group.py lays them out); tile t belongs to expert tile_experts[t]. The grid walks
+the output's column tiles and, inside, the tiles in use (a count known only at run time), so each
+chosen expert's packed bytes are read once per tile of its rows: once per step for a decode batch,
+whatever the batch, because no expert's rows straddle two tiles. No dense copy of any expert exists
+outside VMEM.
+
+Why not jax's megablox `gmm` or tokamax's ragged dot: both take the weights as a dense array, so the
+MXFP4 bytes would have to be decoded to bf16 in HBM first, which is the copy this kernel exists to
+avoid. The tiling follows megablox (a scalar-prefetched tile -> expert map drives the weights' block
+index; the grid's length is the number of tiles in use).
+
+The weights come in the TPU form (see `to_tpu_form`): output features on the 128 lanes, so that one
+expert's tile is a plain block, and byte j of block g at row (g, j). Byte j of a 32-value block
+holds value 2j in its low nibble and 2j+1 in its high one; rather than interleave nibbles across rows
+in the kernel, the caller's rows are split into even and odd columns and the product is
+x_even @ low + x_odd @ high, low and high being the decoded nibbles [in/2, out] in the bytes' order.
+
+Decoding multiplies the fp4 value by 2**(scale - 127) in float32: exact for every scale a trained or
+random checkpoint has; scale 0 (2**-127, subnormal) reads as 0 where gptoss_jax.mxfp4 keeps the
+subnormal products.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from gptoss_jax import mxfp4
+
+LANES = 128
+BLOCK_BYTES = mxfp4.BYTES_PER_BLOCK  # 16: a block's bytes, and the scales kept in one row of bytes
+# Up to this many bytes of rows (a decode batch's), the forward keeps them all in VMEM: fetching the row
+# tile at every step would add a read of the rows per column tile to the weights' bytes.
+RESIDENT_ROWS_BYTES = 2 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Tile sizes of one call: rows per tile (a multiple of 16, bf16's sublane packing) and output
+    columns per tile (the forward's tile; the backward's reduction chunk)."""
+
+    rows: int
+    columns: int
+
+
+def to_tpu_form(blocks, scales):
+    """Checkpoint MXFP4 ([..., out, G, 16] bytes, [..., out, G] scales) -> the TPU form.
+
+    Blocks become [..., G, 16, out] and scales [..., ceil(G/16), 16, out] (scale g at row (g // 16,
+    g % 16); the few padding rows hold 0). Both keep 16 bytes over out features as their last two axes,
+    which a TPU lays out densely and can DMA an expert at a time. (The checkpoint's scales [E, out, G]
+    are laid out by XLA with the experts on sublanes, where one expert's scales cannot be fetched
+    without a copy of the whole array.) numpy arrays stay numpy (the loader converts on the host).
+    """
+    return blocks_to_tpu_form(blocks), scales_to_tpu_form(scales)
+
+
+def blocks_to_tpu_form(blocks):
+    """[..., out, G, 16] -> [..., G, 16, out]."""
+    xp = np if isinstance(blocks, np.ndarray) else jnp
+    return xp.moveaxis(blocks, -3, -1)
+
+
+def scales_to_tpu_form(scales):
+    """[..., out, G] -> [..., ceil(G/16), 16, out]."""
+    xp = np if isinstance(scales, np.ndarray) else jnp
+    groups = scales.shape[-1]
+    rows = -(-groups // BLOCK_BYTES)
+    scales = xp.pad(scales, [(0, 0)] * (scales.ndim - 1) + [(0, rows * BLOCK_BYTES - groups)])
+    return xp.moveaxis(scales.reshape(*scales.shape[:-1], rows, BLOCK_BYTES), -3, -1)
+
+
+def tpu_form_shapes(blocks_shape: tuple, scales_shape: tuple) -> tuple[tuple, tuple]:
+    """The shapes `to_tpu_form` gives arrays of these checkpoint shapes."""
+    *lead, out, groups, block = blocks_shape
+    return (*lead, groups, block, out), (*lead, -(-groups // BLOCK_BYTES), BLOCK_BYTES, out)
+
+
+def from_tpu_form(blocks, scales):
+    """The inverse of `to_tpu_form`: checkpoint blocks [..., out, G, 16] and scales [..., out, G]."""
+    xp = np if isinstance(blocks, np.ndarray) else jnp
+    groups = blocks.shape[-3]
+    blocks = xp.moveaxis(blocks, -1, -3)
+    scales = xp.moveaxis(scales, -1, -3)
+    return blocks, scales.reshape(*scales.shape[:-2], -1)[..., :groups]
+
+
+def column_tile(out_features: int, target: int) -> int:
+    """The output columns a tile: all of them when they fit `target`, else the largest multiple of
+    128 lanes dividing them (up to `target`), else `target` with a partial last tile."""
+    if out_features <= target:
+        return out_features
+    for tile in range(target - target % LANES, 0, -LANES):
+        if out_features % tile == 0:
+            return tile
+    return target
+
+
+def _fp4_values(codes: jax.Array) -> jax.Array:
+    """float32 values of fp4 (e2m1) codes 0..15 held in int32, built from bits (no table lookups in VMEM)."""
+    exponent, mantissa = (codes >> 1) & 3, codes & 1
+    magnitude = jnp.where(exponent > 0, ((exponent + 126) << 23) | (mantissa << 22), mantissa * (126 << 23))
+    return jax.lax.bitcast_convert_type(magnitude | ((codes >> 3) << 31), jnp.float32)
+
+
+def _decode_tile(blocks, scales, low, high, *, columns_left: int | None = None):
+    """Decode one expert's tile into the VMEM scratch low, high [G * 16, columns] (their dtype).
+
+    blocks [G, 16, columns], scales [ceil(G/16), 16, columns] (uint8 refs). columns_left: past this
+    column the tile reads beyond the weight's end; those columns are zeroed (the backward pass sums
+    over them).
+    """
+    groups = blocks.shape[0]
+    for row in range(scales.shape[0]):
+        # 2**(s - 127) from the bits (s = 0 gives 0); a row of 16 blocks' scales at a time.
+        scale_row = jax.lax.bitcast_convert_type(scales[row].astype(jnp.int32) << 23, jnp.float32)
+        for j in range(min(BLOCK_BYTES, groups - row * BLOCK_BYTES)):
+            group = row * BLOCK_BYTES + j
+            scale = scale_row[j : j + 1, :]
+            if columns_left is not None:
+                lane = jax.lax.broadcasted_iota(jnp.int32, scale.shape, 1)
+                scale = jnp.where(lane < columns_left, scale, 0.0)
+            codes = blocks[group].astype(jnp.int32)  # [16, columns]
+            rows = slice(group * BLOCK_BYTES, (group + 1) * BLOCK_BYTES)
+            low[rows, :] = (_fp4_values(codes & 15) * scale).astype(low.dtype)
+            high[rows, :] = (_fp4_values(codes >> 4) * scale).astype(high.dtype)
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _forward_kernel(tile_experts, layer, x_even, x_odd, blocks, scales, out, low, high, *, resident_rows: int | None):
+    del tile_experts, layer  # they choose the blocks (index maps)
+    _decode_tile(blocks, scales, low, high)
+    if resident_rows is None:  # the row tile's block
+        rows = slice(None)
+    else:  # all rows stay in VMEM; this step's tile of them
+        rows = pl.ds(pl.multiple_of(pl.program_id(1) * resident_rows, resident_rows), resident_rows)
+    precision = _precision(low.dtype)
+    product = jnp.dot(x_even[rows, :], low[...], precision=precision, preferred_element_type=jnp.float32)
+    out[...] = product + jnp.dot(x_odd[rows, :], high[...], precision=precision, preferred_element_type=jnp.float32)
+
+
+def _backward_kernel(tile_experts, layer, grad, blocks, scales, out_even, out_odd, low, high, acc_even, acc_odd,
+                     *, out_features: int):
+    del tile_experts, layer
+    column = pl.program_id(1)
+    columns = blocks.shape[-1]
+
+    @pl.when(column == 0)
+    def _():
+        acc_even[...] = jnp.zeros_like(acc_even)
+        acc_odd[...] = jnp.zeros_like(acc_odd)
+
+    # A partial last tile reads past the weight's end: zero those columns (the gradient sums over them).
+    left = out_features - column * columns if out_features % columns else None
+    _decode_tile(blocks, scales, low, high, columns_left=left)
+    g, precision, transposed = grad[...], _precision(low.dtype), (((1,), (1,)), ((), ()))
+    acc_even[...] += jax.lax.dot_general(g, low[...], transposed, precision=precision, preferred_element_type=jnp.float32)
+    acc_odd[...] += jax.lax.dot_general(g, high[...], transposed, precision=precision, preferred_element_type=jnp.float32)
+
+    @pl.when(column == pl.num_programs(1) - 1)
+    def _():
+        out_even[...] = acc_even[...]
+        out_odd[...] = acc_odd[...]
+
+
+def _weight_specs(blocks, scales, columns: int, column_first: bool):
+    """BlockSpecs of one expert's column tile of blocks [L, E, G, 16, out] and scales [L, E, S, 16, out]."""
+
+    def weight(*grid_and_refs):
+        column, index = grid_and_refs[:2] if column_first else grid_and_refs[1::-1]
+        tile_experts, layer = grid_and_refs[2:]
+        return layer[0], tile_experts[index], 0, 0, column
+
+    return [
+        pl.BlockSpec((None, None, blocks.shape[2], BLOCK_BYTES, columns), weight),
+        pl.BlockSpec((None, None, scales.shape[2], BLOCK_BYTES, columns), weight),
+    ]
+
+
+def _cost(flops: int, reads: list[tuple[int, int]], writes: int) -> pl.CostEstimate:
+    """From the blocks the grid moves: (bytes of a block, how many times it is fetched) pairs, bytes written."""
+    return pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=sum(b * n for b, n in reads) + writes)
+
+
+def _tile_bytes(blocks, scales, columns: int) -> int:
+    """Bytes of one expert's column tile (its blocks and scales)."""
+    return (blocks.shape[2] + scales.shape[2]) * BLOCK_BYTES * columns
+
+
+def _forward(x_even, x_odd, tile_experts, used_tiles, layer, blocks, scales, tiling: Tiling, interpret) -> jax.Array:
+    rows, half = x_even.shape
+    out_features = blocks.shape[-1]
+    columns = column_tile(out_features, tiling.columns)
+    column_tiles, max_tiles = pl.cdiv(out_features, columns), rows // tiling.rows
+    steps = column_tiles * max_tiles  # at most: only the tiles in use run
+    row_bytes = 2 * half * x_even.dtype.itemsize
+    if rows * row_bytes <= RESIDENT_ROWS_BYTES:  # decode-sized: every row fetched once, not once a step
+        row_spec, resident, row_reads = pl.BlockSpec((rows, half), lambda n, t, *_: (0, 0)), tiling.rows, [(rows * row_bytes, 1)]
+    else:
+        row_spec, resident = pl.BlockSpec((tiling.rows, half), lambda n, t, *_: (t, 0)), None
+        row_reads = [(tiling.rows * row_bytes, steps)]
+    cost = _cost(
+        flops=2 * rows * 2 * half * out_features,
+        reads=[*row_reads, (_tile_bytes(blocks, scales, columns), steps)],
+        writes=rows * out_features * 4,
+    )
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, resident_rows=resident),
+        out_shape=jax.ShapeDtypeStruct((rows, out_features), jnp.float32),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(column_tiles, used_tiles),
+            in_specs=[row_spec, row_spec, *_weight_specs(blocks, scales, columns, column_first=True)],
+            out_specs=pl.BlockSpec((tiling.rows, columns), lambda n, t, *_: (t, n)),
+            scratch_shapes=[pltpu.VMEM((half, columns), x_even.dtype)] * 2,
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=cost,
+        interpret=interpret,
+    )(tile_experts, layer, x_even, x_odd, blocks, scales)
+
+
+def _backward(grad, tile_experts, used_tiles, layer, blocks, scales, tiling: Tiling, interpret):
+    rows, out_features = grad.shape
+    half = blocks.shape[2] * BLOCK_BYTES
+    columns = column_tile(out_features, tiling.columns)
+    column_tiles, max_tiles = pl.cdiv(out_features, columns), rows // tiling.rows
+    grad = jnp.pad(grad, ((0, 0), (0, column_tiles * columns - out_features)))  # zeros past the end
+    steps = column_tiles * max_tiles
+    cost = _cost(
+        flops=2 * rows * out_features * 2 * half,
+        reads=[(tiling.rows * columns * grad.dtype.itemsize, steps), (_tile_bytes(blocks, scales, columns), steps)],
+        writes=2 * rows * half * 4,
+    )
+    out_spec = pl.BlockSpec((tiling.rows, half), lambda t, n, *_: (t, 0))
+    return pl.pallas_call(
+        functools.partial(_backward_kernel, out_features=out_features),
+        out_shape=[jax.ShapeDtypeStruct((rows, half), jnp.float32)] * 2,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(used_tiles, column_tiles),
+            in_specs=[
+                pl.BlockSpec((tiling.rows, columns), lambda t, n, *_: (t, n)),
+                *_weight_specs(blocks, scales, columns, column_first=False),
+            ],
+            out_specs=[out_spec, out_spec],
+            scratch_shapes=[pltpu.VMEM((half, columns), grad.dtype)] * 2
+            + [pltpu.VMEM((tiling.rows, half), jnp.float32)] * 2,
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary")),
+        cost_estimate=cost,
+        interpret=interpret,
+    )(tile_experts, layer, grad, blocks, scales)
+
+
+def _split_columns(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(even, odd) columns of x [rows, in], by a reshape (lane-strided slices are slow to compile on TPU)."""
+    pairs = x.reshape(x.shape[0], x.shape[1] // 2, 2)
+    return pairs[..., 0], pairs[..., 1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _grouped_matmul(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret):
+    x_even, x_odd = _split_columns(x)
+    return _forward(x_even, x_odd, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
+
+
+def _grouped_matmul_forward(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret):
+    out = _grouped_matmul(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
+    return out, (jnp.zeros((0,), x.dtype), tile_experts, used_tiles, layer, blocks, scales)
+
+
+def _grouped_matmul_backward(tiling, interpret, saved, grad):
+    like, tile_experts, used_tiles, layer, blocks, scales = saved
+    even, odd = _backward(grad.astype(like.dtype), tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
+    dx = jnp.stack([even, odd], axis=-1).reshape(even.shape[0], -1)
+    # Tiles past the last one in use are never visited: their rows' gradients are zero, not whatever
+    # the output buffer held.
+    in_use = jnp.arange(dx.shape[0]) < used_tiles * tiling.rows
+    return jnp.where(in_use[:, None], dx, 0.0).astype(like.dtype), None, None, None, None, None
+
+
+_grouped_matmul.defvjp(_grouped_matmul_forward, _grouped_matmul_backward)
+
+
+def grouped_matmul(
+    x: jax.Array,
+    tile_experts: jax.Array,
+    used_tiles: jax.Array,
+    blocks: jax.Array,
+    scales: jax.Array,
+    layer: jax.Array | None = None,
+    *,
+    tiling: Tiling,
+    interpret: bool = False,
+) -> jax.Array:
+    """float32 [rows, out]: row tile t of x [rows, in] against expert tile_experts[t] (decoded from MXFP4).
+
+    rows is a whole number of tiles; only the first used_tiles tiles are computed, the other rows of the
+    result are undefined. blocks and scales are one projection's experts in the TPU form (`to_tpu_form`:
+    [E, G, 16, out] and [E, ceil(G/16), 16, out] uint8), or stacks of them over layers with one more
+    leading axis, read at `layer` in place. Differentiable with respect to x.
+    """
+    if layer is None:
+        blocks, scales, layer = blocks[None], scales[None], jnp.zeros((), jnp.int32)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    used_tiles = jnp.asarray(used_tiles, jnp.int32)
+    return _grouped_matmul(x, tile_experts.astype(jnp.int32), used_tiles, layer, blocks, scales, tiling, interpret)

@@ -1,0 +1,167 @@
+"""The TPU backend's Pallas kernels (gptoss_jax/backends/tpu), run in Pallas' interpreter on this CPU:
+against XLA formulations of the same math, through the whole model against transformers, and compiled
+for a TPU topology by libtpu (no TPU needed)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import gptoss_jax
+from gptoss_jax import mxfp4, targets
+from gptoss_jax.backends.tpu import mxfp4_matmul
+from gptoss_jax.backends.tpu.mxfp4_matmul import Tiling, from_tpu_form, grouped_matmul, to_tpu_form
+from gptoss_jax.runtime import Runtime
+
+from test_model_parity import relative_error, transformers_logits
+
+INTERPRETED = Runtime("cpu", pallas=True, interpret=True)
+
+
+def _random_experts(rng, layers: int, experts: int, out_features: int, in_features: int):
+    shape = (layers, experts, out_features, in_features // mxfp4.BLOCK_SIZE)
+    blocks = rng.integers(0, 256, (*shape, mxfp4.BYTES_PER_BLOCK), dtype=np.uint8)
+    scales = rng.integers(mxfp4.SCALE_BIAS - 8, mxfp4.SCALE_BIAS + 2, shape, dtype=np.uint8)
+    return blocks, scales
+
+
+def _xla_grouped_matmul(x, tile_experts, used_tiles, blocks, scales, layer, tile_rows):
+    """The same product on weights decoded by gptoss_jax.mxfp4 (float32), rows of unused tiles zero."""
+    weights = mxfp4.dequantize(blocks[layer], scales[layer], jnp.float32)
+    weights = weights.reshape(*weights.shape[:2], -1)  # [E, out, in]
+    tiles = x.reshape(-1, tile_rows, x.shape[-1])
+    out = jnp.einsum("tri,toi->tro", tiles, weights[tile_experts], precision="highest")
+    out = jnp.where((jnp.arange(tiles.shape[0]) < used_tiles)[:, None, None], out, 0.0)
+    return out.reshape(x.shape[0], -1)
+
+
+@pytest.mark.quick
+def test_the_tpu_form_holds_the_checkpoint_bytes_and_converts_back():
+    blocks, scales = _random_experts(np.random.default_rng(0), 2, 3, 40, 96)  # 3 blocks: scale rows padded
+    tpu_blocks, tpu_scales = to_tpu_form(blocks, scales)
+    assert tpu_blocks.shape == (2, 3, 3, 16, 40) and tpu_scales.shape == (2, 3, 1, 16, 40)
+    assert tpu_blocks[1, 2, 0, 5, 7] == blocks[1, 2, 7, 0, 5] and tpu_scales[1, 2, 0, 2, 7] == scales[1, 2, 7, 2]
+    assert (tpu_scales[:, :, 0, 3:] == 0).all()
+    back = from_tpu_form(*to_tpu_form(jnp.asarray(blocks), jnp.asarray(scales)))
+    np.testing.assert_array_equal(back[0], blocks)
+    np.testing.assert_array_equal(back[1], scales)
+
+
+@pytest.mark.quick
+def test_the_grouped_kernel_matches_xla_in_float32_at_odd_shapes_with_its_gradient():
+    # 5 experts (expert 3 has no rows; expert 1 two tiles), 96 inputs (3 blocks, a partial scale row), 200
+    # outputs in tiles of 128 (a partial last tile), a stack of 3 layers read at layer 1, and 2 of the 5
+    # tiles unused (their rows are left undefined by the kernel).
+    rng = np.random.default_rng(1)
+    tile_rows, tiles = 16, 5
+    blocks, scales = _random_experts(rng, 3, 5, 200, 96)
+    tpu_blocks, tpu_scales = to_tpu_form(jnp.asarray(blocks), jnp.asarray(scales))
+    tile_experts = jnp.array([0, 1, 1, 4, 4], jnp.int32)
+    used = jnp.int32(3)
+    x = jnp.asarray(rng.standard_normal((tiles * tile_rows, 96)), jnp.float32)
+    layer = jnp.int32(1)
+    kept = (jnp.arange(tiles * tile_rows) < 3 * tile_rows)[:, None]
+
+    def ours(x):
+        out = grouped_matmul(x, tile_experts, used, tpu_blocks, tpu_scales, layer, tiling=Tiling(tile_rows, 128), interpret=True)
+        return jnp.where(kept, out, 0.0)
+
+    def reference(x):
+        return _xla_grouped_matmul(x, tile_experts, used, jnp.asarray(blocks), jnp.asarray(scales), 1, tile_rows)
+
+    assert relative_error(np.asarray(ours(x)), np.asarray(reference(x))) <= 1e-5
+    cotangent = jnp.asarray(rng.standard_normal((tiles * tile_rows, 200)), jnp.float32)
+    grad = jax.vjp(ours, x)[1](cotangent)[0]
+    expected = jax.vjp(reference, x)[1](cotangent)[0]
+    assert relative_error(np.asarray(grad), np.asarray(expected)) <= 1e-5
+    assert not np.asarray(grad[3 * tile_rows :]).any()  # unused tiles get no gradient
+
+
+def _pallas_calls(jaxpr) -> list:
+    """The pallas_call equations of a jaxpr, looking inside the jaxprs its equations hold (custom_vjp...)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn)
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                found += _pallas_calls(inner)
+    return found
+
+
+@pytest.mark.quick
+def test_the_kernels_cost_estimate_is_the_bytes_of_the_blocks_it_reads():
+    rng = np.random.default_rng(2)
+    blocks, scales = _random_experts(rng, 1, 4, 256, 576)  # 18 blocks of inputs: two scale rows
+    tpu_blocks, tpu_scales = to_tpu_form(jnp.asarray(blocks[0]), jnp.asarray(scales[0]))
+    x = jnp.zeros((2 * 16, 576), jnp.bfloat16)  # two tiles of a decode batch
+    call = lambda x: grouped_matmul(x, jnp.array([2, 3]), 2, tpu_blocks, tpu_scales, tiling=Tiling(16, 128))
+    (equation,) = _pallas_calls(jax.make_jaxpr(call)(x).jaxpr)
+    estimate = equation.params["cost_estimate"]
+    # Each of the 2 tiles x 2 column tiles reads one expert's 128 columns of blocks and scales (from the
+    # arrays themselves), the rows are read once, the float32 output written once.
+    column_tile = tpu_blocks[0, ..., :128].nbytes + tpu_scales[0, ..., :128].nbytes
+    assert estimate.bytes_accessed == x.nbytes + 2 * 2 * column_tile + 32 * 256 * 4
+    # Two experts' whole bytes, and the scales' padding row: never less than what a step must read.
+    assert 2 * 2 * column_tile >= 2 * (blocks[0, 0].nbytes + scales[0, 0].nbytes)
+    assert estimate.flops == 2 * 32 * 576 * 256
+
+
+@pytest.mark.peer
+def test_the_model_with_interpreted_tpu_kernels_matches_transformers(hub_checkpoint, long_tokens):
+    # The experts held in the TPU form and run by the Pallas kernel: prefill-sized and decode-sized batches.
+    model = gptoss_jax.load(hub_checkpoint, dtype="float32", runtime=INTERPRETED)
+    mlp1 = model.groups.layers[0].mlp.mlp1.arrays()
+    assert set(mlp1) == {"tpu_blocks", "tpu_scales"}
+    for tokens in (long_tokens, long_tokens[:1, :3]):
+        reference = transformers_logits(hub_checkpoint, tokens, torch.float32)
+        assert relative_error(np.asarray(model(tokens)), reference) <= 1e-4
+
+
+@pytest.mark.quick
+def test_training_gradients_through_the_kernel_match_the_xla_path(hub_checkpoint, long_tokens):
+    tokens = long_tokens[:, :24]
+    ours = gptoss_jax.load(hub_checkpoint, dtype="float32", runtime=INTERPRETED)
+    xla = gptoss_jax.load(hub_checkpoint, dtype="float32", runtime=INTERPRETED.without_kernels())
+
+    def loss(model):
+        return jnp.mean(model(tokens) ** 2)
+
+    grads, expected = nnx.grad(loss)(ours), nnx.grad(loss)(xla)
+    for path in (("groups", "layers", 0, "attn", "q_proj"), ("groups", "layers", 1, "mlp", "router"), ("embed",)):
+        ours_value, expected_value = grads, expected
+        for key in path:
+            ours_value, expected_value = ours_value[key], expected_value[key]
+        assert relative_error(np.asarray(ours_value[...]), np.asarray(expected_value[...])) <= 1e-5
+
+
+@pytest.mark.quick
+def test_the_grouped_kernel_compiles_for_a_tpu_reading_its_layer_in_place():
+    # gpt-oss's real widths (2880 inputs: 90 blocks), a stack of 2 layers, on a v5e chip (libtpu's compiler).
+    devices = targets.target("v5e-1").abstract_devices()
+    sharding = jax.sharding.SingleDeviceSharding(devices[0])
+    blocks_shape, scales_shape = mxfp4_matmul.tpu_form_shapes((2, 4, 2880, 90, 16), (2, 4, 2880, 90))
+    args = (
+        jax.ShapeDtypeStruct((32, 2880), jnp.bfloat16, sharding=sharding),
+        jax.ShapeDtypeStruct((2,), jnp.int32, sharding=sharding),
+        jax.ShapeDtypeStruct((blocks_shape), jnp.uint8, sharding=sharding),
+        jax.ShapeDtypeStruct((scales_shape), jnp.uint8, sharding=sharding),
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding),
+    )
+
+    def step(x, tile_experts, blocks, scales, layer):
+        forward = lambda x: grouped_matmul(x, tile_experts, 2, blocks, scales, layer, tiling=Tiling(16, 384))
+        out, pullback = jax.vjp(forward, x)
+        return out, pullback(out)[0]
+
+    with jax.default_device(devices[0]):
+        compiled = jax.jit(step).lower(*args).compile()
+    layer_bytes = np.prod(blocks_shape[1:]) + np.prod(scales_shape[1:])
+    # No copy of the weights: the temporaries are a small fraction of one layer's bytes.
+    assert compiled.memory_analysis().temp_size_in_bytes < layer_bytes / 20
+    assert " u8[" not in "".join(line for line in compiled.as_text().splitlines() if " copy(" in line)
