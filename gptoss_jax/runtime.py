@@ -45,9 +45,10 @@ class Runtime:
     # wider fused range pay off only then.
     bf16_products: bool = False
     expert_path: str = "auto"
-    # Pallas kernels (gptoss_jax/backends/tpu): the model keeps its MXFP4 experts in the TPU form and the
-    # grouped kernel decodes them in VMEM. On by default on TPU; elsewhere only in interpret mode (tests).
-    pallas: bool = False
+    # Which backend's Pallas kernels run the MXFP4 experts: "tpu" (gptoss_jax/backends/tpu: the model keeps
+    # its experts in the TPU form, decoded in VMEM) or "gpu" (backends/gpu: Triton, the checkpoint's
+    # layout), or None. The platform's own by default; another's only in interpret mode (tests).
+    pallas: str | None = None
     # Run the Pallas kernels in Pallas' interpreter (any platform; slow: small shapes only).
     interpret: bool = False
     # A long sequence attending to itself runs this many queries a block: a block's scores stay in
@@ -65,10 +66,12 @@ class Runtime:
             raise ValueError(f"expert_path {self.expert_path!r} needs the CPU kernels, which this runtime lacks")
         if self.cpu_kernels is not None and self.platform != "cpu":
             raise ValueError(f"the CPU kernels cannot run on platform {self.platform!r}")
-        if self.pallas and self.platform != "tpu" and not self.interpret:
-            raise ValueError(f"the Pallas TPU kernels run on platform {self.platform!r} only with interpret=True")
+        if self.pallas not in (None, "tpu", "gpu"):
+            raise ValueError(f"pallas must be 'tpu', 'gpu' or None, got {self.pallas!r}")
+        if self.pallas and self.platform != self.pallas and not self.interpret:
+            raise ValueError(f"the Pallas {self.pallas} kernels run on platform {self.platform!r} only with interpret=True")
         if self.expert_path == "pallas" and not self.pallas:
-            raise ValueError("expert_path 'pallas' needs the Pallas kernels (pallas=True)")
+            raise ValueError("expert_path 'pallas' needs the Pallas kernels (pallas='tpu' or 'gpu')")
 
     @classmethod
     def for_platform(cls, platform: str, *, kernels: bool = True, **options) -> "Runtime":
@@ -84,8 +87,8 @@ class Runtime:
             status = _cpu_kernel_status()
             if status.available:
                 return cls("cpu", cpu_kernels=status.variant, bf16_products=status.bf16_products, **options)
-        if platform == "tpu" and kernels:
-            options.setdefault("pallas", True)
+        if platform in ("tpu", "gpu") and kernels:
+            options.setdefault("pallas", platform)
         return cls(platform, **options)
 
     @classmethod
@@ -107,7 +110,7 @@ class Runtime:
         kept = {"attention_block": self.attention_block, "key_block": self.key_block}
         if self.interpret:  # a test's interpreted kernels stay interpreted wherever the model goes
             kept.update(pallas=self.pallas, interpret=True)
-        kernels = self.cpu_kernels is not None or self.pallas or self.platform not in ("cpu", "tpu")
+        kernels = self.cpu_kernels is not None or self.pallas is not None or self.platform == "cpu"
         runtime = Runtime.for_devices(devices, kernels=kernels, **kept)
         if self.expert_path in KERNEL_EXPERT_PATHS and runtime.cpu_kernels is None:
             return runtime
@@ -119,20 +122,24 @@ class Runtime:
     def without_kernels(self) -> "Runtime":
         """The same choices on XLA's own paths (a forced kernel path falls back to "auto")."""
         path = "auto" if self.expert_path in (*KERNEL_EXPERT_PATHS, "pallas") else self.expert_path
-        return dataclasses.replace(self, cpu_kernels=None, bf16_products=False, expert_path=path, pallas=False,
+        return dataclasses.replace(self, cpu_kernels=None, bf16_products=False, expert_path=path, pallas=None,
                                    interpret=False)
 
     @property
     def expert_form(self) -> str:
         """How a model built for this runtime holds MXFP4 experts: "tpu" (gptoss_jax.backends.tpu's
         to_tpu_form, for the Pallas kernels) or "checkpoint" (as the checkpoint stores them)."""
-        return "tpu" if self.pallas else "checkpoint"
+        return "tpu" if self.pallas == "tpu" else "checkpoint"
 
     @property
-    def whole_stacks(self) -> bool:
-        """Whether the layer scan passes the big stacked weights whole (with the layer's index) instead of
-        slicing a layer out per step: the CPU kernels read a layer in place, where XLA's slice copies it."""
-        return self.cpu_kernels is not None
+    def whole_stacks(self) -> tuple[str, ...]:
+        """Which stacked weights the layer scan passes whole (with the layer's index) instead of slicing a
+        layer out per step, where XLA's slice would copy it: "experts" (packed expert bytes) and
+        "attention" (its projections). The CPU kernels read both in place; a Pallas kernel the experts
+        (handed a slice, a custom call gets a copy of the layer's experts every step)."""
+        if self.cpu_kernels is not None:
+            return ("experts", "attention")
+        return ("experts",) if self.pallas else ()
 
     def expert_path_for(
         self, pairs: int, num_experts: int, *, packed: bool, bf16: bool, adapters: bool, tpu_form: bool = False
@@ -140,8 +147,9 @@ class Runtime:
         """How the experts run for `pairs` (token, chosen expert) pairs (tpu_form: packed experts held in the
         TPU form).
 
-        pallas: MXFP4 weights in the TPU form with the Pallas kernels (TPU, or interpreted): rows sorted by
-          expert in whole tiles, one grouped kernel call a projection decoding each tile in VMEM.
+        pallas: MXFP4 weights with the Pallas kernels (TPU: weights in the TPU form; GPU: Triton; or
+          interpreted): rows sorted by expert in whole tiles, one grouped kernel call a projection that
+          decodes the packed bytes on chip, each expert's once per tile of its rows.
 
         fused: CPU kernels, MXFP4 weights, decode-sized batches; one kernel reads each chosen expert's
           packed bytes once and applies them to every token that chose it.
@@ -152,10 +160,10 @@ class Runtime:
           expert's weights and runs the expert MLP (XLA's CPU ragged_dot computes every group for every row).
         grouped: GPU and TPU: jax.lax.ragged_dot over all experts' decoded weights.
         """
-        if tpu_form:
+        if packed and (tpu_form or self.pallas == "gpu"):
             if self.expert_path not in ("auto", "pallas", *KERNEL_EXPERT_PATHS):  # an XLA path, forced
                 return self.expert_path
-            if self.pallas:
+            if self.pallas == ("tpu" if tpu_form else "gpu"):  # the kernels for the form the weights are in
                 return "pallas"
             return "gathered" if pairs <= num_experts else ("tiled" if self.platform == "cpu" else "grouped")
         if self.expert_path == "pallas":  # the weights are not in its form

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 
 from gptoss_jax.backends.cpu import experts as cpu_experts
 from gptoss_jax.backends.cpu.stacks import unstack
-from gptoss_jax.backends.tpu import mxfp4_matmul
+from gptoss_jax.backends.gpu import mxfp4_matmul as gpu_matmul
+from gptoss_jax.backends.pallas_shared import Tiling
+from gptoss_jax.backends.tpu import mxfp4_matmul as tpu_matmul
 from gptoss_jax.experts.common import ExpertAdapters, decode_experts, sort_by_expert, swiglu
 from gptoss_jax.sharding import MESH_AXES
 
@@ -141,32 +143,39 @@ PALLAS_MIN_TILE_ROWS = 16
 PALLAS_MAX_TILE_ROWS = 256
 # Output columns a tile: each step reads one expert's bytes for these columns (about 0.5 MB at 2880 inputs).
 PALLAS_TILE_COLUMNS = 384
+# On a GPU (Triton: powers of two), columns a program; it walks all of an expert's inputs for them.
+PALLAS_GPU_TILE_COLUMNS = 64
+# ... and rows: a program's float32 accumulator (rows x 64) lives in registers.
+PALLAS_GPU_MAX_TILE_ROWS = 64
 
 
 def pallas_tiles(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, config, dtype, runtime) -> jax.Array:
-    """MXFP4 experts in the TPU form (TPU, or interpreted): pairs sorted by expert into whole tiles, each
-    projection one call of the Pallas kernel, which decodes a tile of one expert's bytes in VMEM at a time
-    and reads each expert's bytes once per tile of its rows (once per step while decoding). Adapters add
-    their grouped products on the same rows.
+    """MXFP4 experts through a backend's Pallas kernel (TPU: weights in the TPU form; GPU: the
+    checkpoint's layout; or interpreted): pairs sorted by expert into whole tiles, each projection one
+    kernel call, which decodes one expert's bytes on chip a tile at a time and reads each expert's bytes
+    once per tile of its rows (once per step while decoding). Adapters add their grouped products on the
+    same rows.
     """
     k = config.experts_per_token
     local_count = params["mlp1_bias"].shape[0]
     pairs, hidden = tokens.shape[0] * k, tokens.shape[1]
-    tile = min(PALLAS_MAX_TILE_ROWS, max(PALLAS_MIN_TILE_ROWS, _tile_rows(pairs, local_count)))
+    on_tpu = runtime.pallas == "tpu"
+    most = PALLAS_MAX_TILE_ROWS if on_tpu else PALLAS_GPU_MAX_TILE_ROWS
+    tile = min(most, max(PALLAS_MIN_TILE_ROWS, _tile_rows(pairs, local_count)))
     # Each expert with rows takes at most one tile more than its rows fill.
     tiles = pairs // tile + min(local_count, pairs)
     layout = _whole_tiles(experts, local_count, tile, tiles)
     in_use = (jnp.arange(tiles * tile) < layout.used_tiles * tile)[:, None]
     row_expert = jnp.repeat(layout.tile_expert, tile)
-    tiling = mxfp4_matmul.Tiling(tile, PALLAS_TILE_COLUMNS)
+    kernel = tpu_matmul.grouped_matmul if on_tpu else gpu_matmul.grouped_matmul
+    tiling = Tiling(tile, PALLAS_TILE_COLUMNS if on_tpu else PALLAS_GPU_TILE_COLUMNS)
 
     def product(x, weights):  # the kernel leaves rows of unused tiles undefined: zero them
-        stack, layer = unstack(weights["tpu_blocks"])
-        scales, _ = unstack(weights["tpu_scales"])
-        _check_tpu_form(stack, scales)
-        out = mxfp4_matmul.grouped_matmul(
-            x, layout.tile_expert, layout.used_tiles, stack, scales, layer, tiling=tiling, interpret=runtime.interpret
-        )
+        stack, layer = unstack(weights["tpu_blocks" if on_tpu else "blocks"])
+        scales, _ = unstack(weights["tpu_scales" if on_tpu else "scales"])
+        if on_tpu:
+            _check_tpu_form(stack, scales)
+        out = kernel(x, layout.tile_expert, layout.used_tiles, stack, scales, layer, tiling=tiling, interpret=runtime.interpret)
         return jnp.where(in_use, out, 0.0)
 
     rows = jnp.zeros((tiles * tile, hidden), dtype).at[layout.slot].set(tokens[layout.order // k].astype(dtype), mode="drop")
@@ -182,8 +191,8 @@ def _check_tpu_form(blocks, scales) -> None:
     """The kernel needs each device's scale rows to cover its blocks: true unless 'tensor' splits an
     expert's input (mlp2 on a mesh with tensor > 1), where the padded scale rows do not split alike."""
     groups, rows = blocks.shape[-3], scales.shape[-3]
-    if rows != -(-groups // mxfp4_matmul.BLOCK_BYTES):
+    if rows != -(-groups // tpu_matmul.BLOCK_BYTES):
         raise NotImplementedError(
-            f"the Pallas expert kernels cannot split an expert's input over 'tensor' ({groups} blocks here, scale "
-            f"rows for {rows * mxfp4_matmul.BLOCK_BYTES}): use a mesh without 'tensor', or GPTOSS_JAX_KERNELS=0"
+            f"the Pallas TPU expert kernels cannot split an expert's input over 'tensor' ({groups} blocks here, "
+            f"scale rows for {rows * tpu_matmul.BLOCK_BYTES}): use a mesh without 'tensor', or GPTOSS_JAX_KERNELS=0"
         )

@@ -87,7 +87,10 @@ class LayerGroup(nnx.Module):
 
 # The stacked weights the layer scan passes whole, as views of one layer, when the runtime reads layers
 # in place (see gptoss_jax/backends/cpu/stacks.py).
-WHOLE_STACKS = nnx.Any(PackedBytes, *(nnx.PathContains(name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")))
+WHOLE_STACKS = {
+    "experts": PackedBytes,
+    "attention": nnx.Any(*(nnx.PathContains(name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))),
+}
 
 
 class GptOss(nnx.Module):
@@ -180,7 +183,8 @@ class GptOss(nnx.Module):
         # The scan slices each group's weights out of the stack. Where that copy is avoidable (the CPU
         # kernels read a layer in place), the big weights are passed whole, as views of the group's layer.
         if runtime.whole_stacks:
-            graphdef, whole, stacked = nnx.split(self.groups, WHOLE_STACKS, ...)
+            passed_whole = nnx.Any(*(WHOLE_STACKS[kind] for kind in runtime.whole_stacks))
+            graphdef, whole, stacked = nnx.split(self.groups, passed_whole, ...)
 
             def group_at(state, index) -> LayerGroup:
                 return nnx.merge(graphdef, views(whole, index), state)

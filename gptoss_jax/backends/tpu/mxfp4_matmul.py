@@ -25,7 +25,6 @@ subnormal products.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -35,21 +34,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from gptoss_jax import mxfp4
+from gptoss_jax.backends.pallas_shared import Tiling, float32_output, fp4_values, split_columns
 
 LANES = 128
 BLOCK_BYTES = mxfp4.BYTES_PER_BLOCK  # 16: a block's bytes, and the scales kept in one row of bytes
 # Up to this many bytes of rows (a decode batch's), the forward keeps them all in VMEM: fetching the row
 # tile at every step would add a read of the rows per column tile to the weights' bytes.
 RESIDENT_ROWS_BYTES = 2 * 1024 * 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiling:
-    """Tile sizes of one call: rows per tile (a multiple of 16, bf16's sublane packing) and output
-    columns per tile (the forward's tile; the backward's reduction chunk)."""
-
-    rows: int
-    columns: int
 
 
 def to_tpu_form(blocks, scales):
@@ -105,13 +96,6 @@ def column_tile(out_features: int, target: int) -> int:
     return target
 
 
-def _fp4_values(codes: jax.Array) -> jax.Array:
-    """float32 values of fp4 (e2m1) codes 0..15 held in int32, built from bits (no table lookups in VMEM)."""
-    exponent, mantissa = (codes >> 1) & 3, codes & 1
-    magnitude = jnp.where(exponent > 0, ((exponent + 126) << 23) | (mantissa << 22), mantissa * (126 << 23))
-    return jax.lax.bitcast_convert_type(magnitude | ((codes >> 3) << 31), jnp.float32)
-
-
 def _decode_tile(blocks, scales, low, high, *, columns_left: int | None = None):
     """Decode one expert's tile into the VMEM scratch low, high [G * 16, columns] (their dtype).
 
@@ -131,8 +115,8 @@ def _decode_tile(blocks, scales, low, high, *, columns_left: int | None = None):
                 scale = jnp.where(lane < columns_left, scale, 0.0)
             codes = blocks[group].astype(jnp.int32)  # [16, columns]
             rows = slice(group * BLOCK_BYTES, (group + 1) * BLOCK_BYTES)
-            low[rows, :] = (_fp4_values(codes & 15) * scale).astype(low.dtype)
-            high[rows, :] = (_fp4_values(codes >> 4) * scale).astype(high.dtype)
+            low[rows, :] = (fp4_values(codes & 15) * scale).astype(low.dtype)
+            high[rows, :] = (fp4_values(codes >> 4) * scale).astype(high.dtype)
 
 
 def _precision(dtype):
@@ -218,7 +202,7 @@ def _forward(x_even, x_odd, tile_experts, used_tiles, layer, blocks, scales, til
     )
     return pl.pallas_call(
         functools.partial(_forward_kernel, resident_rows=resident),
-        out_shape=jax.ShapeDtypeStruct((rows, out_features), jnp.float32),
+        out_shape=float32_output((rows, out_features), x_even, blocks, scales, tile_experts, layer),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(column_tiles, used_tiles),
@@ -247,7 +231,7 @@ def _backward(grad, tile_experts, used_tiles, layer, blocks, scales, tiling: Til
     out_spec = pl.BlockSpec((tiling.rows, half), lambda t, n, *_: (t, 0))
     return pl.pallas_call(
         functools.partial(_backward_kernel, out_features=out_features),
-        out_shape=[jax.ShapeDtypeStruct((rows, half), jnp.float32)] * 2,
+        out_shape=[float32_output((rows, half), grad, blocks, scales, tile_experts, layer)] * 2,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(used_tiles, column_tiles),
@@ -265,15 +249,9 @@ def _backward(grad, tile_experts, used_tiles, layer, blocks, scales, tiling: Til
     )(tile_experts, layer, grad, blocks, scales)
 
 
-def _split_columns(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(even, odd) columns of x [rows, in], by a reshape (lane-strided slices are slow to compile on TPU)."""
-    pairs = x.reshape(x.shape[0], x.shape[1] // 2, 2)
-    return pairs[..., 0], pairs[..., 1]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _grouped_matmul(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret):
-    x_even, x_odd = _split_columns(x)
+    x_even, x_odd = split_columns(x)
     return _forward(x_even, x_odd, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
 
 

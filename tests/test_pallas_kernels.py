@@ -1,6 +1,7 @@
-"""The TPU backend's Pallas kernels (gptoss_jax/backends/tpu), run in Pallas' interpreter on this CPU:
-against XLA formulations of the same math, through the whole model against transformers, and compiled
-for a TPU topology by libtpu (no TPU needed)."""
+"""The Pallas kernels of the TPU and GPU backends (gptoss_jax/backends/tpu, gpu), run in Pallas'
+interpreter on this CPU: against XLA formulations of the same math, through the whole model against
+transformers, and compiled for a TPU topology by libtpu and for an H100 by XLA's CUDA compiler (no TPU
+or GPU needed)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,21 @@ from flax import nnx
 import gptoss_jax
 from gptoss_jax import mxfp4, targets
 from gptoss_jax.backends.tpu import mxfp4_matmul
-from gptoss_jax.backends.tpu.mxfp4_matmul import Tiling, from_tpu_form, grouped_matmul, to_tpu_form
+from gptoss_jax.backends.gpu import mxfp4_matmul as gpu_matmul
+from gptoss_jax.backends.pallas_shared import Tiling
+from gptoss_jax.backends.tpu.mxfp4_matmul import from_tpu_form, grouped_matmul, to_tpu_form
 from gptoss_jax.runtime import Runtime
 
 from test_model_parity import relative_error, transformers_logits
 
-INTERPRETED = Runtime("cpu", pallas=True, interpret=True)
+INTERPRETED = Runtime("cpu", pallas="tpu", interpret=True)
+
+
+def _kernel(backend: str):
+    """(grouped matmul, the weights' form for it) of a backend."""
+    if backend == "tpu":
+        return grouped_matmul, to_tpu_form
+    return gpu_matmul.grouped_matmul, lambda blocks, scales: (blocks, scales)
 
 
 def _random_experts(rng, layers: int, experts: int, out_features: int, in_features: int):
@@ -52,22 +62,24 @@ def test_the_tpu_form_holds_the_checkpoint_bytes_and_converts_back():
 
 
 @pytest.mark.quick
-def test_the_grouped_kernel_matches_xla_in_float32_at_odd_shapes_with_its_gradient():
-    # 5 experts (expert 3 has no rows; expert 1 two tiles), 96 inputs (3 blocks, a partial scale row), 200
-    # outputs in tiles of 128 (a partial last tile), a stack of 3 layers read at layer 1, and 2 of the 5
-    # tiles unused (their rows are left undefined by the kernel).
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_the_grouped_kernel_matches_xla_in_float32_at_odd_shapes_with_its_gradient(backend):
+    # 5 experts (expert 3 has no rows; expert 1 two tiles), 608 inputs (19 blocks: a partial scale row on
+    # TPU, a partial chunk on GPU), 200 outputs in tiles of 128 (a partial last tile), a stack of 3
+    # layers read at layer 1, and 2 of the 5 tiles unused (their rows are left undefined by the kernel).
     rng = np.random.default_rng(1)
-    tile_rows, tiles = 16, 5
-    blocks, scales = _random_experts(rng, 3, 5, 200, 96)
-    tpu_blocks, tpu_scales = to_tpu_form(jnp.asarray(blocks), jnp.asarray(scales))
+    tile_rows, tiles, inputs = 16, 5, 608
+    kernel, form = _kernel(backend)
+    blocks, scales = _random_experts(rng, 3, 5, 200, inputs)
+    tpu_blocks, tpu_scales = form(jnp.asarray(blocks), jnp.asarray(scales))
     tile_experts = jnp.array([0, 1, 1, 4, 4], jnp.int32)
     used = jnp.int32(3)
-    x = jnp.asarray(rng.standard_normal((tiles * tile_rows, 96)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((tiles * tile_rows, inputs)), jnp.float32)
     layer = jnp.int32(1)
     kept = (jnp.arange(tiles * tile_rows) < 3 * tile_rows)[:, None]
 
     def ours(x):
-        out = grouped_matmul(x, tile_experts, used, tpu_blocks, tpu_scales, layer, tiling=Tiling(tile_rows, 128), interpret=True)
+        out = kernel(x, tile_experts, used, tpu_blocks, tpu_scales, layer, tiling=Tiling(tile_rows, 128), interpret=True)
         return jnp.where(kept, out, 0.0)
 
     def reference(x):
@@ -113,11 +125,14 @@ def test_the_kernels_cost_estimate_is_the_bytes_of_the_blocks_it_reads():
 
 
 @pytest.mark.peer
-def test_the_model_with_interpreted_tpu_kernels_matches_transformers(hub_checkpoint, long_tokens):
-    # The experts held in the TPU form and run by the Pallas kernel: prefill-sized and decode-sized batches.
-    model = gptoss_jax.load(hub_checkpoint, dtype="float32", runtime=INTERPRETED)
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_the_model_with_interpreted_pallas_kernels_matches_transformers(hub_checkpoint, long_tokens, backend):
+    # The experts run by a backend's Pallas kernel (on TPU held in the TPU form): prefill and decode sizes.
+    model = gptoss_jax.load(hub_checkpoint, dtype="float32", runtime=Runtime("cpu", pallas=backend, interpret=True))
     mlp1 = model.groups.layers[0].mlp.mlp1.arrays()
-    assert set(mlp1) == {"tpu_blocks", "tpu_scales"}
+    assert set(mlp1) == ({"tpu_blocks", "tpu_scales"} if backend == "tpu" else {"blocks", "scales"})
+    assert model.runtime.expert_path_for(8, 8, packed=True, bf16=False, adapters=False,
+                                         tpu_form=backend == "tpu") == "pallas"
     for tokens in (long_tokens, long_tokens[:1, :3]):
         reference = transformers_logits(hub_checkpoint, tokens, torch.float32)
         assert relative_error(np.asarray(model(tokens)), reference) <= 1e-4
@@ -165,3 +180,28 @@ def test_the_grouped_kernel_compiles_for_a_tpu_reading_its_layer_in_place():
     # No copy of the weights: the temporaries are a small fraction of one layer's bytes.
     assert compiled.memory_analysis().temp_size_in_bytes < layer_bytes / 20
     assert " u8[" not in "".join(line for line in compiled.as_text().splitlines() if " copy(" in line)
+
+
+@pytest.mark.quick
+def test_the_gpu_grouped_kernel_compiles_for_an_h100_reading_its_layer_in_place():
+    # The Triton kernel through XLA's CUDA compiler, at gpt-oss's widths, a stack of 2 layers.
+    devices = targets.target("h100").abstract_devices()
+    sharding = jax.sharding.SingleDeviceSharding(devices[0])
+    blocks_shape, scales_shape = (2, 4, 2880, 90, 16), (2, 4, 2880, 90)
+    args = (
+        jax.ShapeDtypeStruct((32, 2880), jnp.bfloat16, sharding=sharding),
+        jax.ShapeDtypeStruct((2,), jnp.int32, sharding=sharding),
+        jax.ShapeDtypeStruct(blocks_shape, jnp.uint8, sharding=sharding),
+        jax.ShapeDtypeStruct(scales_shape, jnp.uint8, sharding=sharding),
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding),
+    )
+
+    def step(x, tile_experts, blocks, scales, layer):
+        forward = lambda x: gpu_matmul.grouped_matmul(x, tile_experts, 2, blocks, scales, layer, tiling=Tiling(16, 64))
+        out, pullback = jax.vjp(forward, x)
+        return out, pullback(out)[0]
+
+    compiled = jax.jit(step).lower(*args).compile()
+    layer_bytes = np.prod(blocks_shape[1:]) + np.prod(scales_shape[1:])
+    assert compiled.memory_analysis().temp_size_in_bytes < layer_bytes / 20
+    assert "__gpu$xla.gpu.triton" in compiled.as_text() or "triton" in compiled.as_text()
