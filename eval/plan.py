@@ -212,12 +212,14 @@ _OVERFLOW = re.compile(r"RESOURCE_EXHAUSTED[^\n]*")
 
 
 def plan(config: GptOssConfig, target: Target, workload: Workload, mesh_spec: str | None = None,
-         dtype: str = "bfloat16", compile_if_inputs_overflow: bool = True) -> dict:  # fmt: skip
+         dtype: str = "bfloat16", compile_if_inputs_overflow: bool = True, costs: bool = True) -> dict:  # fmt: skip
     """Compile `workload`'s program for `target` and report its per-device figures (see the module doc).
 
     compile_if_inputs_overflow=False: when the program's inputs alone (weights, cache, adapters,
     optimizer state) exceed the device's memory, report that without compiling (the matrix's shortcut:
-    a doomed compile of a large program takes minutes)."""
+    a doomed compile of a large program takes minutes).
+    costs: also report XLA's flops and bytes accessed, from a second compile with the layer scan
+    unrolled (XLA's cost analysis counts a loop's body once); the matrix needs memory only."""
     devices = target.abstract_devices()
     mesh_spec = mesh_spec or auto_mesh(config, len(devices), workload.batch)
     mesh = sharding.make_mesh(mesh_spec, devices)
@@ -263,8 +265,7 @@ def plan(config: GptOssConfig, target: Target, workload: Workload, mesh_spec: st
     report["fits"] = target.memory_bytes is None or total <= target.memory_bytes
     if not report["fits"]:
         report["error"] = f"needs {total / 2**30:.2f} GiB a device (XLA's memory analysis), the device has {target.memory_bytes / 2**30:.2f} GiB"
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = _costs(config, mesh, dtype, workload, compiled) if costs else None
     report["flops"] = cost.get("flops") if cost else None
     report["bytes_accessed"] = cost.get("bytes accessed") if cost else None
     if workload.program == "decode":
@@ -273,6 +274,19 @@ def plan(config: GptOssConfig, target: Target, workload: Workload, mesh_spec: st
         # What the same weights take with the experts decoded to bf16, the usual way to fine-tune gpt-oss.
         report["bf16_weights_bytes"] = sum(math.prod(s) * 2 for s, _ in names.dense_expert_hub_shapes(config).values())
     return report
+
+
+def _costs(config: GptOssConfig, mesh, dtype: str, workload: Workload, compiled) -> dict | None:
+    """XLA's cost analysis of the program, from a compile with the layer scan unrolled when the model has
+    more than one layer group (XLA counts a loop's body once, not once an iteration)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost or config.num_groups == 1:
+        return cost
+    model = abstract_model(config, mesh, dtype, workload.lora_rank if workload.program in TRAINING else None)
+    model.runtime = model.runtime.replace(unroll_layers=True)
+    cost = _lower(model, workload, mesh, dtype)[0].compile().cost_analysis()
+    return cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
 def _decode_bounds(model: GptOss, workload: Workload, mesh, dtype: str, target: Target, xla_bytes: float | None) -> dict:
@@ -353,7 +367,7 @@ def matrix(presets=MATRIX_PRESETS, target_names=MATRIX_TARGETS, columns=MATRIX_C
                 for workload in workloads:
                     key = _key(preset, name, workload)
                     if key not in results:
-                        results[key] = plan(config, target, workload, compile_if_inputs_overflow=False)
+                        results[key] = plan(config, target, workload, compile_if_inputs_overflow=False, costs=False)
                         save(results)
                     reports.append(results[key])
                 meshes.update(report["mesh"] for report in reports)

@@ -51,6 +51,9 @@ class Runtime:
     pallas: str | None = None
     # Run the Pallas kernels in Pallas' interpreter (any platform; slow: small shapes only).
     interpret: bool = False
+    # Unroll the layer scan. Only for XLA's cost analysis (plans): it counts a loop's body once, whatever
+    # the number of iterations, so a rolled scan's flops and bytes are one layer group's.
+    unroll_layers: bool = False
     # A long sequence attending to itself runs this many queries a block: a block's scores stay in
     # cache (on a CPU, 32 queries of a 512-token prompt ran attention over 2x faster than 256) ...
     attention_block: int = 32
@@ -140,6 +143,13 @@ class Runtime:
         if self.cpu_kernels is not None:
             return ("experts", "attention")
         return ("experts",) if self.pallas else ()
+
+    def embedding_width(self, hidden: int) -> int:
+        """Columns the embedding table is stored with. A TPU lays a [vocab, hidden] table out with the
+        vocabulary on lanes when hidden is not a multiple of 128 (gpt-oss's 2880), and then copies the
+        whole table (1.2 GB) to gather a step's rows; zero columns up to a multiple of 128 (2944: 2% more)
+        keep it row-major and the gather reads only the rows."""
+        return -(-hidden // 128) * 128 if self.platform == "tpu" else hidden
 
     def expert_path_for(
         self, pairs: int, num_experts: int, *, packed: bool, bf16: bool, adapters: bool, tpu_form: bool = False

@@ -72,7 +72,7 @@ def load_source(
         if path[0] != "groups":
             if sharding is None and _nbytes(variable) > BIG_TENSOR_BYTES:
                 return variable.replace(_read_in_pieces(source, TOP_LEVEL[path], variable))
-            return variable.replace(_place(source.read(TOP_LEVEL[path]), variable.dtype, sharding))
+            return variable.replace(_place(_widen(source.read(TOP_LEVEL[path]), variable.shape), variable.dtype, sharding))
         # groups/layers/<position in pattern>/<module path>: slice g of the stack is layer g * P + position.
         position, inner = path[2], path[3:]
         layer_sharding = None if sharding is None else NamedSharding(mesh, PartitionSpec(*sharding.spec[1:]))
@@ -130,6 +130,12 @@ def _dequantize(blocks: jax.Array, scales: jax.Array, dtype, sharding: NamedShar
     return weights if sharding is None else jax.lax.with_sharding_constraint(weights, sharding)
 
 
+def _widen(value: np.ndarray, shape: tuple) -> np.ndarray:
+    """Zero columns up to the variable's width (a TPU model's embedding, see Runtime.embedding_width)."""
+    extra = shape[-1] - value.shape[-1]
+    return value if extra <= 0 else np.pad(value, [(0, 0)] * (value.ndim - 1) + [(0, extra)])
+
+
 def _place(value: np.ndarray, dtype, sharding: NamedSharding | None) -> jax.Array:
     """A host array on the device(s): with a sharding, each device receives only its slice."""
     value = value if value.dtype == dtype else value.astype(dtype)
@@ -150,7 +156,7 @@ def _read_in_pieces(source: TensorSource, name: str, variable: nnx.Variable) -> 
     step = max(1, rows * BIG_TENSOR_BYTES // (4 * _nbytes(variable)))  # pieces of a quarter of the threshold
     out = jnp.zeros(variable.shape, variable.dtype)
     for start in range(0, rows, step):
-        piece = source.read_rows(name, start, min(rows, start + step))
+        piece = _widen(source.read_rows(name, start, min(rows, start + step)), variable.shape)
         out = _set_rows(out, start, jnp.asarray(piece.astype(variable.dtype, copy=False)))
     return out
 

@@ -96,6 +96,18 @@ class ExpertAdapters:
         low = self._matmul("ti,ri->tr", x, adapter["a"][expert])
         return self.settings[name][0] * self._matmul("tr,or->to", low, adapter["b"][expert])
 
+    def tiles(self, name: str, x: jax.Array, tile_experts: jax.Array) -> jax.Array | float:
+        """Update for rows [tiles * tile, in] in whole tiles, tile t going to expert tile_experts[t]: a
+        batched product over tiles with each tile's adapter gathered (a ragged_dot here would compute every
+        expert for every row on a GPU)."""
+        if name not in self.settings:
+            return 0.0
+        adapter = self.params[f"{name}_lora"]
+        tiles = self._input(name, x).reshape(tile_experts.shape[0], -1, x.shape[-1])
+        low = self._matmul("tri,tki->trk", tiles, adapter["a"][tile_experts])
+        update = self._matmul("trk,tok->tro", low, adapter["b"][tile_experts])
+        return self.settings[name][0] * update.reshape(x.shape[0], -1)
+
     def grouped(self, name: str, x: jax.Array, group_sizes: jax.Array) -> jax.Array | float:
         """Update for rows sorted by expert, as two grouped matmuls through the rank."""
         if name not in self.settings:

@@ -37,7 +37,6 @@ class _Tiles(NamedTuple):
     slot: jax.Array  # its row among the tiles (past the end for pairs held elsewhere)
     tile_expert: jax.Array  # [tiles] the expert of each tile (the last expert's for unused tiles)
     used_tiles: jax.Array  # int32: tiles holding rows, all before the unused ones
-    padded_sizes: jax.Array  # [local_count] each expert's rows rounded up to whole tiles
 
 
 def _whole_tiles(experts: jax.Array, local_count: int, tile: int, tiles: int) -> _Tiles:
@@ -59,7 +58,7 @@ def _whole_tiles(experts: jax.Array, local_count: int, tile: int, tiles: int) ->
     tile_start = jnp.arange(tiles) * tile
     tile_expert = jnp.minimum(jnp.searchsorted(padded_end, tile_start, side="right"), local_count - 1)
     used_tiles = (padded_end[-1] // tile).astype(jnp.int32)
-    return _Tiles(order, slot, tile_expert.astype(jnp.int32), used_tiles, padded.astype(jnp.int32))
+    return _Tiles(order, slot, tile_expert.astype(jnp.int32), used_tiles)
 
 
 def _tile_rows(pairs: int, num_experts: int) -> int:
@@ -179,9 +178,9 @@ def pallas_tiles(tokens, experts, weights, params, bias2, adapters: ExpertAdapte
         return jnp.where(in_use, out, 0.0)
 
     rows = jnp.zeros((tiles * tile, hidden), dtype).at[layout.slot].set(tokens[layout.order // k].astype(dtype), mode="drop")
-    h = product(rows, params["mlp1"]) + adapters.grouped("mlp1", rows, layout.padded_sizes)
+    h = product(rows, params["mlp1"]) + adapters.tiles("mlp1", rows, layout.tile_expert)
     h = swiglu(h + params["mlp1_bias"][row_expert].astype(jnp.float32), config)
-    y = product(h.astype(dtype), params["mlp2"]) + adapters.grouped("mlp2", h, layout.padded_sizes)
+    y = product(h.astype(dtype), params["mlp2"]) + adapters.tiles("mlp2", h, layout.tile_expert)
     y = y + bias2[row_expert].astype(jnp.float32)
     y = y.at[layout.slot].get(mode="fill", fill_value=0.0) * weights.reshape(-1)[layout.order][:, None]
     return jnp.zeros((tokens.shape[0], hidden), jnp.float32).at[layout.order // k].add(y)

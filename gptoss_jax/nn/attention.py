@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptoss_jax.backends.tpu import attention as tpu_attention
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.nn.cache import LayerCache
 from gptoss_jax.nn.lora import LoRA, project
@@ -42,6 +43,7 @@ class Attention(nnx.Module):
         self.o_lora: LoRA | None = nnx.data(None)
         self.config = config
         self.dtype = dtype
+        self.mesh = None  # set by gptoss_jax.sharding.set_mesh: the TPU attention kernel runs in shard_map
 
     def __call__(
         self,
@@ -80,7 +82,10 @@ class Attention(nnx.Module):
         group = c.num_heads // c.num_kv_heads
         q = q.reshape(batch, length, c.num_kv_heads, group, c.head_dim)
         sinks = self.sinks[...].astype(jnp.float32).reshape(c.num_kv_heads, group)
-        if keys is k and length > runtime.attention_block:  # a long run of new tokens attending to themselves
+        if keys is k and length > runtime.attention_block and runtime.pallas == "tpu":
+            out = tpu_attention.self_attention(q, k, v, sinks, c.sliding_window if sliding else None, dtype,
+                                               interpret=runtime.interpret, mesh=self.mesh)
+        elif keys is k and length > runtime.attention_block:  # a long run of new tokens attending to themselves
             out = _attend_blockwise(q, k, v, positions, sinks, sliding, c, dtype, runtime)
         else:
             out = _attend(q, keys, values, positions, key_positions, sinks, sliding, c, dtype, runtime)

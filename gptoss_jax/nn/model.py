@@ -118,7 +118,9 @@ class GptOss(nnx.Module):
         self.runtime = Runtime.default() if runtime is None else runtime
         self.checkpoint_dir: str | None = None  # set by gptoss_jax.load; tokenizer files may lie there
         self.mesh = None  # set by gptoss_jax.sharding.shard_model
-        self.embed = nnx.Param(init(rngs, (c.vocab_size, c.hidden_size), compute, 1.0), axes=("vocab", "embed"))
+        # Stored with zero columns past hidden_size where the runtime says so (Runtime.embedding_width).
+        width = self.runtime.embedding_width(c.hidden_size)
+        self.embed = nnx.Param(init(rngs, (c.vocab_size, width), compute, 1.0), axes=("vocab", "embed"))
 
         @nnx.split_rngs(splits=c.num_groups)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -178,7 +180,7 @@ class GptOss(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         positions = jnp.asarray(positions, jnp.int32)
-        x = embedding_rows(self.embed[...], tokens).astype(jnp.float32)
+        x = embedding_rows(self.embed[...], tokens)[..., : self.config.hidden_size].astype(jnp.float32)
         runtime = self.runtime
         # The scan slices each group's weights out of the stack. Where that copy is avoidable (the CPU
         # kernels read a layer in place), the big weights are passed whole, as views of the group's layer.
@@ -207,7 +209,7 @@ class GptOss(nnx.Module):
                 x, _, chosen = group(x, positions, dropout_key=key, routes=route, runtime=runtime)
                 return x, chosen
 
-            x, chosen = jax.lax.scan(run_group, x, (stacked, indices, keys, routes))
+            x, chosen = jax.lax.scan(run_group, x, (stacked, indices, keys, routes), unroll=runtime.unroll_layers)
             return self.norm(x), None, chosen
 
         # The cache rides in the carry and is updated in place at each group's index. Whether it starts
@@ -222,7 +224,9 @@ class GptOss(nnx.Module):
             x, mine, chosen = group_at(group_state, index)(x, positions, mine, key, route, runtime=runtime)
             return (x, tuple(layer.with_group(index, new) for layer, new in zip(layers, mine))), chosen
 
-        (x, layers), chosen = jax.lax.scan(run_cached_group, (x, carried), (stacked, indices, keys, routes))
+        (x, layers), chosen = jax.lax.scan(
+            run_cached_group, (x, carried), (stacked, indices, keys, routes), unroll=runtime.unroll_layers
+        )
         return self.norm(x), KVCache(layers), chosen
 
     def logits(self, hidden: jax.Array) -> jax.Array:
