@@ -144,6 +144,13 @@ class Runtime:
             return ("experts", "attention")
         return ("experts",) if self.pallas else ()
 
+    @property
+    def sampling_sorts(self) -> bool:
+        """Whether top-k / top-p sampling sorts the vocabulary (gptoss_jax.inference.sampling): not on a
+        TPU, whose sort of a [batch, vocab] block keeps 8x padded copies of it (the batch on lanes); the
+        same cutoffs come from a bisection there."""
+        return self.platform != "tpu"
+
     def embedding_width(self, hidden: int) -> int:
         """Columns the embedding table is stored with. A TPU lays a [vocab, hidden] table out with the
         vocabulary on lanes when hidden is not a multiple of 128 (gpt-oss's 2880), and then copies the

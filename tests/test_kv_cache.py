@@ -45,3 +45,20 @@ def test_sliding_layers_keep_a_ring_of_window_slots(tiny_config):
     cache = KVCache.create(tiny_config, 2, 1024, "bfloat16")
     slots = [layer.positions.shape[-1] for layer in cache.layers]
     assert slots == [tiny_config.sliding_window, 1024]  # (sliding, full) pattern
+
+
+@pytest.mark.quick
+def test_a_decode_write_by_select_stores_what_the_scatter_stores(tiny_config):
+    # The TPU's way of writing a decode step (a select over the slots) against the scatter: rows at
+    # different positions, one past the ring's end (it wraps), one padding row (stored nowhere).
+    rng = np.random.default_rng(0)
+    cache = KVCache.create(tiny_config, 3, 64, "float32").layers[0].group(0, False)  # the sliding ring
+    shape = (3, 1, tiny_config.num_kv_heads, tiny_config.head_dim)
+    keys, values = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    at = np.array([[5], [tiny_config.sliding_window + 2], [-1]], np.int32)
+    scattered = cache.write(keys, values, at)
+    selected = cache.write(keys, values, at, select=True)
+    for ours, expected in zip((selected.keys, selected.values, selected.positions),
+                              (scattered.keys, scattered.values, scattered.positions)):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(expected))
+    assert np.asarray(selected.positions)[1, 2] == tiny_config.sliding_window + 2

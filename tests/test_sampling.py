@@ -295,3 +295,28 @@ def test_invalid_params_raise_value_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field) as info:
         SamplingParams(**{field: value})
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.quick
+def test_the_sort_free_filter_keeps_what_the_sorted_one_keeps():
+    # What a TPU runs (bisection over the values' order) against the sort, row by row: ties at the
+    # cutoffs, -inf entries, every knob on and off in one batch; and against the float64 reference.
+    rng = np.random.default_rng(5)
+    bisect_jit = jax.jit(lambda x, k, p, m: filter_logits(x, k, p, m, sort=False))
+    for trial in range(12):
+        logits = (rng.standard_normal((8, 257)) * rng.uniform(0.5, 6)).astype(np.float32)
+        if trial % 3 == 0:
+            logits[:, :20] = logits[:, :1]
+        if trial % 4 == 0:
+            logits[:, -5:] = -np.inf
+        top_k = rng.integers(0, 40, 8).astype(np.int32)
+        top_p = np.where(np.arange(8) % 3 == 0, 1.0, rng.uniform(0.05, 1.0, 8)).astype(np.float32)
+        min_p = np.where(np.arange(8) % 2 == 0, 0.0, rng.uniform(0, 0.3, 8)).astype(np.float32)
+        sorted_keep = np.isfinite(np.asarray(filter_jit(logits, top_k, top_p, min_p)))
+        bisected_keep = np.isfinite(np.asarray(bisect_jit(logits, top_k, top_p, min_p)))
+        np.testing.assert_array_equal(bisected_keep, sorted_keep)
+    for params in FILTER_CASES:
+        logits = random_logits(seed=7, batch=4, vocab=300)
+        arrays = params.as_arrays(4)
+        kept = np.isfinite(np.asarray(bisect_jit(logits / params.temperature, arrays["top_k"], arrays["top_p"], arrays["min_p"])))
+        np.testing.assert_array_equal(kept, reference_rows(logits, [params] * 4))

@@ -304,7 +304,7 @@ class Batcher:
         fed = jnp.where(active, position, -1)
         hidden, cache, routes = model.forward(token[:, None], fed[:, None], cache)
         split = jax.vmap(jax.random.split)(jax.random.wrap_key_data(keys))
-        new_token, logprob = sample(model.logits(hidden[:, 0]), split[:, 1], sampling)
+        new_token, logprob = sample(model.logits(hidden[:, 0]), split[:, 1], sampling, model.runtime.sampling_sorts)
         carry = (
             cache,
             jnp.where(active, new_token, token),
@@ -328,7 +328,7 @@ class Batcher:
         key = jax.vmap(jax.random.key)(seeds) if first else jax.random.wrap_key_data(keys[slots])
         split = jax.vmap(jax.random.split)(key)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        next_token, logprob = sample(model.logits(last), split[:, 1], sampling)
+        next_token, logprob = sample(model.logits(last), split[:, 1], sampling, model.runtime.sampling_sorts)
         carry = (
             cache,
             token.at[slots].set(next_token),

@@ -92,7 +92,7 @@ class Generator:
         hidden, cache, routes = model.forward(tokens, positions, cache)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
         key, step_key = jax.random.split(key)
-        token, logprob = sample(model.logits(last), step_key, sampling)
+        token, logprob = sample(model.logits(last), step_key, sampling, model.runtime.sampling_sorts)
         return (cache, token, lengths, key), token, logprob, routes if self.record_routes else None
 
     def _decode_impl(self, state, carry, sampling, num_steps):
@@ -102,7 +102,7 @@ class Generator:
             cache, token, position, key = carry
             hidden, cache, routes = model.forward(token[:, None], position[:, None], cache)
             key, step_key = jax.random.split(key)
-            token, logprob = sample(model.logits(hidden[:, 0]), step_key, sampling)
+            token, logprob = sample(model.logits(hidden[:, 0]), step_key, sampling, model.runtime.sampling_sorts)
             return (cache, token, position + 1, key), (token, logprob, routes[..., 0, :] if self.record_routes else None)
 
         carry, (tokens, logprobs, routes) = jax.lax.scan(step, carry, None, length=num_steps)

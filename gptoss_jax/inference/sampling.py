@@ -17,7 +17,11 @@ distribution p = softmax(logits / temperature):
 
 Every step keeps a prefix of the row sorted in descending order, so their intersection is one
 prefix too: one descending sort per row gives a single cutoff value, and the kept set is
-`logits >= cutoff`. No argsort or scatter back is needed.
+`logits >= cutoff`. No argsort or scatter back is needed. Without a sort (`sort=False`, what a TPU
+runs: its sort of a [B, V] block lays the batch out on lanes, 8x padded buffers of the whole
+vocabulary), the same cutoffs are found by bisection over the float32 values' order (32 steps of a
+count, or of a probability mass, over the row): the k-th largest value, and the largest value whose
+tokens at or above it hold top_p of the mass.
 
 Reproducibility: a fixed key with a fixed batch (shape and row order) reproduces exactly. With one
 key a row's draw depends on the batch it is in (the Gumbel noise is drawn for the whole [B, V] block);
@@ -69,16 +73,21 @@ def greedy(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+def filter_logits(
+    logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array, sort: bool = True
+) -> jax.Array:
     """Top-k, then top-p, then min-p on (already temperature-scaled) logits [B, V]; knobs are [B].
 
     Returns the logits with -inf outside the kept set (see the module docstring for semantics).
+    sort=False finds the same cutoffs by bisection instead of a sort of the vocabulary.
     """
     logits = jnp.asarray(logits, jnp.float32)
     batch, vocab = logits.shape
     top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (batch,))[:, None]
     top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (batch,))[:, None]
     min_p = jnp.broadcast_to(jnp.asarray(min_p, jnp.float32), (batch,))[:, None]
+    if not sort:
+        return _filter_by_bisection(logits, top_k, top_p, min_p)
 
     # The one full sort: values only, descending.
     desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
@@ -105,10 +114,55 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: 
     return jnp.where(logits >= cutoff, logits, -jnp.inf)
 
 
-def sample(logits: jax.Array, key: jax.Array, params_arrays: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def _ordered(values: jax.Array) -> jax.Array:
+    """int32 keys in the order of the float32 values (-inf lowest)."""
+    bits = jax.lax.bitcast_convert_type(values, jnp.int32)
+    return jnp.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+def _value_of(keys: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(jnp.where(keys >= 0, keys, keys ^ 0x7FFFFFFF), jnp.float32)
+
+
+def _largest_key(enough, low: jax.Array, high: jax.Array) -> jax.Array:
+    """The largest key t in [low, high] ([B, 1] int32) with enough(t) true, for enough true at low and
+    false from some key on (32 halvings cover every int32)."""
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = (low >> 1) + (high >> 1) + ((low | high) & 1)  # ceil((low + high) / 2) without overflow
+        middle = jnp.where(low < high, middle, low)
+        ok = enough(middle)
+        return jnp.where(ok, middle, low), jnp.where(ok, high, middle - 1)
+
+    return jax.lax.fori_loop(0, 32, halve, (low, high))[0]
+
+
+def _filter_by_bisection(logits, top_k, top_p, min_p) -> jax.Array:
+    """filter_logits without a sort: each cutoff by bisection over the values' order."""
+    keys = _ordered(logits)
+    low, high = keys.min(axis=-1, keepdims=True), keys.max(axis=-1, keepdims=True)
+    # top-k: the k-th largest value is the largest t with at least k values >= t.
+    k_cut = _largest_key(lambda t: jnp.sum(keys >= t, axis=-1, keepdims=True) >= top_k, low, high)
+    k_cut = jnp.where(top_k > 0, k_cut, low)
+    # top-p over what top-k kept: the largest t whose tokens >= t hold at least top_p of the mass.
+    top = logits.max(axis=-1, keepdims=True)
+    weights = jnp.where(keys >= k_cut, jnp.exp(logits - top), 0.0)
+    goal = top_p * weights.sum(axis=-1, keepdims=True)
+    p_cut = _largest_key(lambda t: jnp.sum(jnp.where(keys >= t, weights, 0.0), axis=-1, keepdims=True) >= goal, k_cut, high)
+    p_cut = jnp.where(top_p < 1, p_cut, k_cut)
+    # min-p as in the sorted version: logit >= max + log(min_p).
+    cutoff = jnp.maximum(_value_of(p_cut), top + jnp.log(min_p))
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def sample(
+    logits: jax.Array, key: jax.Array, params_arrays: dict[str, jax.Array], sort: bool = True
+) -> tuple[jax.Array, jax.Array]:
     """Next tokens int32 [B] and their logprobs float32 [B] under the raw (unscaled, unfiltered) logits.
 
     key: one key for the batch, or a key per row [B] (continuous batching: each request its own seed).
+    sort: filter with a sort of the vocabulary (False: by bisection; see the module docstring).
 
     Rows with temperature 0 take the argmax; others sample softmax(filtered logits / temperature).
     """
@@ -123,7 +177,7 @@ def sample(logits: jax.Array, key: jax.Array, params_arrays: dict[str, jax.Array
         # Skip the vocabulary sort when no sampling row filters anything (the common plain-sampling case).
         needs_filter = jnp.any(~is_greedy & ((top_k > 0) | (top_p < 1) | (min_p > 0)))
         filtered = jax.lax.cond(
-            needs_filter, lambda x: filter_logits(x, top_k, top_p, min_p), lambda x: x, scaled
+            needs_filter, lambda x: filter_logits(x, top_k, top_p, min_p, sort), lambda x: x, scaled
         )
         if key.ndim == 0:  # one key: Gumbel noise drawn for the whole [B, V] block
             sampled = jax.random.categorical(key, filtered, axis=-1)

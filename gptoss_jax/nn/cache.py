@@ -45,11 +45,23 @@ class LayerCache:
             self.positions.at[index].set(one.positions),
         )
 
-    def write(self, keys: jax.Array, values: jax.Array, positions: jax.Array) -> "LayerCache":
-        """Store new tokens (positions -1 are padding and stored nowhere); the latest token wins a slot."""
+    def write(self, keys: jax.Array, values: jax.Array, positions: jax.Array, *, select: bool = False) -> "LayerCache":
+        """Store new tokens (positions -1 are padding and stored nowhere); the latest token wins a slot.
+
+        select: write a decode step's token by a select over the slots rather than a scatter. A TPU keeps
+        the cache with its slots on lanes and would copy it to row-major and back around a scatter (about
+        6x the cache's bytes a step); the select reads and writes it once, in that layout.
+        """
         batch, slots = self.positions.shape
         rows = jnp.arange(batch)[:, None]
         slot = jnp.where(positions >= 0, positions % slots, slots)  # slot `slots` is dropped
+        if positions.shape[1] == 1 and select:
+            here = jnp.arange(slots)[None, :] == slot  # [B, slots]
+            return LayerCache(
+                jnp.where(here[:, :, None, None], keys.astype(self.keys.dtype), self.keys),
+                jnp.where(here[:, :, None, None], values.astype(self.values.dtype), self.values),
+                jnp.where(here, positions, self.positions),
+            )
         if positions.shape[1] == 1:  # decode: one token per row, an in-place scatter
             return LayerCache(
                 self.keys.at[rows, slot].set(keys.astype(self.keys.dtype), mode="drop"),
