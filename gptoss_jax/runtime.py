@@ -145,6 +145,26 @@ class Runtime:
         return ("experts",) if self.pallas else ()
 
     @property
+    def gathers_bits(self) -> bool:
+        """Whether embedding rows are gathered as their uint16 bits (gptoss_jax.nn.ops.embedding_rows): XLA's
+        CPU backend otherwise converts the whole bf16 table to float32 first; elsewhere the bitcast can
+        itself copy the table."""
+        return self.platform == "cpu"
+
+    @property
+    def writes_cache_by_select(self) -> bool:
+        """Whether a decode step writes its KV token by a select over the slots (LayerCache.write): a TPU
+        keeps the cache with its slots on lanes and copied it to row-major and back around a scatter."""
+        return self.platform == "tpu"
+
+    @property
+    def logprob_chunk(self) -> int:
+        """Tokens unembedded at a time for training's token log-probs: float32 logits of a chunk and their
+        gradient are [chunk, vocab] each (0.8 GB at 1024 tokens of gpt-oss's vocabulary). A CPU ran 1024
+        fastest; an accelerator's unembedding is fast at 256 too, and its memory is the scarce thing."""
+        return 1024 if self.platform == "cpu" else 256
+
+    @property
     def sampling_sorts(self) -> bool:
         """Whether top-k / top-p sampling sorts the vocabulary (gptoss_jax.inference.sampling): not on a
         TPU, whose sort of a [batch, vocab] block keeps 8x padded copies of it (the batch on lanes); the

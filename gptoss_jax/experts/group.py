@@ -137,9 +137,10 @@ def grouped(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, c
 
 
 
-# Rows a tile of the Pallas kernel: a multiple of 16 (bf16 packs 16 rows a vreg), at most 256 (the MXU's side).
+# Rows a tile of the Pallas kernel: a multiple of 16 (bf16 packs 16 rows a vreg), at most 128: the rows
+# array holds a tile per expert more than the pairs (at 256, 2x the pairs of a 2048-token step).
 PALLAS_MIN_TILE_ROWS = 16
-PALLAS_MAX_TILE_ROWS = 256
+PALLAS_MAX_TILE_ROWS = 128
 # Output columns a tile: each step reads one expert's bytes for these columns (about 0.5 MB at 2880 inputs).
 PALLAS_TILE_COLUMNS = 384
 # On a GPU (Triton: powers of two), columns a program; it walks all of an expert's inputs for them.

@@ -71,7 +71,7 @@ class Attention(nnx.Module):
             keys, values, key_positions = k, v, positions
             cache = None if cache is None else cache.write(k, v, positions)
         elif length == 1:  # decode: the new token's slot held nothing this query may see, so write first
-            cache = cache.write(k, v, positions, select=runtime.platform == "tpu")
+            cache = cache.write(k, v, positions, select=runtime.writes_cache_by_select)
             keys, values, key_positions = cache.keys, cache.values, cache.positions
         else:  # prefill: attend to what was cached and to the new tokens, then cache them
             keys = jnp.concatenate([cache.keys.astype(jnp.float32), k], axis=1)

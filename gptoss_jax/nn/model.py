@@ -180,8 +180,9 @@ class GptOss(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         positions = jnp.asarray(positions, jnp.int32)
-        x = embedding_rows(self.embed[...], tokens)[..., : self.config.hidden_size].astype(jnp.float32)
         runtime = self.runtime
+        x = embedding_rows(self.embed[...], tokens, runtime.gathers_bits)[..., : self.config.hidden_size]
+        x = x.astype(jnp.float32)
         # The scan slices each group's weights out of the stack. Where that copy is avoidable (the CPU
         # kernels read a layer in place), the big weights are passed whole, as views of the group's layer.
         if runtime.whole_stacks:
@@ -235,12 +236,15 @@ class GptOss(nnx.Module):
         logits = matmul("nd,vd->nv", flat, self.unembed[...], DTYPES[self.dtype], self.runtime)
         return logits.reshape(*hidden.shape[:-1], -1)
 
-    def token_logprobs(self, hidden: jax.Array, targets: jax.Array, chunk: int = 1024) -> jax.Array:
-        """log p(targets) float32 [...] from hidden states [..., D], `chunk` tokens unembedded at a time."""
+    def token_logprobs(self, hidden: jax.Array, targets: jax.Array, chunk: int | None = None) -> jax.Array:
+        """log p(targets) float32 [...] from hidden states [..., D], `chunk` tokens unembedded at a time
+        (default: the runtime's logprob_chunk)."""
+        chunk = chunk or self.runtime.logprob_chunk
         return chunked_token_logprobs(self.logits, hidden, targets, chunk, with_entropy=False)[0]
 
     def token_logprobs_and_entropy(
-        self, hidden: jax.Array, targets: jax.Array, chunk: int = 1024
+        self, hidden: jax.Array, targets: jax.Array, chunk: int | None = None
     ) -> tuple[jax.Array, jax.Array]:
         """`token_logprobs` and the entropy of each next-token distribution (float32 [...], in nats)."""
+        chunk = chunk or self.runtime.logprob_chunk
         return chunked_token_logprobs(self.logits, hidden, targets, chunk, with_entropy=True)

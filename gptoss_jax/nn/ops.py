@@ -3,6 +3,7 @@ dropout, embedding lookup."""
 
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -43,21 +44,23 @@ def site_key(key: jax.Array | None, site: int) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, site)
 
 
-@jax.custom_vjp
-def embedding_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
-    """table[tokens]. A bf16 table is gathered as its uint16 bits: XLA's CPU backend otherwise converts the
-    whole table to float32 before gathering a few rows (2.3 GB written a step for gpt-oss's vocabulary)."""
-    if table.dtype != jnp.bfloat16:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def embedding_rows(table: jax.Array, tokens: jax.Array, as_bits: bool = False) -> jax.Array:
+    """table[tokens]. as_bits (Runtime.gathers_bits, the CPU's choice): a bf16 table is gathered as its
+    uint16 bits, since XLA's CPU backend otherwise converts the whole table to float32 before gathering a
+    few rows (2.3 GB written a step for gpt-oss's vocabulary); elsewhere the bitcast itself can be a copy
+    of the table."""
+    if table.dtype != jnp.bfloat16 or not as_bits:
         return table[tokens]
     rows = jax.lax.bitcast_convert_type(table, jnp.uint16)[tokens]
     return jax.lax.bitcast_convert_type(rows, jnp.bfloat16)
 
 
-def _embedding_rows_forward(table, tokens):
-    return embedding_rows(table, tokens), (jnp.zeros((0,), table.dtype), table.shape, tokens)
+def _embedding_rows_forward(table, tokens, as_bits):
+    return embedding_rows(table, tokens, as_bits), (jnp.zeros((0,), table.dtype), table.shape, tokens)
 
 
-def _embedding_rows_backward(saved, g):
+def _embedding_rows_backward(as_bits, saved, g):
     like, shape, tokens = saved  # the gather's transpose: each row's cotangent added at its token
     table_grad = jnp.zeros(shape, jnp.float32).at[tokens].add(g.astype(jnp.float32)).astype(like.dtype)
     return table_grad, None
