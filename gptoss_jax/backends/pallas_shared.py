@@ -4,6 +4,7 @@ bits, the even/odd split of the rows, and outputs that vary like their inputs in
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -40,3 +41,38 @@ def float32_output(shape, *inputs) -> jax.ShapeDtypeStruct:
     mat = jax.typeof(inputs[0]).mat
     varying = frozenset().union(*(jax.typeof(x).mat.varying for x in inputs))
     return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=mat.update(varying=varying))
+
+
+def differentiable(forward, backward):
+    """A backend's grouped matmul, differentiable with respect to its rows, from its two kernels:
+    forward(x_even, x_odd, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret) -> [rows, out]
+    and backward(grad, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret) -> (even, odd)
+    gradients of the rows' columns. used_tiles arrives as an int32 scalar, layer as int32 [1]."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+    def product(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret):
+        return forward(*split_columns(x), tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
+
+    def product_forward(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret):
+        out = product(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
+        return out, (jnp.zeros((0,), x.dtype), tile_experts, used_tiles, layer, blocks, scales)
+
+    def product_backward(tiling, interpret, saved, grad):
+        like, tile_experts, used_tiles, layer, blocks, scales = saved
+        even, odd = backward(grad.astype(like.dtype), tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
+        dx = jnp.stack([even, odd], axis=-1).reshape(even.shape[0], -1)
+        # Tiles past the last one in use are never visited: their rows' gradients are zero, not whatever
+        # the output buffer held.
+        in_use = jnp.arange(dx.shape[0]) < used_tiles * tiling.rows
+        return jnp.where(in_use[:, None], dx, 0.0).astype(like.dtype), None, None, None, None, None
+
+    product.defvjp(product_forward, product_backward)
+
+    def grouped_matmul(x, tile_experts, used_tiles, blocks, scales, layer=None, *, tiling: Tiling, interpret=False):
+        if layer is None:
+            blocks, scales, layer = blocks[None], scales[None], jnp.zeros((), jnp.int32)
+        layer = jnp.asarray(layer, jnp.int32).reshape(1)
+        used_tiles = jnp.asarray(used_tiles, jnp.int32).reshape(())
+        return product(x, tile_experts.astype(jnp.int32), used_tiles, layer, blocks, scales, tiling, interpret)
+
+    return grouped_matmul

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gptoss_jax import mxfp4
-from gptoss_jax.backends.pallas_shared import Tiling, float32_output, fp4_values, split_columns
+from gptoss_jax.backends.pallas_shared import Tiling, differentiable, float32_output, fp4_values
 
 CHUNK_BLOCKS = 16  # blocks of 32 values an inner step decodes: 256 bytes, 512 inputs
 BLOCK_BYTES = mxfp4.BYTES_PER_BLOCK
@@ -120,7 +120,7 @@ def _forward(x_even, x_odd, tile_experts, used_tiles, layer, blocks, scales, til
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         cost_estimate=cost,
         interpret=interpret,
-    )(tile_experts, used_tiles, layer, x_even, x_odd, blocks, scales)
+    )(tile_experts, used_tiles.reshape(1), layer, x_even, x_odd, blocks, scales)
 
 
 def _backward(grad, tile_experts, used_tiles, layer, blocks, scales, tiling: Tiling, interpret):
@@ -136,51 +136,16 @@ def _backward(grad, tile_experts, used_tiles, layer, blocks, scales, tiling: Til
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         cost_estimate=cost,
         interpret=interpret,
-    )(tile_experts, used_tiles, layer, grad, blocks, scales)
+    )(tile_experts, used_tiles.reshape(1), layer, grad, blocks, scales)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _grouped_matmul(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret):
-    x_even, x_odd = split_columns(x)
-    return _forward(x_even, x_odd, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
+grouped_matmul = differentiable(_forward, _backward)
+grouped_matmul.__doc__ = """grouped_matmul(x, tile_experts, used_tiles, blocks, scales, layer=None, *, tiling, interpret=False)
 
+float32 [rows, out]: row tile t of x [rows, in] against expert tile_experts[t] (decoded from MXFP4).
 
-def _grouped_matmul_forward(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret):
-    out = _grouped_matmul(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
-    return out, (jnp.zeros((0,), x.dtype), tile_experts, used_tiles, layer, blocks, scales)
-
-
-def _grouped_matmul_backward(tiling, interpret, saved, grad):
-    like, tile_experts, used_tiles, layer, blocks, scales = saved
-    even, odd = _backward(grad.astype(like.dtype), tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
-    dx = jnp.stack([even, odd], axis=-1).reshape(even.shape[0], -1)
-    in_use = jnp.arange(dx.shape[0]) < used_tiles[0] * tiling.rows  # unused tiles are never written
-    return jnp.where(in_use[:, None], dx, 0.0).astype(like.dtype), None, None, None, None, None
-
-
-_grouped_matmul.defvjp(_grouped_matmul_forward, _grouped_matmul_backward)
-
-
-def grouped_matmul(
-    x: jax.Array,
-    tile_experts: jax.Array,
-    used_tiles: jax.Array,
-    blocks: jax.Array,
-    scales: jax.Array,
-    layer: jax.Array | None = None,
-    *,
-    tiling: Tiling,
-    interpret: bool = False,
-) -> jax.Array:
-    """float32 [rows, out]: row tile t of x [rows, in] against expert tile_experts[t] (decoded from MXFP4).
-
-    rows is a whole number of tiles (tiling.rows and tiling.columns powers of two, rows at least 16);
-    rows past the first used_tiles tiles are undefined. blocks [E, out, G, 16] and scales [E, out, G]
-    as the checkpoint stores them (or stacks over layers, read at `layer` in place). Differentiable with
-    respect to x.
-    """
-    if layer is None:
-        blocks, scales, layer = blocks[None], scales[None], jnp.zeros((), jnp.int32)
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    used_tiles = jnp.asarray(used_tiles, jnp.int32).reshape(1)
-    return _grouped_matmul(x, tile_experts.astype(jnp.int32), used_tiles, layer, blocks, scales, tiling, interpret)
+rows is a whole number of tiles (tiling.rows and tiling.columns powers of two, rows at least 16);
+rows past the first used_tiles tiles are undefined. blocks [E, out, G, 16] and scales [E, out, G]
+as the checkpoint stores them (or stacks over layers, read at `layer` in place). Differentiable with
+respect to x.
+"""

@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from gptoss_jax import mxfp4
-from gptoss_jax.backends.pallas_shared import Tiling, float32_output, fp4_values, split_columns
+from gptoss_jax.backends.pallas_shared import Tiling, differentiable, float32_output, fp4_values
 
 LANES = 128
 BLOCK_BYTES = mxfp4.BYTES_PER_BLOCK  # 16: a block's bytes, and the scales kept in one row of bytes
@@ -249,50 +249,13 @@ def _backward(grad, tile_experts, used_tiles, layer, blocks, scales, tiling: Til
     )(tile_experts, layer, grad, blocks, scales)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _grouped_matmul(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret):
-    x_even, x_odd = split_columns(x)
-    return _forward(x_even, x_odd, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
+grouped_matmul = differentiable(_forward, _backward)
+grouped_matmul.__doc__ = """grouped_matmul(x, tile_experts, used_tiles, blocks, scales, layer=None, *, tiling, interpret=False)
 
+float32 [rows, out]: row tile t of x [rows, in] against expert tile_experts[t] (decoded from MXFP4).
 
-def _grouped_matmul_forward(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret):
-    out = _grouped_matmul(x, tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
-    return out, (jnp.zeros((0,), x.dtype), tile_experts, used_tiles, layer, blocks, scales)
-
-
-def _grouped_matmul_backward(tiling, interpret, saved, grad):
-    like, tile_experts, used_tiles, layer, blocks, scales = saved
-    even, odd = _backward(grad.astype(like.dtype), tile_experts, used_tiles, layer, blocks, scales, tiling, interpret)
-    dx = jnp.stack([even, odd], axis=-1).reshape(even.shape[0], -1)
-    # Tiles past the last one in use are never visited: their rows' gradients are zero, not whatever
-    # the output buffer held.
-    in_use = jnp.arange(dx.shape[0]) < used_tiles * tiling.rows
-    return jnp.where(in_use[:, None], dx, 0.0).astype(like.dtype), None, None, None, None, None
-
-
-_grouped_matmul.defvjp(_grouped_matmul_forward, _grouped_matmul_backward)
-
-
-def grouped_matmul(
-    x: jax.Array,
-    tile_experts: jax.Array,
-    used_tiles: jax.Array,
-    blocks: jax.Array,
-    scales: jax.Array,
-    layer: jax.Array | None = None,
-    *,
-    tiling: Tiling,
-    interpret: bool = False,
-) -> jax.Array:
-    """float32 [rows, out]: row tile t of x [rows, in] against expert tile_experts[t] (decoded from MXFP4).
-
-    rows is a whole number of tiles; only the first used_tiles tiles are computed, the other rows of the
-    result are undefined. blocks and scales are one projection's experts in the TPU form (`to_tpu_form`:
-    [E, G, 16, out] and [E, ceil(G/16), 16, out] uint8), or stacks of them over layers with one more
-    leading axis, read at `layer` in place. Differentiable with respect to x.
-    """
-    if layer is None:
-        blocks, scales, layer = blocks[None], scales[None], jnp.zeros((), jnp.int32)
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    used_tiles = jnp.asarray(used_tiles, jnp.int32)
-    return _grouped_matmul(x, tile_experts.astype(jnp.int32), used_tiles, layer, blocks, scales, tiling, interpret)
+rows is a whole number of tiles; only the first used_tiles tiles are computed, the other rows of the
+result are undefined. blocks and scales are one projection's experts in the TPU form (`to_tpu_form`:
+[E, G, 16, out] and [E, ceil(G/16), 16, out] uint8), or stacks of them over layers with one more
+leading axis, read at `layer` in place. Differentiable with respect to x.
+"""
