@@ -158,6 +158,12 @@ class Runtime:
         return self.platform == "tpu"
 
     @property
+    def decodes_in_place(self) -> bool:
+        """Whether a decode step's attention is the TPU kernel that writes and reads each layer group's
+        cache in place in the stack (gptoss_jax.backends.tpu.attention.decode_attention)."""
+        return self.pallas == "tpu"
+
+    @property
     def logprob_chunk(self) -> int:
         """Tokens unembedded at a time for training's token log-probs: float32 logits of a chunk and their
         gradient are [chunk, vocab] each (0.8 GB at 1024 tokens of gpt-oss's vocabulary). A CPU ran 1024

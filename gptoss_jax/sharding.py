@@ -31,6 +31,12 @@ RULES: dict[str, str] = {
     "intermediate_blocks": "tensor",  # mlp2's input, in MXFP4 blocks of 32
 }
 
+# The KV cache's axes, per layer group (stacked over groups). A slot's keys (or values) are one row of
+# kv_heads x head_dim features, heads outermost, so splitting the last axis over 'tensor' splits whole
+# heads, and a TPU keeps a slot dense (a [..., kv_heads, head_dim] = [..., 8, 64] slot is padded to
+# 16 x 128 there).
+CACHE_AXES = ("batch", "cache_slots", "kv_heads")
+
 
 class ShardingError(GptOssError):
     """A mesh that does not fit the devices or the model."""

@@ -231,3 +231,112 @@ def test_expert_adapters_beside_the_kernel_match_the_xla_path(hub_checkpoint, lo
     assert abs(float(values[0] - values[1])) <= 1e-5 * abs(float(values[1]))
     for ours, expected in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         assert relative_error(np.asarray(ours), np.asarray(expected)) <= 1e-5
+
+
+def _decode_case(rng, sliding: bool):
+    """A stacked cache of 2 groups read at group 1, 3 rows: one part-filled (with stale slots past its
+    query from an earlier, longer sequence), one padding row (query at -1), one far along."""
+    from conftest import TINY
+
+    groups, batch, features = 2, 3, TINY.num_kv_heads * TINY.head_dim
+    slots = TINY.sliding_window if sliding else 45
+    at = np.array([20, -1, 40 if sliding else 44], np.int32)
+    positions = np.full((groups, batch, slots), -1, np.int32)
+    for row, last in enumerate(at):
+        filled = np.arange(max(last, 9) + 1)  # the padding row holds slots 0..9 of someone else's
+        if row == 0 and not sliding:
+            filled = np.arange(slots)  # stale slots past 20 from an earlier sequence
+        positions[:, row, filled % slots] = filled
+    keys, values = (rng.standard_normal((groups, batch, slots, features)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((batch, TINY.num_kv_heads, TINY.num_heads // TINY.num_kv_heads, TINY.head_dim))
+    sinks = rng.standard_normal((TINY.num_kv_heads, TINY.num_heads // TINY.num_kv_heads))
+    return TINY, jnp.asarray(q, jnp.float32), keys, values, positions, at, jnp.asarray(sinks, jnp.float32)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("sliding", [False, True])
+def test_the_decode_attention_kernel_matches_xla_reading_a_group_in_place(sliding):
+    # Blocks of 16 slots over 45 (a partial last block), or the sliding ring wrapped twice; a row with
+    # stale slots past its query, a padding row, and the group read from the stack in place.
+    from gptoss_jax.backends.tpu.attention import decode_attention
+    from gptoss_jax.nn.attention import _attend
+    from gptoss_jax.nn.cache import LayerCache
+
+    config, q, keys, values, positions, at, sinks = _decode_case(np.random.default_rng(5), sliding)
+    cache = LayerCache(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(positions)).group(
+        jnp.int32(1), False, in_place=True)
+    window = config.sliding_window if sliding else None
+    ours = decode_attention(q, cache, jnp.asarray(at), sinks, window, interpret=True, block_slots=16)
+    heads = lambda x: jnp.asarray(x[1]).reshape(*x.shape[1:3], config.num_kv_heads, config.head_dim)
+    expected = _attend(q[:, None], heads(keys), heads(values), jnp.asarray(at)[:, None], jnp.asarray(positions[1]),
+                       sinks, sliding, config, "float32", Runtime("cpu").without_kernels())[:, 0]
+    assert relative_error(np.asarray(ours), np.asarray(expected)) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(ours)[1], 0.0)  # the padding row sees nothing but the sink
+
+
+@pytest.mark.quick
+def test_the_decode_attention_cost_estimate_is_the_bytes_of_the_blocks_it_reads():
+    from gptoss_jax.backends.tpu.attention import decode_attention
+    from gptoss_jax.nn.cache import LayerCache
+
+    config, q, keys, values, positions, at, sinks = _decode_case(np.random.default_rng(6), False)
+    keys, values = keys[:, :, :32], values[:, :, :32]  # 2 blocks of 16 slots, all read when full
+    cache = LayerCache(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(positions[:, :, :32])).group(
+        jnp.int32(0), False, in_place=True)
+    call = lambda q: decode_attention(q, cache, jnp.asarray(at), sinks, None, interpret=True, block_slots=16)
+    (equation,) = _pallas_calls(jax.make_jaxpr(call)(q).jaxpr)
+    estimate = equation.params["cost_estimate"]
+    batch, heads = q.shape[0], q.shape[1] * q.shape[2]
+    # One group's keys and values; each row's positions come with its block's other rows (all 3 here);
+    # the block-diagonal queries in, float32 products out ([heads, kv_heads * head_dim] a row).
+    group_bytes = keys[0].nbytes + values[0].nbytes
+    position_bytes = batch * positions[0, :, :32].nbytes
+    assert estimate.bytes_accessed == group_bytes + position_bytes + batch * heads * keys.shape[-1] * (4 + 4)
+
+
+@pytest.mark.quick
+def test_the_decode_attention_kernel_compiles_for_a_tpu_without_copying_the_cache():
+    # gpt-oss-20b's full-attention cache at 8k for 8 rows, stacked over 12 groups, on a v6e chip: the
+    # kernel reads group 5 in place (temporaries far below one group's cache) and XLA's bytes accessed
+    # are about the group's cache, not the stack's (12x): XLA adds its copy of the positions into VMEM.
+    from gptoss_jax.backends.tpu.attention import decode_attention
+    from gptoss_jax.nn.cache import LayerCache
+
+    devices = targets.target("v6e-1").abstract_devices()
+    sharding = jax.sharding.SingleDeviceSharding(devices[0])
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    stack = (12, 8, 8192, 512)
+
+    def step(q, keys, values, positions, at, sinks):
+        cache = LayerCache(keys, values, positions).group(jnp.int32(5), False, in_place=True)
+        return decode_attention(q, cache, at, sinks, None, interpret=False)
+
+    args = (spec((8, 8, 8, 64), jnp.float32), spec(stack, jnp.bfloat16), spec(stack, jnp.bfloat16),
+            spec(stack[:3], jnp.int32), spec((8,), jnp.int32), spec((8, 8), jnp.float32))  # fmt: skip
+    with jax.default_device(devices[0]):
+        compiled = jax.jit(step).lower(*args).compile()
+    group_bytes = 2 * np.prod(stack[1:]) * 2
+    assert compiled.memory_analysis().temp_size_in_bytes < group_bytes / 50
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert group_bytes <= cost["bytes accessed"] <= 1.25 * group_bytes
+
+
+@pytest.mark.peer
+def test_decoding_with_the_tpu_kernels_interpreted_matches_transformers(hub_checkpoint, long_tokens, tiny_config):
+    # Prefill (splash attention past 32 tokens), then decode steps through the decode kernel, the cache
+    # written in place; a cache of 50 slots: the sliding ring wraps, full layers fill part of theirs.
+    from gptoss_jax.nn import KVCache
+
+    model = gptoss_jax.load(hub_checkpoint, dtype="float32", runtime=INTERPRETED)
+    tokens = long_tokens[:, :44]
+    batch = tokens.shape[0]
+    at = lambda start, stop: np.broadcast_to(np.arange(start, stop, dtype=np.int32), (batch, stop - start))
+    cache = KVCache.create(tiny_config, batch, 50, "float32")
+    logits, cache = model(tokens[:, :36], at(0, 36), cache)
+    outputs = [np.asarray(logits)]
+    for step in range(36, 44):
+        logits, cache = model(tokens[:, step : step + 1], at(step, step + 1), cache)
+        outputs.append(np.asarray(logits))
+    reference = transformers_logits(hub_checkpoint, tokens, torch.float32)
+    assert relative_error(np.concatenate(outputs, axis=1), reference) <= 1e-4

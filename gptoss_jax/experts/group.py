@@ -162,8 +162,9 @@ def pallas_tiles(tokens, experts, weights, params, bias2, adapters: ExpertAdapte
     on_tpu = runtime.pallas == "tpu"
     most = PALLAS_MAX_TILE_ROWS if on_tpu else PALLAS_GPU_MAX_TILE_ROWS
     tile = min(most, max(PALLAS_MIN_TILE_ROWS, _tile_rows(pairs, local_count)))
-    # Each expert with rows takes at most one tile more than its rows fill.
-    tiles = pairs // tile + min(local_count, pairs)
+    # Each of the (at most) `used` experts with rows fills its last tile with at most tile - 1 padding rows.
+    used = min(local_count, pairs)
+    tiles = (pairs + used * (tile - 1)) // tile
     layout = _whole_tiles(experts, local_count, tile, tiles)
     in_use = (jnp.arange(tiles * tile) < layout.used_tiles * tile)[:, None]
     row_expert = jnp.repeat(layout.tile_expert, tile)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptoss_jax.backends.cpu.stacks import LayerOf
 from gptoss_jax.backends.tpu import attention as tpu_attention
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.nn.cache import LayerCache
@@ -67,23 +68,33 @@ class Attention(nnx.Module):
         v = input_projection(self.v_proj, self.v_bias, self.v_lora, 2)
         q, k = apply_rope(q, positions, c), apply_rope(k, positions, c)
 
-        if cache is None or cache.empty:
-            keys, values, key_positions = k, v, positions
-            cache = None if cache is None else cache.write(k, v, positions)
-        elif length == 1:  # decode: the new token's slot held nothing this query may see, so write first
-            cache = cache.write(k, v, positions, select=runtime.writes_cache_by_select)
-            keys, values, key_positions = cache.keys, cache.values, cache.positions
-        else:  # prefill: attend to what was cached and to the new tokens, then cache them
-            keys = jnp.concatenate([cache.keys.astype(jnp.float32), k], axis=1)
-            values = jnp.concatenate([cache.values.astype(jnp.float32), v], axis=1)
-            key_positions = jnp.concatenate([cache.positions, positions], axis=1)
-            cache = cache.write(k, v, positions)
-
         group = c.num_heads // c.num_kv_heads
         q = q.reshape(batch, length, c.num_kv_heads, group, c.head_dim)
         sinks = self.sinks[...].astype(jnp.float32).reshape(c.num_kv_heads, group)
-        if keys is k and length > runtime.attention_block and runtime.pallas == "tpu":
-            out = tpu_attention.self_attention(q, k, v, sinks, c.sliding_window if sliding else None, dtype,
+        window = c.sliding_window if sliding else None
+        in_place = cache is not None and isinstance(cache.keys, LayerOf)  # see GptOss.forward
+        if cache is None or cache.empty:
+            keys, values, key_positions = k, v, positions
+            cache = None if cache is None else cache.write(k, v, positions)
+        elif in_place:  # decode on TPU: the kernel reads the group of the stacked cache it was written to
+            cache = cache.write_in_place(k, v, positions)
+            out = tpu_attention.decode_attention(q[:, 0], cache, positions[:, 0], sinks, window,
+                                                 interpret=runtime.interpret, mesh=self.mesh)[:, None]
+            keys = None
+        elif length == 1:  # decode: the new token's slot held nothing this query may see, so write first
+            cache = cache.write(k, v, positions, select=runtime.writes_cache_by_select)
+            (keys, values), key_positions = cache.heads(c), cache.positions
+        else:  # prefill: attend to what was cached and to the new tokens, then cache them
+            cached_keys, cached_values = cache.heads(c)
+            keys = jnp.concatenate([cached_keys.astype(jnp.float32), k], axis=1)
+            values = jnp.concatenate([cached_values.astype(jnp.float32), v], axis=1)
+            key_positions = jnp.concatenate([cache.positions, positions], axis=1)
+            cache = cache.write(k, v, positions)
+
+        if keys is None:
+            pass  # attended above
+        elif keys is k and length > runtime.attention_block and runtime.pallas == "tpu":
+            out = tpu_attention.self_attention(q, k, v, sinks, window, dtype,
                                                interpret=runtime.interpret, mesh=self.mesh)
         elif keys is k and length > runtime.attention_block:  # a long run of new tokens attending to themselves
             out = _attend_blockwise(q, k, v, positions, sinks, sliding, c, dtype, runtime)

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from gptoss_jax.backends.cpu.stacks import LayerOf
 from gptoss_jax.config import SLIDING, GptOssConfig
 from gptoss_jax.nn.ops import DTYPES
-from gptoss_jax.sharding import spec_for
+from gptoss_jax.sharding import CACHE_AXES, spec_for
 
-CACHE_AXES = ("batch", "cache_slots", "kv_heads", "head_dim")  # per layer group; stacked over groups
 
 
 @functools.partial(
@@ -27,39 +27,65 @@ class LayerCache:
     context, sliding-window layers a ring of `sliding_window` slots (all the window can ever see).
     """
 
-    keys: jax.Array  # [B, slots, kv_heads, head_dim]
-    values: jax.Array  # [B, slots, kv_heads, head_dim]
+    keys: jax.Array  # [B, slots, kv_heads * head_dim] (or a LayerOf view of a stack of them: `group`)
+    values: jax.Array  # [B, slots, kv_heads * head_dim]
     positions: jax.Array  # [B, slots] int32
     # Known empty at trace time (a fresh cache): a prefill then attends to its own tokens only.
     empty: bool = False
 
-    def group(self, index: jax.Array, empty: bool) -> "LayerCache":
-        """One layer group's slice of a cache stacked over groups."""
+    def group(self, index: jax.Array, empty: bool, *, in_place: bool = False) -> "LayerCache":
+        """One layer group's slice of a cache stacked over groups.
+
+        in_place: as LayerOf views of the stacks instead (for `write_in_place` and a kernel that reads
+        the group in place): slicing copies the group, and putting it back made XLA write (and count)
+        the whole stack at every layer.
+        """
+        if in_place:
+            return LayerCache(*(LayerOf(stack, index) for stack in (self.keys, self.values, self.positions)), empty)
         return LayerCache(self.keys[index], self.values[index], self.positions[index], empty)
 
     def with_group(self, index: jax.Array, one: "LayerCache") -> "LayerCache":
         """This stacked cache with group `index` replaced by `one` (in place under jit)."""
+        if isinstance(one.keys, LayerOf):  # written in place: the stacks are the cache
+            return LayerCache(one.keys.stack, one.values.stack, one.positions.stack)
         return LayerCache(
             self.keys.at[index].set(one.keys),
             self.values.at[index].set(one.values),
             self.positions.at[index].set(one.positions),
         )
 
+    def heads(self, config: GptOssConfig) -> tuple[jax.Array, jax.Array]:
+        """Keys and values as [B, slots, kv_heads, head_dim]."""
+        return tuple(x.reshape(*x.shape[:2], config.num_kv_heads, config.head_dim) for x in (self.keys, self.values))
+
+    def write_in_place(self, keys: jax.Array, values: jax.Array, positions: jax.Array) -> "LayerCache":
+        """A decode step's token per row ([B, 1, kv_heads, head_dim]) stored into a `group(in_place=True)`
+        view: a scatter of one slot per row into the stacks at the group's index."""
+        stacks, index = (self.keys.stack, self.values.stack, self.positions.stack), self.keys.index
+        batch, slots = self.positions.shape
+        rows = jnp.arange(batch)
+        slot = jnp.where(positions[:, 0] >= 0, positions[:, 0] % slots, slots)  # slot `slots` is dropped
+        new = (keys.reshape(batch, -1), values.reshape(batch, -1), positions[:, 0])
+        written = (stack.at[index, rows, slot].set(x.astype(stack.dtype), mode="drop") for stack, x in zip(stacks, new))
+        return LayerCache(*(LayerOf(stack, index) for stack in written), self.empty)
+
     def write(self, keys: jax.Array, values: jax.Array, positions: jax.Array, *, select: bool = False) -> "LayerCache":
-        """Store new tokens (positions -1 are padding and stored nowhere); the latest token wins a slot.
+        """Store new tokens ([B, T, kv_heads, head_dim]; positions -1 are padding and stored nowhere); the
+        latest token wins a slot.
 
         select: write a decode step's token by a select over the slots rather than a scatter. A TPU keeps
         the cache with its slots on lanes and would copy it to row-major and back around a scatter (about
         6x the cache's bytes a step); the select reads and writes it once, in that layout.
         """
         batch, slots = self.positions.shape
+        keys, values = (x.reshape(*x.shape[:2], -1) for x in (keys, values))
         rows = jnp.arange(batch)[:, None]
         slot = jnp.where(positions >= 0, positions % slots, slots)  # slot `slots` is dropped
         if positions.shape[1] == 1 and select:
             here = jnp.arange(slots)[None, :] == slot  # [B, slots]
             return LayerCache(
-                jnp.where(here[:, :, None, None], keys.astype(self.keys.dtype), self.keys),
-                jnp.where(here[:, :, None, None], values.astype(self.values.dtype), self.values),
+                jnp.where(here[:, :, None], keys.astype(self.keys.dtype), self.keys),
+                jnp.where(here[:, :, None], values.astype(self.values.dtype), self.values),
                 jnp.where(here, positions, self.positions),
             )
         if positions.shape[1] == 1:  # decode: one token per row, an in-place scatter
@@ -75,8 +101,8 @@ class LayerCache:
         source = jnp.maximum(winner, 0)
 
         def gather(new: jax.Array, old: jax.Array) -> jax.Array:
-            picked = jnp.take_along_axis(new, source[:, :, None, None], axis=1).astype(old.dtype)
-            return jnp.where(taken[:, :, None, None], picked, old)
+            picked = jnp.take_along_axis(new, source[:, :, None], axis=1).astype(old.dtype)
+            return jnp.where(taken[:, :, None], picked, old)
 
         return LayerCache(
             gather(keys, self.keys),
@@ -105,7 +131,7 @@ class KVCache:
         layers = []
         for kind in config.layer_pattern:
             slots = min(length, config.sliding_window) if kind == SLIDING else length
-            shape = (config.num_groups, batch, slots, config.num_kv_heads, config.head_dim)
+            shape = (config.num_groups, batch, slots, config.num_kv_heads * config.head_dim)
             layers.append(
                 LayerCache(
                     filled(shape, 0, DTYPES[dtype], CACHE_AXES),

@@ -218,10 +218,16 @@ class GptOss(nnx.Module):
         empty = tuple(layer.empty for layer in cache.layers)
         carried = tuple(dataclasses.replace(layer, empty=False) for layer in cache.layers)
 
+        # A TPU decode step writes and reads each group's cache in place in the stack (LayerCache.group).
+        in_place = runtime.decodes_in_place and tokens.shape[1] == 1
+
         def run_cached_group(carry, scanned):
             x, layers = carry
             group_state, index, key, route = scanned
-            mine = tuple(layer.group(index, was_empty) for layer, was_empty in zip(layers, empty))
+            mine = tuple(
+                layer.group(index, was_empty, in_place=in_place and not was_empty)
+                for layer, was_empty in zip(layers, empty)
+            )
             x, mine, chosen = group_at(group_state, index)(x, positions, mine, key, route, runtime=runtime)
             return (x, tuple(layer.with_group(index, new) for layer, new in zip(layers, mine))), chosen
 
