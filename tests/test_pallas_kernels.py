@@ -124,6 +124,22 @@ def test_the_kernels_cost_estimate_is_the_bytes_of_the_blocks_it_reads():
     assert estimate.flops == 2 * 32 * 576 * 256
 
 
+@pytest.mark.quick
+def test_the_gpu_kernels_cost_estimate_is_the_bytes_it_reads():
+    rng = np.random.default_rng(3)
+    blocks, scales = (jnp.asarray(a[0]) for a in _random_experts(rng, 1, 4, 256, 576))
+    x = jnp.zeros((2 * 16, 576), jnp.bfloat16)  # two tiles of 16 rows
+    call = lambda x: gpu_matmul.grouped_matmul(x, jnp.array([2, 3]), 2, blocks, scales, tiling=Tiling(16, 64))
+    (equation,) = _pallas_calls(jax.make_jaxpr(call)(x).jaxpr)
+    estimate = equation.params["cost_estimate"]
+    # Each of the 2 row tiles reads its expert's whole bytes (from the arrays: blocks and scales), across
+    # its 4 column programs; each program reads its tile's rows in full (so the rows 4 times); the
+    # float32 output is written once.
+    expert_bytes = blocks[0].nbytes + scales[0].nbytes
+    assert estimate.bytes_accessed == 2 * expert_bytes + 4 * x.nbytes + 32 * 256 * 4
+    assert estimate.flops == 2 * 32 * 576 * 256
+
+
 @pytest.mark.peer
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_the_model_with_interpreted_pallas_kernels_matches_transformers(hub_checkpoint, long_tokens, backend):

@@ -15,7 +15,9 @@
 //
 // Built by gptoss_jax/backends/cpu/build.py in named variants of one instruction-set level each (never
 // -march=native): the intrinsics need AVX-512 F+BW (GPTOSS_AVX512, the avx512 variant) and, for bf16
-// products, AVX512-BF16 (the avx512bf16 variant); other builds run the portable loops below.
+// products, AVX512-BF16 (the avx512bf16 variant); AVX2 + FMA (GPTOSS_AVX2, the avx2 variant: most
+// laptops) has its own paths for the decode products; other builds run the portable loops below (a
+// compiler does not vectorize their float sums: it may not reorder them).
 
 #include <algorithm>
 #include <atomic>
@@ -30,6 +32,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define GPTOSS_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GPTOSS_AVX2 1
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -66,6 +71,14 @@ inline float BitsToFloat(int32_t bits) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
+
+#ifdef GPTOSS_AVX2
+inline float Sum8(__m256 v) {  // the sum of a vector's 8 lanes
+  __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+#endif
 
 // BlockTable of every scale, built once: a block's table is then one 64-byte load.
 struct AllTables {
@@ -175,6 +188,33 @@ void ExpertRow(const uint8_t* blocks, const uint8_t* scales, int64_t groups, con
   if (g < groups) block(g, 0);
   for (int t = 0; t < kTokens; ++t)
     out[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]), _mm512_add_ps(acc[2][t], acc[3][t])));
+#elif defined(GPTOSS_AVX2)
+  // Eight lanes: a block's 16 bytes are two vectors of 8, each giving 8 low and 8 high nibbles. The
+  // table's first 8 entries are the magnitudes (one permute looks them up by a code's low 3 bits); bit 3
+  // of a code is the sign. Four FMA chains a token: the two halves' low and high nibbles.
+  __m256 acc[4][kTokens];
+  for (int c = 0; c < 4; ++c)
+    for (int t = 0; t < kTokens; ++t) acc[c][t] = _mm256_setzero_ps();
+  const __m256i sign_bit = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
+  auto value = [&](__m256 magnitudes, __m256i codes, __m256i sign) {
+    return _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, codes), _mm256_castsi256_ps(_mm256_and_si256(sign, sign_bit)));
+  };
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 magnitudes = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tables.bits[scales[g]])));
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g));
+    for (int half = 0; half < 2; ++half) {
+      const __m256i b = _mm256_cvtepu8_epi32(half ? _mm_srli_si128(bytes, 8) : bytes);
+      // low nibble: bits 0-2 index, bit 3 -> bit 31; high nibble: bits 4-6 index, bit 7 -> bit 31.
+      const __m256 low = value(magnitudes, b, _mm256_slli_epi32(b, 28));
+      const __m256 high = value(magnitudes, _mm256_srli_epi32(b, 4), _mm256_slli_epi32(b, 24));
+      for (int t = 0; t < kTokens; ++t) {
+        acc[2 * half][t] = _mm256_fmadd_ps(low, _mm256_loadu_ps(even[t] + 16 * g + 8 * half), acc[2 * half][t]);
+        acc[2 * half + 1][t] = _mm256_fmadd_ps(high, _mm256_loadu_ps(odd[t] + 16 * g + 8 * half), acc[2 * half + 1][t]);
+      }
+    }
+  }
+  for (int t = 0; t < kTokens; ++t)
+    out[t] = Sum8(_mm256_add_ps(_mm256_add_ps(acc[0][t], acc[1][t]), _mm256_add_ps(acc[2][t], acc[3][t])));
 #else
   float acc[kTokens] = {0};
   for (int64_t g = 0; g < groups; ++g) {
@@ -430,6 +470,23 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
   }
   for (int i = 0; i < kW; ++i)
     for (int r = 0; r < kRows; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
+#elif defined(GPTOSS_AVX2)
+  auto widen = [](const uint16_t* p) {  // 8 bf16 -> float32: the bits shifted to the top half
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  };
+  __m256 acc[kW][kRows];
+  for (int i = 0; i < kW; ++i)
+    for (int r = 0; r < kRows; ++r) acc[i][r] = _mm256_setzero_ps();
+  for (; j + 8 <= width; j += 8) {
+    __m256 wv[kW];
+    for (int i = 0; i < kW; ++i) wv[i] = widen(w + i * width + j);
+    for (int r = 0; r < kRows; ++r) {
+      __m256 xv = widen(x + r * width + j);
+      for (int i = 0; i < kW; ++i) acc[i][r] = _mm256_fmadd_ps(xv, wv[i], acc[i][r]);
+    }
+  }
+  for (int i = 0; i < kW; ++i)
+    for (int r = 0; r < kRows; ++r) sums[i][r] = Sum8(acc[i][r]);
 #endif
   for (; j < width; ++j)
     for (int i = 0; i < kW; ++i) {
