@@ -172,31 +172,35 @@ def pallas_tiles(tokens, experts, weights, params, bias2, adapters: ExpertAdapte
     kernel = tpu_matmul.grouped_matmul if on_tpu else gpu_matmul.grouped_matmul
     tiling = Tiling(tile, PALLAS_TILE_COLUMNS if on_tpu else PALLAS_GPU_TILE_COLUMNS)
 
-    def product(x, weights):  # rows of tiles past the used ones are left undefined by the kernel
+    in_use = (jnp.arange(tiles * tile) < layout.used_tiles * tile)[:, None]
+
+    def product(x, weights, *, zero_unused: bool = True):
+        # The kernel leaves the rows of tiles past the used ones undefined: zeroed unless only the pairs'
+        # rows are read afterwards (a bias's gradient sums over every row).
         stack, layer = unstack(weights["tpu_blocks" if on_tpu else "blocks"])
         scales, _ = unstack(weights["tpu_scales" if on_tpu else "scales"])
         if on_tpu:
             _check_tpu_form(stack, scales)
-        return kernel(x, layout.tile_expert, layout.used_tiles, stack, scales, layer, tiling=tiling, interpret=runtime.interpret)
+        out = kernel(x, layout.tile_expert, layout.used_tiles, stack, scales, layer, tiling=tiling, interpret=runtime.interpret)
+        return jnp.where(in_use, out, 0.0) if zero_unused else out
 
     rows = jnp.zeros((tiles * tile, hidden), dtype).at[layout.slot].set(tokens[layout.order // k].astype(dtype), mode="drop")
-    h = product(rows, params["mlp1"]) + adapters.tiles("mlp1", rows, layout.tile_expert)
     if tiles * tile >= PAIRS_FIRST_PADDING * pairs:
         # Decode-sized: the tiles are mostly padding (16 rows an expert for a token or two), so the bias,
         # SwiGLU and weighting run on the pairs' rows only, taken out of the tiles and put back.
+        h = product(rows, params["mlp1"], zero_unused=False) + adapters.tiles("mlp1", rows, layout.tile_expert)
         held = (layout.slot < tiles * tile)[:, None]  # pairs held elsewhere (expert-parallel) have no row
         expert = layout.tile_expert[jnp.minimum(layout.slot // tile, tiles - 1)]
         h = h.at[layout.slot].get(mode="fill", fill_value=0.0)
         h = swiglu(h + params["mlp1_bias"][expert].astype(jnp.float32), config)
         h = jnp.zeros((tiles * tile, h.shape[-1]), jnp.float32).at[layout.slot].set(h, mode="drop")
-        y = product(h.astype(dtype), params["mlp2"]) + adapters.tiles("mlp2", h, layout.tile_expert)
+        y = product(h.astype(dtype), params["mlp2"], zero_unused=False) + adapters.tiles("mlp2", h, layout.tile_expert)
         y = jnp.where(held, y.at[layout.slot].get(mode="fill", fill_value=0.0) + bias2[expert].astype(jnp.float32), 0.0)
     else:
-        # The unused tiles' undefined rows are zeroed: a bias's gradient sums over every row.
-        in_use = (jnp.arange(tiles * tile) < layout.used_tiles * tile)[:, None]
         row_expert = jnp.repeat(layout.tile_expert, tile)
-        h = swiglu(jnp.where(in_use, h, 0.0) + params["mlp1_bias"][row_expert].astype(jnp.float32), config)
-        y = jnp.where(in_use, product(h.astype(dtype), params["mlp2"]), 0.0) + adapters.tiles("mlp2", h, layout.tile_expert)
+        h = product(rows, params["mlp1"]) + adapters.tiles("mlp1", rows, layout.tile_expert)
+        h = swiglu(h + params["mlp1_bias"][row_expert].astype(jnp.float32), config)
+        y = product(h.astype(dtype), params["mlp2"]) + adapters.tiles("mlp2", h, layout.tile_expert)
         y = y + bias2[row_expert].astype(jnp.float32)
         y = y.at[layout.slot].get(mode="fill", fill_value=0.0)
     y = y * weights.reshape(-1)[layout.order][:, None]
