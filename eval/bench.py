@@ -2,6 +2,7 @@
 
     python -m eval.bench --preset gpt-oss-20b --layers 4                     # random MXFP4 weights, no disk
     python -m eval.bench --preset gpt-oss-20b --layers 4 --compare transformers
+    python -m eval.bench --preset gpt-oss-20b --layers 4 --compare llama.cpp --llama-cpp ~/llama.cpp/build/bin
     python -m eval.bench --checkpoint /models/gpt-oss-20b --batch 1 --batch 16
     python -m eval.bench --preset gpt-oss-20b --write-random /tmp/random-20b   # then --checkpoint it
     python -m eval.bench --plan --preset gpt-oss-120b --context 8192          # bytes per device, no weights
@@ -34,11 +35,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 import gptoss_jax
+from eval import llama_cpp
 from eval import plan as plans
 from eval import serving_bench
 from eval.plan import decode_step_bytes
 from gptoss_jax import targets
+from gptoss_jax.chat import harmony
+from gptoss_jax.checkpoint.gguf import write_gguf
 from gptoss_jax.checkpoint.load import from_tensors
+from gptoss_jax.checkpoint.reader import MemorySource, open_checkpoint
 from gptoss_jax.checkpoint.random_weights import random_hub_tensors, write_random_hub_checkpoint
 from gptoss_jax.checkpoint.writer import write_hub_checkpoint
 from gptoss_jax.config import GptOssConfig
@@ -66,7 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=512, help="prefill prompt length (--serve: prompts of "
                         "half of it up to it, at most 128 tokens)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=33, help="tokens generated per decode measurement")
-    parser.add_argument("--compare", choices=["transformers"], help="run a peer on the same weights and prompts")
+    parser.add_argument("--compare", choices=["transformers", "llama.cpp"],
+                        help="run a peer on the same weights and prompts (llama.cpp: through a GGUF, eval/llama_cpp.py)")
+    parser.add_argument("--llama-cpp", metavar="DIR", help=f"--compare llama.cpp: the folder of its llama-bench and "
+                        f"llama-batched-bench (default ${llama_cpp.ENV_VAR}, else PATH)")  # fmt: skip
     parser.add_argument("--plan", action="store_true", help="compile programs on abstract shapes only (eval/plan.py)")
     parser.add_argument("--target", default="cpu", help="plan mode: the machine, e.g. v5e-8, v6e-1, h100, 8xh100, "
                         "t4 (gptoss_jax/targets.py), or a TPU topology such as v6e:4x4")  # fmt: skip
@@ -184,11 +192,12 @@ def bench_ours(model: GptOss, args: argparse.Namespace, bandwidth: float) -> dic
 
 def bench_transformers(checkpoint: Path, args: argparse.Namespace, vocab: int) -> dict:
     import torch
+    import transformers
     from transformers import GptOssForCausalLM
 
     start = time.perf_counter()
     model = GptOssForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
-    results: dict = {"load_s": time.perf_counter() - start}
+    results: dict = {"name": f"transformers {transformers.__version__} (bf16)", "load_s": time.perf_counter() - start}
 
     def generate(prompts, new_tokens):
         ids = torch.tensor(prompts)
@@ -260,15 +269,25 @@ def plan(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> dict:
     report: dict = {"device": str(jax.devices()[0].device_kind), "dtype": args.dtype}
     with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = args.checkpoint
+        checkpoint, tensors, gguf = args.checkpoint, None, None
         if checkpoint is None:
             config = config_from(args)
             tensors = random_hub_tensors(config, seed=0)
-            if args.compare:  # the peer loads from files: write the same weights once
-                checkpoint = write_hub_checkpoint(Path(scratch) / "random", config, tensors)
-                del tensors
+        if args.compare == "llama.cpp":  # written before loading: the random tensors are dropped once loaded
+            programs = llama_cpp.find_programs(args.llama_cpp)
+            source = MemorySource(config, tensors) if tensors is not None else open_checkpoint(checkpoint)
+            vocabulary = harmony.vocabulary_file(source.directory if tensors is None else None)
+            if vocabulary is None:
+                raise ValueError(f"--compare llama.cpp needs the o200k vocabulary for the GGUF: {harmony.WHERE}")
+            start = time.perf_counter()
+            gguf = write_gguf(Path(scratch) / "model.gguf", source, vocabulary)
+            report["gguf_write_s"] = time.perf_counter() - start
+            del source
+        if args.compare == "transformers" and tensors is not None:  # the peer loads from files
+            checkpoint = write_hub_checkpoint(Path(scratch) / "random", config, tensors)
+            tensors = None
         start = time.perf_counter()
-        if checkpoint is None:
+        if tensors is not None:
             model = from_tensors(config, tensors, dtype=args.dtype)
             del tensors
         else:
@@ -293,7 +312,12 @@ def run(args: argparse.Namespace) -> dict:
         report["peak_rss_bytes"] = peak_rss_bytes()
         if args.compare:
             del model
-            report["peer"] = bench_transformers(Path(checkpoint), args, config.vocab_size)
+            if gguf is not None:
+                threads = len(os.sched_getaffinity(0))
+                report["peer"] = llama_cpp.bench(gguf, programs, args.prompt_length, args.batch or [1, 16],
+                                                 args.new_tokens - 1, threads)  # fmt: skip
+            else:
+                report["peer"] = bench_transformers(Path(checkpoint), args, config.vocab_size)
             report["ratio_ours_over_peer"] = {
                 phase: report["ours"][phase]["tokens_per_s"] / report["peer"][phase]["tokens_per_s"]
                 for phase in report["peer"]
@@ -309,6 +333,7 @@ def table(report: dict) -> str:
         f"{report['device']}, {report['dtype']}: {model['layers']} layers, {model['experts']} experts, vocab "
         f"{model['vocab']}; resident {model['resident_bytes'] / 2**30:.2f} GiB; load {report['load_s']:.1f} s; "
         f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB; bandwidth {report['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
+        *([f"peer: {report['peer']['name']}"] if "peer" in report else []),
         f"{'phase':<18}{'ours tok/s':>12}{'peer tok/s':>12}{'ratio':>8}{'roofline':>10}{'fraction':>10}"
         f"{'at GB/s':>9}{'compile s':>11}",
     ]

@@ -41,9 +41,12 @@ class Runtime:
     platform: str = "cpu"
     # The CPU kernel build in use (its variant's name, e.g. "avx512bf16"), or None for XLA's paths.
     cpu_kernels: str | None = None
-    # Whether that build multiplies bf16 pairs in hardware (AVX512-BF16): the grouped kernel and the
-    # wider fused range pay off only then.
+    # Whether that build multiplies bf16 pairs in hardware (AVX512-BF16): the wider fused range pays off
+    # only then.
     bf16_products: bool = False
+    # Whether its grouped matmul runs register tiles (AVX512-BF16, or float32 FMA panels on AVX2): only
+    # then does it beat XLA's tiled path for many pairs.
+    grouped_tiles: bool = False
     expert_path: str = "auto"
     # Which backend's Pallas kernels run the MXFP4 experts: "tpu" (gptoss_jax/backends/tpu: the model keeps
     # its experts in the TPU form, decoded in VMEM) or "gpu" (backends/gpu: Triton, the checkpoint's
@@ -89,7 +92,8 @@ class Runtime:
         if platform == "cpu" and kernels and not options.get("pallas"):
             status = _cpu_kernel_status()
             if status.available:
-                return cls("cpu", cpu_kernels=status.variant, bf16_products=status.bf16_products, **options)
+                return cls("cpu", cpu_kernels=status.variant, bf16_products=status.bf16_products,
+                           grouped_tiles=status.grouped_tiles, **options)
         if platform in ("tpu", "gpu") and kernels:
             options.setdefault("pallas", platform)
         return cls(platform, **options)
@@ -125,8 +129,8 @@ class Runtime:
     def without_kernels(self) -> "Runtime":
         """The same choices on XLA's own paths (a forced kernel path falls back to "auto")."""
         path = "auto" if self.expert_path in (*KERNEL_EXPERT_PATHS, "pallas") else self.expert_path
-        return dataclasses.replace(self, cpu_kernels=None, bf16_products=False, expert_path=path, pallas=None,
-                                   interpret=False)
+        return dataclasses.replace(self, cpu_kernels=None, bf16_products=False, grouped_tiles=False, expert_path=path,
+                                   pallas=None, interpret=False)
 
     @property
     def expert_form(self) -> str:
@@ -218,7 +222,7 @@ class Runtime:
         fused_limit = FUSED_MAX_PAIRS_PER_EXPERT_BF16 if bf16_kernels else FUSED_MAX_PAIRS_PER_EXPERT
         if kernels and pairs <= fused_limit * num_experts:
             return "fused"
-        if bf16_kernels and not adapters:
+        if kernels and bf16 and self.grouped_tiles and not adapters:
             return "sorted"
         if pairs <= num_experts:
             return "gathered"

@@ -51,7 +51,8 @@ def test_kernels_build_on_this_machine_for_the_variant_its_cpu_flags_allow():
     # CI machines have a C++ compiler: a kernel build that breaks must fail here, not fall back quietly.
     status = kernels.load_kernels()
     expected = os.environ.get("GPTOSS_JAX_KERNEL_VARIANT") or _expected_variant()
-    assert status == kernels.KernelStatus(expected, bf16_products=expected == "avx512bf16", reason=None)
+    assert status == kernels.KernelStatus(expected, bf16_products=expected == "avx512bf16",
+                                          grouped_tiles=expected != "baseline", reason=None)
     assert RUNNABLE[-1] == _expected_variant() and Runtime.default().cpu_kernels == expected
 
 
@@ -199,9 +200,10 @@ from gptoss_jax.runtime import Runtime
 name = sys.argv[1]
 assert build.library_path(build.variant_named(name)).exists()  # the fixture's build, not a new one
 status = kernels.load_kernels()
-assert status == kernels.KernelStatus(name, bf16_products=name == "avx512bf16"), status
-def close(ours, expected, tolerance=1e-5):
-    ours, expected = np.asarray(ours, np.float64), np.asarray(expected, np.float64)
+assert status == kernels.KernelStatus(name, bf16_products=name == "avx512bf16", grouped_tiles=name != "baseline"), status
+def close(ours, expected, tolerance=1e-5):  # expected: a float64 reference
+    ours, expected = np.asarray(ours, np.float64), np.asarray(expected)
+    assert expected.dtype == np.float64
     error = np.abs(ours - expected).max() / np.abs(expected).max()
     assert np.abs(expected).max() > 0 and error <= tolerance, error
 rng = np.random.default_rng(0)
@@ -210,32 +212,33 @@ scales = jnp.asarray(rng.integers(0, 256, (2, 3, 40, 4), dtype=np.uint8))
 deq = kernels.mxfp4_dequantize(blocks, scales, jnp.int32(2), jnp.float32, jnp.int32(1))
 assert (np.asarray(deq).view(np.uint32) == np.asarray(mxfp4.dequantize(blocks[1, 2], scales[1, 2], jnp.float32)).view(np.uint32)).all()
 scales = jnp.asarray(rng.integers(119, 124, scales.shape, dtype=np.uint8))
-weights = mxfp4.dequantize(blocks[1], scales[1], jnp.float32)
+weights = np.asarray(mxfp4.dequantize(blocks[1], scales[1], jnp.float32), np.float64)  # exact
+f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
 # The MXFP4 expert matvec (float32 and bf16 rows; 10 tokens pick expert 2) against XLA's einsum.
 x = jnp.asarray(rng.standard_normal((11, 128)), jnp.float32)
 chosen = jnp.asarray(rng.integers(0, 3, (11, 2)), jnp.int32).at[:10, 0].set(2)
 for rows in (x, x.astype(jnp.bfloat16)):
     ours = jax.jit(kernels.mxfp4_expert_matvec)(rows, chosen, blocks, scales, jnp.int32(1))
-    close(ours, jnp.einsum("td,tknd->tkn", rows.astype(jnp.float32), weights[chosen]))
+    close(ours, np.einsum("td,tknd->tkn", f64(rows), weights[np.asarray(chosen)]))
 # The bf16 matvec, a width that is no multiple of the vector width, against XLA's dot.
 w = jnp.asarray(rng.standard_normal((2, 37, 100)), jnp.bfloat16)
 for count in (1, 3, 9):
     v = jnp.asarray(rng.standard_normal((count, 100)), jnp.bfloat16)
-    close(jax.jit(kernels.bf16_matvec)(v, w, jnp.int32(1)), v.astype(jnp.float32) @ w[1].astype(jnp.float32).T)
+    close(jax.jit(kernels.bf16_matvec)(v, w, jnp.int32(1)), f64(v) @ f64(w[1]).T)
 # The grouped matmul and its gradient (the transposed kernel).
 x = jnp.asarray(rng.standard_normal((15, 128)), jnp.bfloat16)
 sizes = jnp.asarray([2, 0, 11], jnp.int32)
-owner = jnp.asarray([0, 0] + [2] * 11)
+owner = np.asarray([0, 0] + [2] * 11)
 ours, pullback = jax.vjp(lambda x: kernels.mxfp4_grouped_matmul(x, sizes, blocks, scales, jnp.int32(1)), x)
-close(ours[:13], jnp.einsum("pk,pnk->pn", x[:13].astype(jnp.float32), weights[owner]))
+close(ours[:13], np.einsum("pk,pnk->pn", f64(x[:13]), weights[owner]))
 assert not np.asarray(ours[13:]).any()
 g = jnp.asarray(rng.standard_normal((15, 40)), jnp.bfloat16)
-close(pullback(g.astype(jnp.float32))[0][:13], jnp.einsum("pn,pnk->pk", g[:13].astype(jnp.float32), weights[owner]), 1e-2)
-# The runtime uses this build, and the grouped kernel for prefill only with bf16 products in hardware.
+close(pullback(g.astype(jnp.float32))[0][:13], np.einsum("pn,pnk->pk", f64(g[:13]), weights[owner]), 1e-2)
+# The runtime uses this build, and the grouped kernel for prefill where it runs register tiles.
 runtime = Runtime.default()
 assert (runtime.cpu_kernels, runtime.bf16_products) == (name, status.bf16_products), runtime
 paths = [runtime.expert_path_for(pairs, 32, packed=True, bf16=True, adapters=False) for pairs in (2048, 64)]
-assert paths == ["sorted" if status.bf16_products else "tiled", "fused"], paths
+assert paths == ["sorted" if status.grouped_tiles else "tiled", "fused"], paths
 print("variant ok", name)
 """
 
@@ -363,7 +366,7 @@ def test_sorted_expert_path_gives_the_tiled_paths_values_and_gradients(hub_check
     model = gptoss_jax.load(hub_checkpoint, dtype="bfloat16")
     pairs = long_tokens.size * model.config.experts_per_token
     default = model.runtime.expert_path_for(pairs, model.config.num_experts, packed=True, bf16=True, adapters=False)
-    assert default == ("sorted" if kernels.bf16_products() else "tiled")  # float32 loops only without AVX512-BF16
+    assert default == ("sorted" if kernels.grouped_tiles() else "tiled")  # the portable build's loops are slower
     model.runtime = model.runtime.replace(expert_path="sorted")
     cotangent = jnp.asarray(np.random.default_rng(0).standard_normal((*long_tokens.shape, model.config.hidden_size)), jnp.float32)
 

@@ -72,6 +72,25 @@ def _load(kind: str, folder: str) -> oh.HarmonyEncoding:
                 os.environ[ENV_VAR] = saved
 
 
+# Where vocabulary_file looks, for error messages.
+WHERE = f"${ENV_VAR}/{VOCAB_FILE}, {VOCAB_FILE} next to the checkpoint, or the bpe-openai package"
+
+
+def vocabulary_file(checkpoint_dir: str | Path | None = None) -> Path | None:
+    """The o200k_base vocabulary file on this machine (plain or gzipped), looked for as `load_encoding` does
+    and then in bpe-openai (which ships it); None where there is none (harmony would download it)."""
+    folders = [os.environ.get(ENV_VAR), checkpoint_dir]
+    for folder in folders:
+        if folder and (Path(folder) / VOCAB_FILE).is_file():
+            return Path(folder) / VOCAB_FILE
+    try:
+        import bpe_openai
+    except ImportError:
+        return None
+    packed = Path(bpe_openai.__file__).parent / "data" / f"{VOCAB_FILE}.gz"
+    return packed if packed.is_file() else None
+
+
 def check_reasoning_effort(effort: str, name: str = "reasoning_effort") -> str:
     """`effort` if it is one the system message takes; else a ValueError naming `name` and the choices."""
     if effort not in REASONING_EFFORTS:

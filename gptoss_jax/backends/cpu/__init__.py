@@ -45,9 +45,11 @@ class KernelStatus:
     """What load_kernels found: the variant built and registered, or why there is none."""
 
     variant: str | None
-    # Whether the build multiplies bf16 pairs in hardware (AVX512-BF16). Without it the grouped matmul
-    # and bf16 matvec rows run float32 loops: correct, but slower than XLA's paths for prefill.
+    # Whether the build multiplies bf16 pairs in hardware (AVX512-BF16): the bf16 matvec rows.
     bf16_products: bool = False
+    # Whether its grouped matmul runs register tiles (bf16 products, or float32 FMA panels on AVX2 and
+    # AVX-512); the portable build's loops are slower than XLA's tiled path for prefill.
+    grouped_tiles: bool = False
     reason: str | None = None
 
     @property
@@ -84,7 +86,8 @@ def load_kernels() -> KernelStatus:
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     _libraries.append(library)
-    return KernelStatus(variant.name, bf16_products=bool(library.GptossHasBf16Products()))
+    return KernelStatus(variant.name, bf16_products=bool(library.GptossHasBf16Products()),
+                        grouped_tiles=bool(library.GptossHasTiledGroupedMatmul()))
 
 
 def available() -> bool:
@@ -95,6 +98,11 @@ def available() -> bool:
 def bf16_products() -> bool:
     """Whether the registered kernels multiply bf16 pairs in hardware (AVX512-BF16)."""
     return load_kernels().bf16_products
+
+
+def grouped_tiles() -> bool:
+    """Whether the registered kernels' grouped matmul runs register tiles (not the portable loops)."""
+    return load_kernels().grouped_tiles
 
 
 def _layer_index(layer) -> jax.Array:

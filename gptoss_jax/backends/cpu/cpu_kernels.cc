@@ -675,6 +675,130 @@ void ApplyPanel(const uint16_t* x, int64_t rows, int64_t width, const uint32_t* 
 
 #endif
 
+#if !(defined(GPTOSS_AVX512) && defined(__AVX512BF16__)) && defined(__AVX2__) && defined(__FMA__)
+#define GPTOSS_FLOAT_PANELS 1
+// Without bf16 products (AVX2 + FMA, or AVX-512 without BF16): float32 panels and FMA register tiles.
+// x is widened to float32 once a call; a panel holds decoded weights in natural order, panel[j][c] for
+// the j-th summed index and output column c (16 columns forward, 32 transposed: one block's width), so
+// a tile broadcasts one x value and multiplies whole panel rows (no horizontal sums).
+constexpr int kForwardColumns = 16, kTransposedColumns = 32;
+
+// One block's 32 values in element order, as 4 vectors of 8 (the hub packs codes 2j, 2j+1 in byte j).
+inline void DecodeBlock32(const AllTables& tables, const uint8_t* bytes16, uint8_t scale, __m256 v[4]) {
+  const __m256 magnitudes = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tables.bits[scale])));
+  const __m256i sign_bit = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16));
+  for (int half = 0; half < 2; ++half) {  // bytes 0-7 hold elements 0-15, bytes 8-15 elements 16-31
+    const __m256i b = _mm256_cvtepu8_epi32(half ? _mm_srli_si128(bytes, 8) : bytes);
+    const __m256 low = _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, b),
+                                     _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 28), sign_bit)));
+    const __m256 high = _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, _mm256_srli_epi32(b, 4)),
+                                      _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 24), sign_bit)));
+    // low = elements 0,2,..,14 of the half, high = 1,3,..,15: interleave, then put the 128-bit lanes in order.
+    const __m256 a = _mm256_unpacklo_ps(low, high), c = _mm256_unpackhi_ps(low, high);
+    v[2 * half] = _mm256_permute2f128_ps(a, c, 0x20);
+    v[2 * half + 1] = _mm256_permute2f128_ps(a, c, 0x31);
+  }
+}
+
+// The 8 x 8 transpose of rows r[0..7].
+inline void Transpose8x8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Forward panel: columns are weight rows (columns of them real, the rest zero), rows of the panel run
+// along k. Blocks of 8 weight rows are decoded and transposed 8 x 8.
+void DecodeRowsPanelF32(const uint8_t* b, const uint8_t* s, int64_t groups, int64_t columns, float* panel) {
+  const AllTables& tables = Tables();
+  for (int64_t c0 = 0; c0 < kForwardColumns; c0 += 8) {
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 decoded[8][4];
+      for (int r = 0; r < 8; ++r) {
+        const int64_t block = (c0 + r) * groups + g;
+        if (c0 + r < columns) DecodeBlock32(tables, b + 16 * block, s[block], decoded[r]);
+        else for (int q = 0; q < 4; ++q) decoded[r][q] = _mm256_setzero_ps();
+      }
+      for (int q = 0; q < 4; ++q) {
+        __m256 rows[8];
+        for (int r = 0; r < 8; ++r) rows[r] = decoded[r][q];
+        Transpose8x8(rows);
+        for (int i = 0; i < 8; ++i) _mm256_store_ps(panel + (32 * g + 8 * q + i) * kForwardColumns + c0, rows[i]);
+      }
+    }
+  }
+}
+
+// Transposed panel: columns are k = 32 * g0 .. + 32 (one block of every weight row), rows run along n.
+void DecodeColumnsPanelF32(const uint8_t* b, const uint8_t* s, int64_t groups, int64_t g0, int64_t n_out, float* panel) {
+  const AllTables& tables = Tables();
+  for (int64_t n = 0; n < n_out; ++n) {
+    __m256 v[4];
+    DecodeBlock32(tables, b + 16 * (n * groups + g0), s[n * groups + g0], v);
+    for (int q = 0; q < 4; ++q) _mm256_store_ps(panel + n * kTransposedColumns + 8 * q, v[q]);
+  }
+}
+
+// kRows rows of x (float32, row stride x_stride) against panel rows [first, end), kVecs vectors of 8
+// columns wide; added to out (or written, for the first slice); columns past `columns` are not stored.
+template <int kRows, int kVecs>
+void PanelTileF32(const float* x, int64_t x_stride, const float* panel, int64_t first, int64_t end, float* out,
+                  int64_t out_stride, int64_t columns) {
+  __m256i masks[kVecs];  // masked, not branched: the accumulators stay in registers
+  for (int v = 0; v < kVecs; ++v)
+    masks[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(columns - 8 * v)),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256 acc[kRows][kVecs];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kVecs; ++v)
+      acc[r][v] = first == 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(out + r * out_stride + 8 * v, masks[v]);
+  for (int64_t j = first; j < end; ++j) {
+    const float* p = panel + j * 8 * kVecs;
+    __m256 w[kVecs];
+    for (int v = 0; v < kVecs; ++v) w[v] = _mm256_load_ps(p + 8 * v);
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * x_stride + j);
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm256_fmadd_ps(a, w[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kVecs; ++v) _mm256_maskstore_ps(out + r * out_stride + 8 * v, masks[v], acc[r][v]);
+}
+
+// out[r, c] = sum_j x[r, j] * panel[j, c] for `rows` rows of x (row stride width), in slices of panel
+// rows that stay in L1 while every row passes them. Tiles: 6 rows x 16 columns or 2 rows x 32 (12 and
+// 8 accumulators of the 16 registers).
+template <int kVecs>
+void ApplyPanelF32(const float* x, int64_t rows, int64_t width, const float* panel, float* out, int64_t out_stride,
+                   int64_t columns) {
+  constexpr int kTile = kVecs == 2 ? 6 : 2;
+  constexpr int64_t kSlice = 512 / kVecs;  // 16 KiB of panel
+  for (int64_t first = 0; first < width; first += kSlice) {
+    const int64_t end = std::min<int64_t>(width, first + kSlice);
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+      const int count = static_cast<int>(std::min<int64_t>(kTile, rows - r0));
+      WithCount(count, [&](auto kRows) {
+        if constexpr (kRows() <= kTile)
+          PanelTileF32<kRows(), kVecs>(x + r0 * width, width, panel, first, end, out + r0 * out_stride, out_stride, columns);
+      });
+    }
+  }
+}
+#endif
+
 ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::U8> all_blocks,
                               ffi::Buffer<ffi::U8> all_scales, ffi::Buffer<ffi::S32> layer,
                               ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool, bool transpose) {
@@ -693,15 +817,27 @@ ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> si
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
   float* result = out->typed_data();
 
+#ifdef GPTOSS_FLOAT_PANELS
+  const int64_t panel_columns = transpose ? kTransposedColumns : kForwardColumns;
+#else
+  const int64_t panel_columns = kPanel;
+#endif
   struct Item { int64_t expert, first_row, row_count, first_column; };
   std::vector<Item> items;
   int64_t start = 0;
   for (int64_t e = 0; e < shape.num_experts; ++e) {
     const int64_t count = std::clamp<int64_t>(sizes.typed_data()[e], 0, rows - start);
-    for (int64_t c = 0; count > 0 && c < columns_total; c += kPanel) items.push_back({e, start, count, c});
+    for (int64_t c = 0; count > 0 && c < columns_total; c += panel_columns) items.push_back({e, start, count, c});
     start += count;
   }
   std::fill(result + start * columns_total, result + rows * columns_total, 0.0f);
+#ifdef GPTOSS_FLOAT_PANELS
+  // x widened to float32 once (bf16 is float32's top half), not once for every panel that reads it.
+  std::vector<float> x32(start * width);
+  ParallelFor(pool, start, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * width; i < end * width; ++i) x32[i] = BitsToFloat(static_cast<int32_t>(xs[i]) << 16);
+  });
+#endif
 
   ParallelFor(pool, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
 #if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
@@ -720,6 +856,26 @@ ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> si
                         scales_data + expert_block + item.first_column * groups, groups, columns, panel);
       ApplyPanel(xs + item.first_row * width, item.row_count, width, panel,
                  result + item.first_row * columns_total + item.first_column, columns_total, columns);
+    }
+#elif defined(GPTOSS_FLOAT_PANELS)
+    struct alignas(32) Line { float v[8]; };
+    std::vector<Line> storage(width * panel_columns / 8);
+    float* panel = storage.front().v;
+    for (int64_t i = begin; i < end; ++i) {
+      const Item& item = items[i];
+      const int64_t columns = std::min<int64_t>(panel_columns, columns_total - item.first_column);
+      const int64_t expert_block = item.expert * n_out * groups;
+      const float* x_rows = x32.data() + item.first_row * width;
+      float* to = result + item.first_row * columns_total + item.first_column;
+      if (transpose) {
+        DecodeColumnsPanelF32(blocks_data + 16 * expert_block, scales_data + expert_block, groups, item.first_column / 32,
+                              n_out, panel);
+        ApplyPanelF32<4>(x_rows, item.row_count, width, panel, to, columns_total, columns);
+      } else {
+        DecodeRowsPanelF32(blocks_data + 16 * (expert_block + item.first_column * groups),
+                           scales_data + expert_block + item.first_column * groups, groups, columns, panel);
+        ApplyPanelF32<2>(x_rows, item.row_count, width, panel, to, columns_total, columns);
+      }
     }
 #else
     // Portable: decode the expert's whole weight matrix as float32 and multiply row by row.
@@ -770,10 +926,19 @@ ffi::Error CopyLayer(ffi::AnyBuffer stack, ffi::Buffer<ffi::S32> layer, ffi::Res
 
 }  // namespace
 
-// Whether this build multiplies bf16 pairs in hardware (AVX512-BF16): the grouped matmul's tiles and
-// the bf16 expert matvec. Without it they fall back to float32 loops, slower than XLA's paths.
+// Whether this build multiplies bf16 pairs in hardware (AVX512-BF16): the bf16 expert matvec.
 extern "C" int GptossHasBf16Products() {
 #if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Whether the grouped matmul runs register tiles (bf16 products, or float32 FMA panels); the portable
+// build's scalar loops are slower than XLA's tiled path.
+extern "C" int GptossHasTiledGroupedMatmul() {
+#if (defined(GPTOSS_AVX512) && defined(__AVX512BF16__)) || defined(GPTOSS_FLOAT_PANELS)
   return 1;
 #else
   return 0;
