@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
-
-import jax
 
 import gptoss_jax
 from gptoss_jax.cli import (
     UsageError,
     add_checkpoint_args,
+    add_distributed_args,
     add_generation_args,
     check_checkpoint_args,
     check_generation_args,
     checkpoint_directory,
+    join_distributed,
     run_command,
 )
 from gptoss_jax import sharding
@@ -51,10 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--raw", action="store_true", help="complete the prompt text as is, with no chat format")
     parser.add_argument("--prompt-ids", help="comma-separated token ids to complete (implies --raw)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt, nothing else")
-    parser.add_argument("--distributed", action="store_true", help="join a multi-process run (TPU pod, Slurm)")
-    parser.add_argument("--coordinator", help="multi-process run: the coordinator's host:port")
-    parser.add_argument("--num-processes", type=int, help="multi-process run: how many processes")
-    parser.add_argument("--process-id", type=int, help="multi-process run: this process's index")
+    add_distributed_args(parser)
     return parser.parse_args(argv)
 
 
@@ -81,11 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, scratch: Path) -> int:
     sampling = check_generation_args(args)
     check_checkpoint_args(args)
-    if args.distributed or args.coordinator:
-        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    join_distributed(args)
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
-    if jax.process_index() != 0:  # every process computes; the first one speaks
-        sys.stdout = open(os.devnull, "w")
     prompts = read_prompts(args)
     raw = args.raw or args.prompt_ids is not None
     # Find the checkpoint, then the vocabulary (perhaps next to it), then load: each failure comes before

@@ -39,6 +39,27 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", help="shard over devices, e.g. expert=4,tensor=2 or data=2,expert=4 (default: one)")
 
 
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """--distributed, or --coordinator with --num-processes and --process-id: a multi-process run."""
+    parser.add_argument("--distributed", action="store_true", help="join a multi-process run (TPU pod, Slurm)")
+    parser.add_argument("--coordinator", help="multi-process run: the coordinator's host:port")
+    parser.add_argument("--num-processes", type=int, help="multi-process run: how many processes")
+    parser.add_argument("--process-id", type=int, help="multi-process run: this process's index")
+
+
+def join_distributed(args: argparse.Namespace) -> None:
+    """Join the multi-process run the arguments describe, if any (before anything touches a device).
+    Every process computes; only the first one prints to stdout."""
+    if args.distributed or args.coordinator:
+        import jax
+
+        from gptoss_jax import sharding
+
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        if jax.process_index() != 0:
+            sys.stdout = open(os.devnull, "w")
+
+
 def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     """--reasoning-effort, --max-new-tokens and the sampling options."""
     parser.add_argument("--reasoning-effort", default="medium", help="low, medium or high")

@@ -86,11 +86,16 @@ def make_mesh(sizes: dict[str, int] | str, devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, what: str = "array") -> PartitionSpec:
-    """The PartitionSpec of an array with these logical axes on `mesh`, checking that sizes divide."""
+def spec_for(
+    axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, what: str = "array", fully: bool = False
+) -> PartitionSpec:
+    """The PartitionSpec of an array with these logical axes on `mesh`, checking that sizes divide.
+
+    fully: also split the array over the mesh axes its logical axes leave unused (see `fully_sharded`).
+    """
     if len(axes) < len(shape):  # stacked over layer groups: a leading axis that is never split
         axes = ("layers",) * (len(shape) - len(axes)) + tuple(axes)
-    spec = []
+    spec: list = []
     for axis, size in zip(axes, shape):
         mesh_axis = RULES.get(axis)
         if mesh_axis is None or mesh.shape.get(mesh_axis, 1) == 1:
@@ -102,22 +107,67 @@ def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, w
                 f"{mesh_axis}={mesh.shape[mesh_axis]}"
             )
         spec.append(mesh_axis)
-    return PartitionSpec(*spec)
+    return PartitionSpec(*(fully_sharded(axes, shape, spec, mesh) if fully else spec))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
-    """NamedShardings for every variable of a model state, from each variable's declared `axes`."""
+def fully_sharded(axes: tuple, shape: tuple[int, ...], spec: list, mesh: Mesh) -> list:
+    """FSDP (ZeRO-3) for what training keeps: the array's largest dimension the rules leave whole is split
+    over every mesh axis the array does not use yet (or as many of them, in MESH_AXES order, as divide
+    it), so each device holds 1/n of it. Inside the step XLA gathers a weight where it is used and
+    scatters its gradient back. The layer stack's axis stays whole: the layer scan slices it."""
+    used = {name for entry in spec if entry is not None for name in (entry if isinstance(entry, tuple) else (entry,))}
+    free = [name for name in MESH_AXES if name not in used and mesh.shape.get(name, 1) > 1]
+    while free:
+        ways = math.prod(mesh.shape[name] for name in free)
+        whole = [i for i, (axis, size) in enumerate(zip(axes, shape))
+                 if spec[i] is None and axis != "layers" and size % ways == 0]  # fmt: skip
+        if whole:
+            widest = max(whole, key=lambda i: shape[i])
+            return [*spec[:widest], tuple(free) if len(free) > 1 else free[0], *spec[widest + 1:]]
+        free.pop()
+    return spec
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, training: str | None = None) -> Any:
+    """NamedShardings for every variable of a model state, from each variable's declared `axes`.
+
+    training: None places the state for inference. "trained" (weights being trained, and their optimizer
+    state) splits every array fully over the mesh (FSDP, see `fully_sharded`); "frozen" does so for the
+    dense weights only: frozen experts stay split over 'expert' and 'tensor' alone, as expert
+    parallelism already divides them and gathering them each step would move their whole size.
+    """
 
     def sharding(path, variable):
         name = "/".join(str(getattr(key, "key", key)) for key in path)
         axes = getattr(variable, "axes", None)
         if axes is None:
             raise ShardingError(f"parameter {name} declares no logical axes")
-        return NamedSharding(mesh, spec_for(axes, variable.shape, mesh, name))
+        return NamedSharding(mesh, spec_for(axes, variable.shape, mesh, name, fully=fsdp(training, axes)))
 
     return jax.tree_util.tree_map_with_path(
         sharding, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable)
     )
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) -> jax.Array:
+    """Pin an activation's layout inside a program on `mesh` (no mesh: nothing to do) by the rules: rows
+    over 'data', heads over 'tensor'; an axis that does not divide stays whole. Where weights are split
+    fully (training), this keeps XLA gathering the weights instead of re-splitting the activations."""
+    if mesh is None:
+        return x
+    spec = []
+    for axis, size in zip(axes, x.shape):
+        mesh_axis = RULES.get(axis)
+        divides = mesh_axis is not None and mesh.shape.get(mesh_axis, 1) > 1 and size % mesh.shape[mesh_axis] == 0
+        spec.append(mesh_axis if divides else None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def fsdp(training: str | None, axes: tuple) -> bool:
+    """Whether a training run splits an array with these logical axes fully (see `state_shardings`)."""
+    if training not in (None, "trained", "frozen"):
+        raise ValueError(f"training must be None, 'trained' or 'frozen', got {training!r}")
+    return training == "trained" or (training == "frozen" and "experts" not in axes)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
@@ -146,6 +196,16 @@ def variable_values(shardings: Any) -> Any:
         shardings,
         is_leaf=lambda leaf: isinstance(leaf, nnx.Variable),
     )
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """The whole of a device array on this host. In a multi-process run an array split over 'data'
+    spans hosts; each process then receives the others' parts (every process must call this alike)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def device_bytes(tree: Any) -> dict[Any, int]:

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from gptoss_jax.nn import GptOss
+from gptoss_jax.sharding import state_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
+    eps: float = 1e-8  # Adam's epsilon: gradients much smaller than it move their weights less
     grad_clip: float = 1.0
 
 
@@ -49,7 +51,7 @@ def make_optimizer(config: OptimizerConfig, steps: int) -> tuple[optax.GradientT
     )
     optimizer = optax.chain(
         optax.clip_by_global_norm(config.grad_clip),
-        optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay),
+        optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay),
     )
     return optimizer, schedule
 
@@ -69,6 +71,27 @@ class TrainStep:
         self.initial_params = nnx.to_pure_dict(jax.tree.map(_as_float32, state))
         self.optimizer, self.schedule = make_optimizer(optimizer, steps)
         self.loss_fn, self.use_dropout = loss_fn, use_dropout
+        self.mesh = model.mesh
+        if self.mesh is not None:  # a sharded run: where each part of its state lives (FSDP, see sharding.py)
+            self.param_shardings = nnx.to_pure_dict(state_shardings(state, self.mesh, "trained"))
+            self.frozen_shardings = state_shardings(self.frozen, self.mesh, "frozen")
+
+    def replicated(self) -> jax.sharding.NamedSharding:
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def opt_state_shardings(self, opt_state: Any) -> Any:
+        """Each optimizer-state leaf placed like the parameter it follows (Adam's moments mirror the
+        parameters' tree inside the state's), anything else (step counts) replicated."""
+        by_path = dict(jax.tree_util.tree_flatten_with_path(self.param_shardings)[0])
+
+        def place(path, leaf):
+            for start in range(len(path)):
+                sharding = by_path.get(tuple(path[start:]))
+                if sharding is not None and len(sharding.spec) <= len(leaf.shape):
+                    return sharding
+            return self.replicated()
+
+        return jax.tree_util.tree_map_with_path(place, opt_state)
 
     def model(self, params: dict, frozen: Any = None) -> GptOss:
         """The model with `params` in place of the trainable weights."""

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from gptoss_jax.chat.harmony import check_reasoning_effort
+from gptoss_jax.cli import add_distributed_args
 from gptoss_jax.config import check_experts
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import LoRAConfig
@@ -64,11 +65,15 @@ def check_full_run_experts(full: bool, experts: str) -> None:
 
 
 def run_arguments(argv: list[str] | None, prog: str, doc: str, example: str) -> argparse.Namespace:
-    """What every training command takes: --config FILE, `key=value` overrides, --no-progress."""
+    """What every training command takes: --config FILE, `key=value` overrides, --no-progress,
+    --stop-after, and the multi-process options."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     parser.add_argument("--config", help="a YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"override any config key, e.g. {example}")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    parser.add_argument("--stop-after", type=int, metavar="STEP",
+                        help="leave after this step, checkpointed (a time-boxed job; rerun to resume)")  # fmt: skip
+    add_distributed_args(parser)
     return parser.parse_args(argv)
 
 
@@ -148,6 +153,49 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
     elif kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise ConfigError(f"config key {key!r}: expected {kind.__name__}, got {value!r}")
+
+
+# Keys a resumed run may change; any other difference means the checkpoints are another run's.
+RESUMABLE_KEYS = ("run_dir", "steps", "save_every", "keep", "mesh")
+
+
+def check_resumable(config: Any) -> None:
+    """Refuse to resume, with one line naming the first differing key, a run directory whose checkpoints
+    were trained under another config (another base model, adapters, data or optimizer)."""
+    run_dir = Path(config.run_dir)
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.exists() or not any((run_dir / "checkpoints").glob("*")):
+        return
+    try:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{saved_file}: not valid YAML (the run's own config)") from None
+    saved = _flat(saved)
+    for key, value in _flat(to_dict(config)).items():
+        old = saved.get(key, value)  # a key newer than the run's config is not a difference
+        if key.split(".")[0] not in RESUMABLE_KEYS and old != value:
+            raise ConfigError(
+                f"{run_dir} holds checkpoints of a run with {key}={old!r}, not {value!r}: "
+                "resume with that config, or use a new run_dir"
+            )
+
+
+def _flat(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def write_run_config(config: Any) -> None:
+    """The resolved config as run_dir/config.yaml (by the first process of a multi-process run)."""
+    import jax
+
+    if jax.process_index() == 0:
+        (Path(config.run_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import nnx
 from tqdm import tqdm
 
@@ -31,16 +30,17 @@ import gptoss_jax
 from gptoss_jax.chat import harmony
 from gptoss_jax.chat.answers import final_answer
 from gptoss_jax.chat.harmony import check_reasoning_effort
-from gptoss_jax.cli import run_command
+from gptoss_jax.cli import join_distributed, run_command
 from gptoss_jax.datafile import read_jsonl
 from gptoss_jax.errors import ConfigError, DataError
 from gptoss_jax.inference.batching import Batcher, Request
 from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.config import check_experts
 from gptoss_jax.lora import LoRAConfig, adapters_off
+from gptoss_jax.sharding import host_array
 from gptoss_jax.rl import LOSSES, PolicyLoss, completion_hidden, group_advantages, rl_loss
 from gptoss_jax.training import OptimizerConfig
-from train.config import check_full_run_experts, read_config, run_arguments, to_dict
+from train.config import check_full_run_experts, check_resumable, read_config, run_arguments, write_run_config
 from train.data import example_order
 from train.loop import MetricsLog, Trainer
 from train.model import base_checkpoint, build_model
@@ -213,6 +213,7 @@ class GRPO:
             seed=config.seed,
             keep=config.keep,
             use_dropout=config.lora is not None and config.lora.dropout > 0,
+            row_axes={"routes": 3},  # [micro-batches, groups, pattern, rows, length, k]: see build_batch
         )
         # Full fine-tuning keeps the starting weights for the KL term (LoRA needs no copy: see `reference`).
         needs_copy = config.lora is None and config.beta > 0
@@ -278,7 +279,7 @@ class GRPO:
                             config.max_new_tokens)  # fmt: skip
         if config.beta > 0:
             batch["ref_logprobs"] = np.stack(
-                [np.asarray(self._reference_logprobs(self.reference, self.trainer.train_fn.frozen,
+                [host_array(self._reference_logprobs(self.reference, self.trainer.train_fn.frozen,
                                                      {name: value[i] for name, value in batch.items()}))
                  for i in range(batch["inputs"].shape[0])]
             )  # fmt: skip
@@ -314,11 +315,13 @@ class GRPO:
 
 def train(config: GRPOConfig, progress: bool = True, stop_after: int | None = None) -> GRPO:
     """Run (or resume) the RL run described by `config`; returns it at its last step."""
+    check_resumable(config)
     run = GRPO(config)
-    if run.prompts.skipped_too_long:
+    progress = progress and jax.process_index() == 0  # every process computes; the first one reports
+    if run.prompts.skipped_too_long and progress:
         print(f"warning: skipped {run.prompts.skipped_too_long} prompt(s) longer than "
               f"max_prompt_length={config.max_prompt_length}", file=sys.stderr)  # fmt: skip
-    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_run_config(config)
     log = MetricsLog(run.run_dir / "metrics.jsonl", run.step)
     last_step = config.steps if stop_after is None else min(stop_after, config.steps)
     bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc="grpo", unit="step")
@@ -336,7 +339,8 @@ def train(config: GRPOConfig, progress: bool = True, stop_after: int | None = No
 
 def run(args: argparse.Namespace, scratch: Path) -> int:
     config = read_config(GRPOConfig, args.config, args.overrides)
-    rl = train(config, progress=not args.no_progress)
+    join_distributed(args)
+    rl = train(config, progress=not args.no_progress, stop_after=args.stop_after)
     last = MetricsLog(Path(config.run_dir) / "metrics.jsonl", rl.step).read()[-1:]
     if last:
         print(f"step {rl.step}: reward {last[0]['reward_mean']:.3f}; run in {config.run_dir}")

@@ -20,6 +20,15 @@ from gptoss_jax.nn import GptOss
 from gptoss_jax.training import LossFn, OptimizerConfig, TrainStep
 
 
+def checkpoint_handlers() -> dict:
+    """What a training checkpoint holds: the trained parameters, the optimizer state, the progress."""
+    return {
+        "params": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
+        "progress": ocp.JsonCheckpointHandler(),
+    }
+
+
 class Trainer:
     """Runs a TrainStep from step 0 or from the latest checkpoint in run_dir.
 
@@ -39,10 +48,23 @@ class Trainer:
         seed: int = 0,
         keep: int = 3,
         use_dropout: bool = False,
+        row_axes: dict[str, int] | None = None,
     ):
-        self.train_fn = TrainStep(model, trainable, optimizer, steps, loss_fn, use_dropout)
-        self.params = self.train_fn.initial_params
-        self.opt_state = self.train_fn.optimizer.init(self.params)
+        """row_axes: the axis of each batch array that holds its rows, where it is not 1 ([micro-batches,
+        rows, ...]): on a mesh, rows are split over 'data'."""
+        self.train_fn = step = TrainStep(model, trainable, optimizer, steps, loss_fn, use_dropout)
+        self.mesh = step.mesh
+        self.row_axes = row_axes or {}
+        if self.mesh is None:
+            self.params = step.initial_params
+            self.opt_state = step.optimizer.init(self.params)
+            self._step = jax.jit(step, donate_argnums=(0, 1))
+        else:  # every part of the state stays where TrainStep places it, step after step
+            self.params = jax.device_put(step.initial_params, step.param_shardings)
+            opt_shardings = step.opt_state_shardings(jax.eval_shape(step.optimizer.init, self.params))
+            self.opt_state = jax.jit(step.optimizer.init, out_shardings=opt_shardings)(self.params)
+            out_shardings = (step.param_shardings, opt_shardings, step.replicated())
+            self._step = jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
         self.step = 0
         self.examples_seen = 0
         self.key = jax.random.key(seed)
@@ -50,8 +72,8 @@ class Trainer:
         self.manager = ocp.CheckpointManager(
             (self.run_dir / "checkpoints").absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+            item_handlers=checkpoint_handlers(),
         )
-        self._step = jax.jit(self.train_fn, donate_argnums=(0, 1))
 
     @property
     def trainable_count(self) -> int:
@@ -66,12 +88,32 @@ class Trainer:
         learning_rate = float(self.train_fn.schedule(self.step))
         key = jax.random.fold_in(self.key, self.step)
         started = time.perf_counter()
+        batch = self.place_batch(batch)
         self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.train_fn.frozen, batch, key)
-        metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
+        metrics = {name: float(np.asarray(value)) for name, value in metrics.items()}
         seconds = time.perf_counter() - started
         self.step += 1
         self.examples_seen += examples
         return dict(metrics, step=self.step, learning_rate=learning_rate, seconds=seconds)
+
+    def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """On a mesh, each batch array as one global array with its rows split over 'data' (every process
+        holds the whole batch and hands its devices their rows)."""
+        if self.mesh is None:
+            return batch
+        data = self.mesh.shape["data"]
+
+        def place(name: str, value: np.ndarray) -> jax.Array:
+            axis = self.row_axes.get(name, 1)
+            if value.shape[axis] % data:
+                raise ConfigError(
+                    f"a micro-batch of {value.shape[axis]} rows does not split over mesh axis data={data}"
+                )
+            spec = jax.sharding.PartitionSpec(*([None] * axis), "data")
+            sharding = jax.sharding.NamedSharding(self.mesh, spec)
+            return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+        return {name: place(name, np.asarray(value)) for name, value in batch.items()}
 
     # Checkpoints.
 
@@ -101,6 +143,7 @@ class Trainer:
         step = self.manager.latest_step()
         if step is None:
             return False
+        _check_fits(self.manager.item_metadata(step)["params"], self.params, f"{self.manager.directory}: checkpoint {step}")
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -125,13 +168,8 @@ def restore_params(run_dir: str | Path, abstract_params: dict, step: int | None 
     directory = (Path(run_dir) / "checkpoints").absolute()
     if not directory.is_dir():
         raise ConfigError(f"{run_dir}: no checkpoints/ folder (not a training run directory?)")
-    handlers = {
-        "params": ocp.StandardCheckpointHandler(),
-        "opt_state": ocp.StandardCheckpointHandler(),
-        "progress": ocp.JsonCheckpointHandler(),
-    }
     options = ocp.CheckpointManagerOptions(create=False)
-    with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as manager:
+    with ocp.CheckpointManager(directory, options=options, item_handlers=checkpoint_handlers()) as manager:
         steps = manager.all_steps()
         if not steps or (step is not None and step not in steps):
             wanted = "any checkpoint" if step is None else f"a checkpoint of step {step} (has {sorted(steps)})"
@@ -163,17 +201,21 @@ def _check_fits(saved_metadata: Any, abstract_params: dict, what: str) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl in the run dir: one JSON object a step. On resume, lines past the restored step go."""
+    """metrics.jsonl in the run dir: one JSON object a step. On resume, lines past the restored step go.
+    In a multi-process run only the first process writes it (every process computes the same metrics)."""
 
     def __init__(self, path: str | Path, resumed_step: int):
         self.path = Path(path)
-        if self.path.exists():
+        self.writes = jax.process_index() == 0
+        if self.path.exists() and self.writes:
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
             temporary = self.path.with_suffix(".tmp")
             temporary.write_text("".join(line + "\n" for line in kept))
             os.replace(temporary, self.path)
 
     def write(self, metrics: dict) -> None:
+        if not self.writes:
+            return
         clean = {name: (None if isinstance(value, float) and not math.isfinite(value) else value)
                  for name, value in metrics.items()}  # fmt: skip
         with self.path.open("a") as file:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+from jax.experimental import multihost_utils
+
 import gptoss_jax
 from gptoss_jax import sharding
 from gptoss_jax.checkpoint.reader import open_checkpoint
@@ -18,14 +21,18 @@ def base_checkpoint(config) -> Path:
     if config.checkpoint != RANDOM:
         return open_checkpoint(config.checkpoint).directory
     folder = Path(config.run_dir) / "base"
-    return folder / "tiny-random" if (folder / "tiny-random").exists() else write_random_checkpoint(folder)
+    if jax.process_index() == 0 and not (folder / "tiny-random").exists():
+        write_random_checkpoint(folder)
+    if jax.process_count() > 1:  # the others read it once the first process has written it
+        multihost_utils.sync_global_devices("random base checkpoint written")
+    return folder / "tiny-random"
 
 
 def build_model(config, checkpoint: Path) -> gptoss_jax.GptOss:
     """The base model with fresh adapters (or, for full fine-tuning, as loaded)."""
     mesh = sharding.make_mesh(config.mesh) if config.mesh else None
     experts = experts_to_load(config.lora is None, config.experts)
-    model = gptoss_jax.load(checkpoint, dtype=config.dtype, experts=experts, mesh=mesh)
+    model = gptoss_jax.load(checkpoint, dtype=config.dtype, experts=experts, mesh=mesh, training=True)
     return model if config.lora is None else add_lora(model, config.lora, seed=config.seed)
 
 

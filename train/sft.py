@@ -14,14 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
+import jax
 from flax import nnx
 from tqdm import tqdm
 
 from gptoss_jax.chat import harmony
-from gptoss_jax.cli import run_command
+from gptoss_jax.cli import join_distributed, run_command
 from gptoss_jax.training import sft_loss
-from train.config import SFTConfig, read_config, run_arguments, to_dict
+from train.config import SFTConfig, check_resumable, read_config, run_arguments, write_run_config
 from train.data import example_order, load_dataset, make_batch
 from train.loop import MetricsLog, Trainer
 from train.model import base_checkpoint, build_model
@@ -34,6 +34,7 @@ def train(config: SFTConfig, progress: bool = True, stop_after: int | None = Non
     """
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_resumable(config)
     checkpoint = base_checkpoint(config)
     encoding = harmony.load_encoding(checkpoint)
     dataset = load_dataset(config.data, encoding, config.max_length, config.reasoning_effort)
@@ -53,10 +54,11 @@ def train(config: SFTConfig, progress: bool = True, stop_after: int | None = Non
         use_dropout=config.lora is not None and config.lora.dropout > 0,
     )
     resumed = trainer.restore_latest()
+    progress = progress and jax.process_index() == 0  # every process computes; the first one reports
     if progress:
         what = f"resuming at step {trainer.step}" if resumed else "starting"
         print(f"{config.run_dir}: {what}; training {trainer.trainable_count:,} parameters", file=sys.stderr)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_run_config(config)
     log = MetricsLog(run_dir / "metrics.jsonl", trainer.step)
 
     per_step = config.batch_size * config.grad_accum
@@ -80,7 +82,8 @@ def train(config: SFTConfig, progress: bool = True, stop_after: int | None = Non
 
 def run(args: argparse.Namespace, scratch: Path) -> int:
     config = read_config(SFTConfig, args.config, args.overrides)
-    trainer = train(config, progress=not args.no_progress)
+    join_distributed(args)
+    trainer = train(config, progress=not args.no_progress, stop_after=args.stop_after)
     last = MetricsLog(Path(config.run_dir) / "metrics.jsonl", trainer.step).read()[-1:]
     if last:
         print(f"step {trainer.step}: loss {last[0]['loss']:.4f}; run in {config.run_dir}")

@@ -19,12 +19,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax import mxfp4
 from gptoss_jax.backends.tpu.mxfp4_matmul import blocks_to_tpu_form, scales_to_tpu_form
+from gptoss_jax.checkpoint import converted
 from gptoss_jax.checkpoint.names import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
 from gptoss_jax.checkpoint.reader import MemorySource, TensorSource, open_checkpoint
 from gptoss_jax.config import AUTO, GptOssConfig, check_experts
 from gptoss_jax.nn import GptOss
 from gptoss_jax.runtime import Runtime
-from gptoss_jax.sharding import set_mesh, spec_for
+from gptoss_jax.sharding import fsdp, set_mesh, spec_for
 
 def load(
     path_or_repo_id: str | Path,
@@ -32,8 +33,10 @@ def load(
     experts: str = AUTO,
     mesh: Mesh | None = None,
     runtime: Runtime | None = None,
+    training: bool = False,
 ) -> GptOss:
-    """Load a gpt-oss checkpoint: a hub-layout folder, an original-layout folder, or a hub repo id.
+    """Load a gpt-oss checkpoint: a hub-layout folder, an original-layout folder, a hub repo id, or a
+    folder `python -m gptoss_jax.convert` wrote (orbax: each process reads only its devices' parts).
 
     dtype: "float32" (for exactness checks) or "bfloat16" (for speed): the dense weights and compute.
     experts: "auto" (the default) keeps them as the checkpoint stores them: MXFP4 stays packed (decoded
@@ -41,10 +44,14 @@ def load(
     experts at load (lossy: only when asked for).
     mesh: place every tensor straight into its sharding (gptoss_jax.sharding); each device receives only
     its shard of each tensor as it is read.
+    training: place for a training run on `mesh`: the dense weights are also split over the mesh axes
+    their logical axes leave unused (FSDP, gptoss_jax.sharding.fully_sharded); experts as for inference.
     runtime: where the model runs and which algorithms it uses (gptoss_jax.Runtime); default: decided
     from the devices it is placed on.
     """
-    return load_source(open_checkpoint(path_or_repo_id), dtype, experts, mesh, runtime)
+    if converted.is_converted(path_or_repo_id):  # an orbax checkpoint (python -m gptoss_jax.convert)
+        return converted.load_converted(path_or_repo_id, dtype, experts, mesh, runtime, training)
+    return load_source(open_checkpoint(path_or_repo_id), dtype, experts, mesh, runtime, training)
 
 
 def from_tensors(
@@ -55,7 +62,8 @@ def from_tensors(
 
 
 def load_source(
-    source: TensorSource, dtype: str, experts: str, mesh: Mesh | None, runtime: Runtime | None = None
+    source: TensorSource, dtype: str, experts: str, mesh: Mesh | None, runtime: Runtime | None = None,
+    training: bool = False,
 ) -> GptOss:
     """Build the model abstractly, then stream each parameter in from `source`."""
     config = source.config
@@ -68,7 +76,7 @@ def load_source(
 
     def fill(path: tuple, variable: nnx.Variable) -> nnx.Variable:
         path = tuple(key.key if hasattr(key, "key") else key.idx for key in path)
-        sharding = _sharding(mesh, variable.axes, variable.shape, "/".join(map(str, path)))
+        sharding = _sharding(mesh, variable.axes, variable.shape, "/".join(map(str, path)), training)
         if path[0] != "groups":
             if sharding is None and _nbytes(variable) > BIG_TENSOR_BYTES:
                 return variable.replace(_read_in_pieces(source, TOP_LEVEL[path], variable))
@@ -95,8 +103,10 @@ def stored_experts(source: TensorSource) -> str:
     return "bfloat16" if source.dense_experts else "mxfp4"
 
 
-def _sharding(mesh: Mesh | None, axes: tuple, shape: tuple, name: str) -> NamedSharding | None:
-    return None if mesh is None else NamedSharding(mesh, spec_for(axes, shape, mesh, name))
+def _sharding(mesh: Mesh | None, axes: tuple, shape: tuple, name: str, training: bool) -> NamedSharding | None:
+    if mesh is None:
+        return None
+    return NamedSharding(mesh, spec_for(axes, shape, mesh, name, fully=fsdp("frozen" if training else None, axes)))
 
 
 def _read_layer_param(

@@ -17,6 +17,7 @@ from gptoss_jax.experts.common import ExpertAdapters
 from gptoss_jax.experts.gather import fused, gathered
 from gptoss_jax.experts.group import grouped, pallas_tiles, sorted_kernel, tiled
 from gptoss_jax.runtime import Runtime
+from gptoss_jax.sharding import MESH_AXES
 
 
 def expert_outputs(
@@ -32,6 +33,7 @@ def expert_outputs(
     """
     local_count = params["mlp1_bias"].shape[0]
     if sharded:
+        tokens, weights, params = _varying((tokens, weights, params))
         offset = jax.lax.axis_index("expert") * local_count
         first_tensor_shard = jax.lax.axis_index("tensor") == 0
     else:
@@ -65,3 +67,18 @@ def expert_outputs(
     else:
         out = grouped(tokens, marked, weights, params, bias2, adapters, config, dtype, runtime)
     return jax.lax.psum(out, ("expert", "tensor")) if sharded else out
+
+
+def _varying(tree):
+    """Float arrays cast to vary over every mesh axis, here at the top of the shard_map body. Arrays the
+    devices share (an adapter replicated over 'data', tokens over 'expert') must vary to meet each other;
+    left implicit, that cast lands inside the per-tile cond, and so does the psum of its gradient that
+    the backward pass adds: devices whose tiles differ take different branches and wait forever there."""
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        missing = tuple(axis for axis in MESH_AXES if axis not in jax.typeof(x).mat.varying)
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree)

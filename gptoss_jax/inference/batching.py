@@ -35,6 +35,7 @@ from gptoss_jax.inference.engine import MIN_PROMPT_BUCKET, Completion, Generatio
 from gptoss_jax.inference.sampling import SamplingParams, sample
 from gptoss_jax.nn import GptOss, KVCache
 from gptoss_jax.nn.cache import LayerCache
+from gptoss_jax.sharding import host_array
 
 
 @dataclasses.dataclass
@@ -241,8 +242,8 @@ class Batcher:
         first = slots[0].prefilled == 0
         carry, token, logprob, routes = self._chunk_program(self.state, carry, sampling, where, chunk, first)
         self._cache, self._token, self._position, self._keys = carry
-        token, logprob = np.asarray(token), np.asarray(logprob)
-        routes = np.asarray(routes) if self.record_routes else None
+        token, logprob = host_array(token), host_array(logprob)
+        routes = host_array(routes) if self.record_routes else None
         events = []
         for row, (index, slot, piece) in enumerate(zip(indices, slots, pieces)):
             slot.prefilled += len(piece)
@@ -265,8 +266,8 @@ class Batcher:
         carry = (self._cache, self._token, self._position, self._keys)
         carry, tokens, logprobs, routes = self._step_program(self.state, carry, self._sampling, np.asarray(decoding))
         self._cache, self._token, self._position, self._keys = carry
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-        routes = np.asarray(routes) if self.record_routes else None
+        tokens, logprobs = host_array(tokens), host_array(logprobs)
+        routes = host_array(routes) if self.record_routes else None
         events = []
         for index, is_decoding in enumerate(decoding):
             if is_decoding and self._active[index] is not None:

@@ -25,6 +25,7 @@ from flax import nnx
 from gptoss_jax.errors import GptOssError
 from gptoss_jax.nn import GptOss, KVCache
 from gptoss_jax.inference.sampling import SamplingParams, sample
+from gptoss_jax.sharding import host_array
 
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 128
@@ -150,9 +151,9 @@ class Generator:
         carry, token, logprob, routes = self._prefill(
             self.state, tokens, lengths, cache, sampling_arrays, jax.random.key(seed)
         )
-        token, logprob = np.asarray(token), np.asarray(logprob)
+        token, logprob = host_array(token), host_array(logprob)
         if routes_out is not None:
-            routes_out.append(np.asarray(routes))
+            routes_out.append(host_array(routes))
         # Which rows have ended is tracked here only: a finished row keeps stepping on the device (shapes
         # are static) and its later tokens are dropped.
         finished = np.isin(token, list(stop_tokens)) | (max_new_tokens == 1)
@@ -170,9 +171,9 @@ class Generator:
             pending = None
             if produced + chunk < max_new_tokens:
                 pending = self._decode(self.state, carry, sampling_arrays, chunk)
-            tokens_out, logprobs_out = np.asarray(tokens_out), np.asarray(logprobs_out)
+            tokens_out, logprobs_out = host_array(tokens_out), host_array(logprobs_out)
             if routes_out is not None:
-                routes_out.append(np.asarray(routes))
+                routes_out.append(host_array(routes))
             for step in range(chunk):
                 if produced >= max_new_tokens:
                     break

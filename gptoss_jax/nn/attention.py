@@ -14,8 +14,12 @@ from gptoss_jax.nn.lora import LoRA, project
 from gptoss_jax.nn.ops import OUT_EQUATION, QKV_EQUATION, init, matmul, site_key
 from gptoss_jax.nn.rope import apply_rope
 from gptoss_jax.runtime import Runtime
+from gptoss_jax.sharding import constrain
 
 KV_AXES = ("kv_heads", "head_dim", "embed")
+# Activations' logical axes, for their layout on a mesh (gptoss_jax.sharding.constrain).
+Q_AXES = ("batch", None, "heads", None)
+KV_ACTIVATION_AXES = ("batch", None, "kv_heads", None)
 
 
 class Attention(nnx.Module):
@@ -63,9 +67,9 @@ class Attention(nnx.Module):
             out = project(QKV_EQUATION, x, weight[...], dtype, lora, site_key(dropout_key, site), runtime)
             return out + bias[...].astype(jnp.float32)
 
-        q = input_projection(self.q_proj, self.q_bias, self.q_lora, 0)
-        k = input_projection(self.k_proj, self.k_bias, self.k_lora, 1)
-        v = input_projection(self.v_proj, self.v_bias, self.v_lora, 2)
+        q = constrain(input_projection(self.q_proj, self.q_bias, self.q_lora, 0), Q_AXES, self.mesh)
+        k = constrain(input_projection(self.k_proj, self.k_bias, self.k_lora, 1), KV_ACTIVATION_AXES, self.mesh)
+        v = constrain(input_projection(self.v_proj, self.v_bias, self.v_lora, 2), KV_ACTIVATION_AXES, self.mesh)
         q, k = apply_rope(q, positions, c), apply_rope(k, positions, c)
 
         group = c.num_heads // c.num_kv_heads

@@ -24,6 +24,9 @@ from gptoss_jax.nn.moe import MoE, PackedBytes
 from gptoss_jax.nn.ops import DTYPES, RMSNorm, embedding_rows, init, matmul
 from gptoss_jax.nn.unembed import chunked_token_logprobs
 from gptoss_jax.runtime import Runtime
+from gptoss_jax.sharding import constrain
+
+RESIDUAL_AXES = ("batch", None, None)  # the residual stream [B, T, D] on a mesh: rows over 'data'
 
 
 class Block(nnx.Module):
@@ -47,10 +50,11 @@ class Block(nnx.Module):
         runtime: Runtime,
     ) -> tuple[jax.Array, LayerCache | None, jax.Array]:
         """(new residual stream, updated cache, the experts chosen for each token)."""
+        mesh = self.attn.mesh
         attended, cache = self.attn(self.attn_norm(x), positions, sliding, runtime, cache, dropout_key)
-        x = x + attended
+        x = constrain(x + attended, RESIDUAL_AXES, mesh)
         mixed, experts = self.mlp(self.mlp_norm(x), dropout_key, route, runtime=runtime)
-        return x + mixed, cache, experts
+        return constrain(x + mixed, RESIDUAL_AXES, mesh), cache, experts
 
 
 class LayerGroup(nnx.Module):

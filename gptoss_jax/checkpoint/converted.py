@@ -1,0 +1,188 @@
+"""Converted checkpoints: the model's arrays as one orbax checkpoint, experts still packed, so that loading
+onto a mesh restores each array straight into its sharding and each process reads only the parts its
+devices hold (a pod's hosts do not each read the whole safetensors).
+
+    python -m gptoss_jax.convert openai/gpt-oss-20b gpt-oss-20b-orbax
+    model = gptoss_jax.load("gpt-oss-20b-orbax", mesh=mesh)
+
+A converted folder holds config.json (the hub config), the source's tokenizer files, gptoss_jax.json
+(what was converted) and state/ (orbax). The arrays are stored in one canonical form, the checkpoint's
+(MXFP4 blocks [E, out, G, 16] and scales, the embedding at its own width, dense weights bf16); the form
+a platform runs (the TPU's expert layout, a padded embedding, another dtype) is made on its devices after
+restoring. Converting back to safetensors is train.export's job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from gptoss_jax import mxfp4
+from gptoss_jax.backends.tpu.mxfp4_matmul import blocks_to_tpu_form, scales_to_tpu_form
+from gptoss_jax.checkpoint.reader import open_checkpoint
+from gptoss_jax.checkpoint.writer import CONFIG_FILE, hub_config_json
+from gptoss_jax.config import AUTO, GptOssConfig, check_experts
+from gptoss_jax.errors import CheckpointError, ConfigError
+from gptoss_jax.nn import GptOss
+from gptoss_jax.runtime import Runtime
+from gptoss_jax.sharding import fsdp, set_mesh, spec_for
+
+MARKER = "gptoss_jax.json"
+FORMAT = "gptoss_jax orbax checkpoint"
+STATE = "state"
+# The form stored: what a CPU model without kernels holds (checkpoint expert layout, unpadded embedding).
+CANONICAL = Runtime("cpu")
+WEIGHT_FILES = (".safetensors", ".safetensors.index.json", CONFIG_FILE)
+
+
+def is_converted(path: str | Path) -> bool:
+    return (Path(path).expanduser() / MARKER).is_file()
+
+
+def convert(source: str | Path, destination: str | Path) -> Path:
+    """Write `source` (a checkpoint folder in either layout, or a hub repo id) as a converted checkpoint
+    in `destination`, a new or empty folder; written under a temporary name and renamed into place."""
+    destination = Path(destination).expanduser()
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise ConfigError(f"{destination}: already exists and is not an empty folder (convert writes a new one)")
+    checkpoint = open_checkpoint(source)
+    from gptoss_jax.checkpoint.load import load_source, stored_experts
+
+    experts = stored_experts(checkpoint)
+    model = load_source(checkpoint, "bfloat16", experts, mesh=None, runtime=CANONICAL)
+    partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        arrays = {key: variable.get_value() for key, variable in _by_path(nnx.state(model)).items()}
+        with ocp.StandardCheckpointer() as checkpointer:  # leaving waits for its background writes
+            checkpointer.save((partial / STATE).absolute(), _nested(arrays))
+        (partial / CONFIG_FILE).write_text(json.dumps(hub_config_json(checkpoint.config), indent=2) + "\n")
+        for file in sorted(checkpoint.directory.iterdir()):  # the tokenizer and chat template travel along
+            if file.is_file() and not file.name.endswith(WEIGHT_FILES):
+                shutil.copy2(file, partial / file.name)
+        marker = {"format": FORMAT, "version": 1, "experts": experts, "source": str(source)}
+        (partial / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if destination.exists():
+            destination.rmdir()
+        os.replace(partial, destination)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return destination
+
+
+def read_marker(path: Path) -> dict:
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as bad:
+        raise CheckpointError(f"{path / MARKER}: not readable JSON ({bad})") from None
+    if marker.get("format") != FORMAT or marker.get("experts") not in ("mxfp4", "bfloat16"):
+        raise CheckpointError(f"{path / MARKER}: not a {FORMAT} marker")
+    return marker
+
+
+def load_converted(
+    path: str | Path, dtype: str, experts: str, mesh: Mesh | None, runtime: Runtime | None, training: bool
+) -> GptOss:
+    """The model of a converted checkpoint (see gptoss_jax.load for the arguments). Each array is
+    restored straight into its sharding on `mesh`, then put in the form the runtime runs."""
+    path = Path(path).expanduser()
+    stored = read_marker(path)["experts"]
+    config_file = path / CONFIG_FILE
+    config = GptOssConfig.from_hub_config(json.loads(config_file.read_text()), str(config_file))
+    experts = stored if check_experts(experts) == AUTO else experts
+    if experts == "mxfp4" and stored == "bfloat16":
+        raise ConfigError(f"{path}: stores bf16 experts; quantizing them (experts='mxfp4') needs the safetensors source")
+    runtime = Runtime.default() if runtime is None else runtime
+    device = jax.devices()[0]
+
+    def placement(variable: nnx.Variable, name: str) -> jax.sharding.Sharding:
+        if mesh is None:
+            return jax.sharding.SingleDeviceSharding(device)
+        fully = fsdp("frozen" if training else None, variable.axes)
+        return NamedSharding(mesh, spec_for(variable.axes, variable.shape, mesh, name, fully=fully))
+
+    def build(form: Runtime, dtype: str, experts: str) -> GptOss:
+        return nnx.eval_shape(lambda: GptOss(config, dtype=dtype, experts=experts, runtime=form, rngs=nnx.Rngs(0)))
+
+    saved = _by_path(nnx.state(build(CANONICAL, "bfloat16", stored)))
+    abstract = {key: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placement(v, _name(key))) for key, v in saved.items()}
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore((path / STATE).absolute(), _nested(abstract))
+    except (ValueError, FileNotFoundError, KeyError) as bad:
+        raise CheckpointError(f"{path / STATE}: cannot be restored into this model ({str(bad).splitlines()[0]})") from None
+    arrays = {key: _get(restored, key) for key in saved}
+
+    graphdef, state = nnx.split(build(runtime, dtype, experts))
+
+    def fill(key_path: tuple, variable: nnx.Variable) -> nnx.Variable:
+        key = _key(key_path)
+        return variable.replace(_in_form(key, variable, arrays, placement(variable, _name(key)), path))
+
+    state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
+    model = nnx.merge(graphdef, state)
+    model.checkpoint_dir = str(path)
+    return model if mesh is None else set_mesh(model, mesh)
+
+
+def _in_form(key: tuple, variable: nnx.Variable, arrays: dict, sharding, path: Path) -> jax.Array:
+    """The target variable's value made from the canonical arrays, on its devices."""
+    *module, leaf = key
+    module = tuple(module)
+    if key in arrays and arrays[key].shape == variable.shape:
+        value, make = arrays[key], lambda x: x
+    elif key in arrays and key == ("embed",):  # a TPU model's embedding: zero columns up to its width
+        value = arrays[key]
+        make = lambda x: jnp.pad(x, ((0, 0), (0, variable.shape[-1] - x.shape[-1])))  # noqa: E731
+    elif leaf == "tpu_blocks" and (*module, "blocks") in arrays:
+        value, make = arrays[(*module, "blocks")], blocks_to_tpu_form
+    elif leaf == "tpu_scales" and (*module, "scales") in arrays:
+        value, make = arrays[(*module, "scales")], scales_to_tpu_form
+    elif leaf == "weight" and (*module, "blocks") in arrays:  # experts decoded to bf16 (exact)
+        value = (arrays[(*module, "blocks")], arrays[(*module, "scales")])
+        make = lambda pair: mxfp4.dequantize(*pair, jnp.float32)  # noqa: E731
+    else:
+        raise CheckpointError(f"{path}: holds no array for {_name(key)} {list(variable.shape)}")
+    convert = jax.jit(lambda x: make(x).astype(variable.dtype), out_shardings=sharding)
+    return convert(value)
+
+
+def _key(key_path: tuple) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
+
+
+def _name(key: tuple) -> str:
+    return "/".join(map(str, key))
+
+
+def _by_path(state: nnx.State) -> dict[tuple, nnx.Variable]:
+    leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))[0]
+    return {_key(key_path): variable for key_path, variable in leaves}
+
+
+def _nested(flat: dict[tuple, Any]) -> dict:
+    """{(a, b): x} -> {"a": {"b": x}}, with integer keys as strings (the layer lists, as orbax stores them)."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        for part in key[:-1]:
+            node = node.setdefault(str(part), {})
+        node[str(key[-1])] = value
+    return out
+
+
+def _get(tree: dict, key: tuple) -> Any:
+    for part in key:
+        tree = tree[str(part)]
+    return tree

@@ -1,0 +1,147 @@
+"""Training on 8 simulated CPU devices: LoRA SFT and GRPO on three meshes give what one device gives, and
+each device holds 1/8 of the trained state (adapters and optimizer state) and of the dense weights; two
+processes stop and resume on another mesh; a converted checkpoint loads straight into its shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+MESHES = ["data=8", "data=2,expert=4", "data=2,expert=2,tensor=2"]
+CONVERTED_MESH = "expert=4,tensor=2"
+RUNS = [f"{kind}:{mesh}" for kind in ("sft", "grpo") for mesh in ["", *MESHES]] + [f"convert:{CONVERTED_MESH}"]
+DEVICES = 8
+
+
+@pytest.fixture(scope="module")
+def runs(harmony_checkpoint, harmony_vocab_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sharded_runs")
+    script = Path(__file__).with_name("sharded_runs.py")
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(Path(__file__).parents[1])}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), str(harmony_checkpoint), str(harmony_vocab_dir), str(out), *RUNS],
+        capture_output=True, text=True, env=env, timeout=1200,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def result(out: Path, kind: str, mesh: str) -> dict:
+    with np.load(out / f"{kind}-{mesh or 'one'}.npz") as data:
+        return dict(data)
+
+
+def adapters(run: dict) -> list[np.ndarray]:
+    return [run[f"param{i}"] for i in range(sum(name.startswith("param") for name in run))]
+
+
+@pytest.mark.devices
+@pytest.mark.parametrize("kind", ["sft", "grpo"])
+@pytest.mark.parametrize("mesh", MESHES)
+def test_a_sharded_run_trains_what_one_device_trains(runs, kind, mesh):
+    alone, sharded = result(runs, kind, ""), result(runs, kind, mesh)
+    assert sharded["devices"] == DEVICES
+    assert len(sharded["losses"]) == (4 if kind == "sft" else 3)
+    np.testing.assert_allclose(sharded["losses"], alone["losses"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(sharded["rewards"], alone["rewards"])  # the same rollouts (GRPO)
+    trained, reference = adapters(sharded), adapters(alone)
+    assert len(trained) == len(reference) > 0
+    moved = 0.0
+    for ours, theirs in zip(trained, reference):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+        moved = max(moved, float(np.abs(theirs).max()))
+    assert moved > 1e-3  # the adapters did train (b starts at zero)
+
+
+@pytest.mark.devices
+@pytest.mark.parametrize("kind", ["sft", "grpo"])
+@pytest.mark.parametrize("mesh", MESHES)
+def test_each_device_holds_an_eighth_of_the_trained_state_and_of_the_embedding(runs, kind, mesh):
+    sharded, alone = result(runs, kind, mesh), result(runs, kind, "")
+    assert alone["state_share"] == 1.0 and alone["embedding_share"] == 1.0
+    assert sharded["state_share"] == pytest.approx(1 / DEVICES)  # every adapter and Adam moment
+    assert sharded["embedding_share"] == pytest.approx(1 / DEVICES)  # frozen dense weights: FSDP
+
+
+@pytest.mark.devices
+def test_a_converted_checkpoint_loads_onto_a_mesh_without_a_whole_expert_tensor_on_any_device(runs):
+    result = np.load(runs / f"convert-{CONVERTED_MESH}.npz")
+    assert result["expert_share"] == pytest.approx(1 / 8)  # restored straight into its shards
+    np.testing.assert_array_equal(result["logits"], result["reference"])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def sft_overrides(checkpoint: Path, run_dir: Path, mesh: str) -> list[str]:
+    """The run of sharded_runs.sft_config, as `key=value` overrides of the sft command."""
+    from sharded_runs import sft_config
+    from train.config import to_dict
+
+    def flat(mapping, prefix=""):
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            elif value is not None:
+                yield f"{prefix}{key}={json.dumps(value) if isinstance(value, list) else value}"
+
+    return list(flat(to_dict(sft_config(str(checkpoint), run_dir, mesh))))
+
+
+def two_processes(arguments: list[str]) -> list[str]:
+    """Run `python -m train.sft ARGUMENTS` as two processes of 4 simulated devices; their stdouts."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "train.sft", *arguments, "--no-progress", "--coordinator", coordinator,
+             "--num-processes", "2", "--process-id", str(index)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        for index in range(2)
+    ]
+    outputs = [process.communicate(timeout=900) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    return [stdout for stdout, _ in outputs]
+
+
+@pytest.mark.devices
+def test_two_processes_stop_and_resume_on_another_mesh_to_the_uninterrupted_result(
+    harmony_checkpoint, harmony_vocab_dir, tmp_path
+):
+    from train import sft
+    from train.loop import MetricsLog, restore_params
+    from sharded_runs import sft_config
+
+    run_dir = tmp_path / "run"
+    # Two processes on (data=8), stopped after step 2 as a preempted job is (a checkpoint, then exit) ...
+    first = two_processes([*sft_overrides(harmony_checkpoint, run_dir, "data=8"), "--stop-after", "2"])
+    assert sorted(int(path.name) for path in (run_dir / "checkpoints").iterdir()) == [2]
+    # ... then resumed by two processes on (data=2, expert=4) to the end.
+    second = two_processes(sft_overrides(harmony_checkpoint, run_dir, "data=2,expert=4"))
+    assert "step 2:" in first[0] and "step 4:" in second[0]
+    assert first[1] == second[1] == ""  # only the first process speaks ...
+    assert [line["step"] for line in MetricsLog(run_dir / "metrics.jsonl", 4).read()] == [1, 2, 3, 4]  # ... and logs
+
+    straight = sft.train(sft_config(str(harmony_checkpoint), tmp_path / "straight", ""), progress=False)
+    resumed, step = restore_params(run_dir, straight.params)
+    assert step == 4
+    losses = [line["loss"] for line in MetricsLog(run_dir / "metrics.jsonl", 4).read()]
+    reference = [line["loss"] for line in MetricsLog(tmp_path / "straight" / "metrics.jsonl", 4).read()]
+    np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight.params)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=1e-5)
