@@ -9,6 +9,8 @@ rule, or whose mesh axis the mesh lacks, is replicated.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from typing import Any
 
 import jax
@@ -53,6 +55,12 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return sizes
 
 
+# XLA:CPU's concurrency-optimized scheduler can order a program's independent collectives differently in
+# each process, and gloo then pairs one process's message with another's ("Received data size doesn't
+# match expected size"). XLA reads the flag once, when jax is imported: it must be in the environment.
+CPU_PROCESSES_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
 def initialize_distributed(
     coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> None:
@@ -63,6 +71,9 @@ def initialize_distributed(
     """
     if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if CPU_PROCESSES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+            print(f"warning: CPU processes should start with XLA_FLAGS={CPU_PROCESSES_FLAG} (without it "
+                  "XLA may order collectives differently in each process and gloo fails)", file=sys.stderr)  # fmt: skip
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from gptoss_jax.sharding import CPU_PROCESSES_FLAG
+
 MESHES = ["data=8", "data=2,expert=4", "data=2,expert=2,tensor=2"]
 CONVERTED_MESH = "expert=4,tensor=2"
 RUNS = [f"{kind}:{mesh}" for kind in ("sft", "grpo") for mesh in ["", *MESHES]] + [f"convert:{CONVERTED_MESH}"]
@@ -104,7 +106,8 @@ def sft_overrides(checkpoint: Path, run_dir: Path, mesh: str) -> list[str]:
 def two_processes(arguments: list[str]) -> list[str]:
     """Run `python -m train.sft ARGUMENTS` as two processes of 4 simulated devices; their stdouts."""
     coordinator = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    flags = f"--xla_force_host_platform_device_count=4 {CPU_PROCESSES_FLAG}"
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "train.sft", *arguments, "--no-progress", "--coordinator", coordinator,
@@ -116,7 +119,8 @@ def two_processes(arguments: list[str]) -> list[str]:
     outputs = [process.communicate(timeout=900) for process in processes]
     for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-3000:]
-    return [stdout for stdout, _ in outputs]
+    return ["".join(line for line in stdout.splitlines(keepends=True) if not line.startswith("[Gloo]"))
+            for stdout, _ in outputs]  # gloo logs its connections on stdout; the rest is ours  # fmt: skip
 
 
 @pytest.mark.devices

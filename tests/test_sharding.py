@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gptoss_jax.errors import GptOssError
-from gptoss_jax.sharding import ShardingError, parse_mesh
+from gptoss_jax.sharding import CPU_PROCESSES_FLAG, ShardingError, parse_mesh
 
 MESHES = ["expert=8", "expert=4,tensor=2", "data=2,expert=2,tensor=2"]
 
@@ -148,7 +148,8 @@ def test_two_processes_generate_what_one_process_does(hub_checkpoint):
         "--max-new-tokens", "6", "--temperature", "0", "--dtype", "float32", "--json",
     ]
     coordinator = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {CPU_PROCESSES_FLAG}",
+           "JAX_PLATFORMS": "cpu"}  # fmt: skip
     processes = [
         subprocess.Popen(
             [*common, "--mesh", "expert=4,tensor=2", "--coordinator", coordinator, "--num-processes", "2",

@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from flax import nnx
 
 from gptoss_jax.inference.engine import MIN_PROMPT_BUCKET, Completion, GenerationError, bucket, checked_prompt
@@ -96,9 +97,11 @@ class Batcher:
         self.graphdef, self.state = nnx.split(model)
         cache = KVCache.create(self.config, slots, self.context, model.dtype, model.mesh)
         self._cache = KVCache(tuple(dataclasses.replace(layer, empty=False) for layer in cache.layers))
-        self._token = jnp.zeros(slots, jnp.int32)
-        self._position = jnp.zeros(slots, jnp.int32)  # the position of the token each slot feeds next
-        self._keys = jax.random.key_data(jax.random.split(jax.random.key(0), slots))
+        # Every process of a multi-process run holds the same slots' state: replicated over the mesh.
+        where = None if model.mesh is None else NamedSharding(model.mesh, PartitionSpec())
+        self._token = jnp.zeros(slots, jnp.int32, device=where)
+        self._position = jnp.zeros(slots, jnp.int32, device=where)  # the position each slot feeds next
+        self._keys = jax.device_put(jax.random.key_data(jax.random.split(jax.random.key(0), slots)), where)
         self._sampling = {name: np.array(value) for name, value in SamplingParams().as_arrays(slots).items()}
         self._step_program = jax.jit(self._step_impl, donate_argnums=(1,))
         self._chunk_program = jax.jit(self._chunk_impl, static_argnums=(5,), donate_argnums=(1,))
