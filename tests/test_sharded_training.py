@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from cli_errors import assert_one_line_error
 from gptoss_jax.sharding import CPU_PROCESSES_FLAG
 
 MESHES = ["data=8", "data=2,expert=4", "data=2,expert=2,tensor=2"]
@@ -149,3 +150,39 @@ def test_two_processes_stop_and_resume_on_another_mesh_to_the_uninterrupted_resu
     np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-6)
     for ours, theirs in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight.params)):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=1e-5)
+
+
+def sft_command(arguments: list[str], devices: int = DEVICES) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "train.sft", *arguments, "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+
+
+@pytest.mark.devices
+def test_bad_meshes_and_foreign_checkpoints_are_one_line_errors_that_leave_nothing_behind(
+    harmony_checkpoint, harmony_vocab_dir, tmp_path
+):
+    fresh = tmp_path / "fresh"
+    # A mesh that does not divide the model: the tiny model has 2 KV heads.
+    result = sft_command(sft_overrides(harmony_checkpoint, fresh, "tensor=8"))
+    assert_one_line_error(result, "kv_heads axis of size 2 does not split over mesh axis tensor=8")
+    assert not fresh.exists()
+    # A mesh whose 'data' does not split the batch.
+    result = sft_command([*sft_overrides(harmony_checkpoint, fresh, "data=8"), "batch_size=4"])
+    assert_one_line_error(result, "batch_size=4 does not split over the mesh's data=8")
+    assert not fresh.exists()
+
+    run = tmp_path / "run"
+    first = sft_command([*sft_overrides(harmony_checkpoint, run, ""), "batch_size=4", "steps=1"], devices=1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    # The checkpoint of another run's config (other adapters) ...
+    result = sft_command([*sft_overrides(harmony_checkpoint, run, ""), "batch_size=4", "steps=1", "lora.rank=8"])
+    assert_one_line_error(result, f"{run} holds checkpoints of a run with lora.rank=4, not 8")
+    # ... and a resume on a mesh the run cannot use: one with more devices than there are, one whose
+    # 'data' does not split the run's batch.
+    result = sft_command([*sft_overrides(harmony_checkpoint, run, "data=16"), "batch_size=4", "steps=2"])
+    assert_one_line_error(result, "needs 16 devices, there are 8")
+    result = sft_command([*sft_overrides(harmony_checkpoint, run, "data=8"), "batch_size=4", "steps=2"])
+    assert_one_line_error(result, "batch_size=4 does not split over the mesh's data=8")
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before

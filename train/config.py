@@ -99,7 +99,7 @@ def read_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
             if not isinstance(target.get(parent), dict):
                 target[parent] = {}
             target = target[parent]
-        target[leaf] = yaml.safe_load(value)
+        target[leaf] = yaml.safe_load(value) if value else ""  # `mesh=` is the empty string, not null
     return from_dict(cls, data)
 
 

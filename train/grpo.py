@@ -42,7 +42,7 @@ from gptoss_jax.rl import LOSSES, PolicyLoss, completion_hidden, group_advantage
 from gptoss_jax.training import OptimizerConfig
 from train.config import check_full_run_experts, check_resumable, read_config, run_arguments, write_run_config
 from train.data import example_order
-from train.loop import MetricsLog, Trainer
+from train.loop import MetricsLog, Trainer, setting_up
 from train.model import base_checkpoint, build_model
 from train.rewards import Sample, arithmetic_task, load_reward, score
 
@@ -192,12 +192,16 @@ class GRPO:
     def __init__(self, config: GRPOConfig):
         self.config = config
         self.run_dir = Path(config.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = base_checkpoint(config)
         self.encoding = harmony.load_encoding(checkpoint)
         self.prompts = load_prompts(config, self.encoding)
         self.reward = load_reward(config.reward)
-        model = build_model(config, checkpoint)
+        rows = {"micro_batch": config.micro_batch}
+        if config.rollout == "continuous":
+            rows["rollout_slots"] = min(config.rollout_slots, config.prompts_per_step * config.num_generations)
+        else:
+            rows["prompts_per_step * num_generations"] = config.prompts_per_step * config.num_generations
+        model = build_model(config, checkpoint, rows)
         if config.max_prompt_length + config.max_new_tokens > model.config.max_context:
             raise ConfigError(
                 f"max_prompt_length + max_new_tokens = {config.max_prompt_length + config.max_new_tokens} exceeds "
@@ -316,7 +320,8 @@ class GRPO:
 def train(config: GRPOConfig, progress: bool = True, stop_after: int | None = None) -> GRPO:
     """Run (or resume) the RL run described by `config`; returns it at its last step."""
     check_resumable(config)
-    run = GRPO(config)
+    with setting_up(Path(config.run_dir)):  # a failure before the first step leaves no new run_dir behind
+        run = GRPO(config)
     progress = progress and jax.process_index() == 0  # every process computes; the first one reports
     if run.prompts.skipped_too_long and progress:
         print(f"warning: skipped {run.prompts.skipped_too_long} prompt(s) longer than "

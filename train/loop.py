@@ -3,12 +3,14 @@ orbax checkpoints that resume exactly, and the metrics log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,20 @@ import orbax.checkpoint as ocp
 from gptoss_jax.errors import ConfigError
 from gptoss_jax.nn import GptOss
 from gptoss_jax.training import LossFn, OptimizerConfig, TrainStep
+
+
+@contextlib.contextmanager
+def setting_up(run_dir: Path) -> Iterator[None]:
+    """Create `run_dir` for a run's setup (loading, placing, restoring); should the setup fail, a run_dir
+    this call created goes again, so bad input leaves nothing half-made on disk."""
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created and jax.process_index() == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def checkpoint_handlers() -> dict:

@@ -12,6 +12,7 @@ from gptoss_jax import sharding
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.cli import RANDOM, write_random_checkpoint
 from gptoss_jax.config import AUTO
+from gptoss_jax.errors import ConfigError
 from gptoss_jax.lora import add_lora
 
 
@@ -28,9 +29,16 @@ def base_checkpoint(config) -> Path:
     return folder / "tiny-random"
 
 
-def build_model(config, checkpoint: Path) -> gptoss_jax.GptOss:
-    """The base model with fresh adapters (or, for full fine-tuning, as loaded)."""
+def build_model(config, checkpoint: Path, rows: dict[str, int]) -> gptoss_jax.GptOss:
+    """The base model with fresh adapters (or, for full fine-tuning, as loaded), placed on the run's mesh.
+
+    rows: the run's batch dimensions (config name -> rows), each of which the mesh's 'data' axis splits.
+    """
     mesh = sharding.make_mesh(config.mesh) if config.mesh else None
+    data = 1 if mesh is None else mesh.shape["data"]
+    for name, count in rows.items():
+        if count % data:
+            raise ConfigError(f"{name}={count} does not split over the mesh's data={data} (mesh={config.mesh})")
     experts = experts_to_load(config.lora is None, config.experts)
     model = gptoss_jax.load(checkpoint, dtype=config.dtype, experts=experts, mesh=mesh, training=True)
     return model if config.lora is None else add_lora(model, config.lora, seed=config.seed)

@@ -23,7 +23,7 @@ from gptoss_jax.cli import join_distributed, run_command
 from gptoss_jax.training import sft_loss
 from train.config import SFTConfig, check_resumable, read_config, run_arguments, write_run_config
 from train.data import example_order, load_dataset, make_batch
-from train.loop import MetricsLog, Trainer
+from train.loop import MetricsLog, Trainer, setting_up
 from train.model import base_checkpoint, build_model
 
 
@@ -33,29 +33,28 @@ def train(config: SFTConfig, progress: bool = True, stop_after: int | None = Non
     stop_after: leave after this step, checkpointed, as a preempted run would (a later call resumes).
     """
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     check_resumable(config)
-    checkpoint = base_checkpoint(config)
-    encoding = harmony.load_encoding(checkpoint)
-    dataset = load_dataset(config.data, encoding, config.max_length, config.reasoning_effort)
-    for warning in dataset.warnings(config.data, config.max_length):
-        print(f"warning: {warning}", file=sys.stderr)
-
-    model = build_model(config, checkpoint)
-    trainer = Trainer(
-        model,
-        nnx.Param if config.lora is None else nnx.LoRAParam,
-        config.optimizer,
-        config.steps,
-        run_dir,
-        loss_fn=sft_loss,
-        seed=config.seed,
-        keep=config.keep,
-        use_dropout=config.lora is not None and config.lora.dropout > 0,
-    )
-    resumed = trainer.restore_latest()
+    with setting_up(run_dir):  # a failure before the first step leaves no new run_dir behind
+        checkpoint = base_checkpoint(config)
+        encoding = harmony.load_encoding(checkpoint)
+        dataset = load_dataset(config.data, encoding, config.max_length, config.reasoning_effort)
+        model = build_model(config, checkpoint, rows={"batch_size": config.batch_size})
+        trainer = Trainer(
+            model,
+            nnx.Param if config.lora is None else nnx.LoRAParam,
+            config.optimizer,
+            config.steps,
+            run_dir,
+            loss_fn=sft_loss,
+            seed=config.seed,
+            keep=config.keep,
+            use_dropout=config.lora is not None and config.lora.dropout > 0,
+        )
+        resumed = trainer.restore_latest()
     progress = progress and jax.process_index() == 0  # every process computes; the first one reports
     if progress:
+        for warning in dataset.warnings(config.data, config.max_length):
+            print(f"warning: {warning}", file=sys.stderr)
         what = f"resuming at step {trainer.step}" if resumed else "starting"
         print(f"{config.run_dir}: {what}; training {trainer.trainable_count:,} parameters", file=sys.stderr)
     write_run_config(config)
