@@ -139,10 +139,12 @@ def abstract_model(config: GptOssConfig, mesh, dtype: str, lora_rank: int | None
     model = nnx.eval_shape(build)
     sharding.set_mesh(model, mesh)
     graphdef, state = nnx.split(model)
+    # A training run splits its dense weights fully too (FSDP, as train.model loads them).
+    placement = None if lora_rank is None else "frozen"
     placed = jax.tree.map(
         lambda variable, where: variable.replace(jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=where)),
         state,
-        sharding.state_shardings(state, mesh),
+        sharding.state_shardings(state, mesh, placement),
         is_leaf=lambda leaf: isinstance(leaf, nnx.Variable),
     )
     return nnx.merge(graphdef, placed)
@@ -185,8 +187,10 @@ def _lower(model: GptOss, workload: Workload, mesh, dtype: str):
         return generator._decode.lower(state, (cache, rows, rows, key), sampling, 1), parts
     step = TrainStep(model, nnx.LoRAParam, OptimizerConfig(), 1000,
                      sft_loss if w.program == "sft" else rl_loss(PolicyLoss()))  # fmt: skip
-    params = _replicated(step.initial_params, mesh)
-    opt_state = _replicated(jax.eval_shape(step.optimizer.init, step.initial_params), mesh)
+    # Adapters and optimizer state where a sharded run keeps them (gptoss_jax.training.TrainStep).
+    params = _placed(step.initial_params, step.param_shardings)
+    abstract_opt_state = jax.eval_shape(step.optimizer.init, step.initial_params)
+    opt_state = _placed(abstract_opt_state, step.opt_state_shardings(abstract_opt_state))
     tokens = _rows(mesh, (1, w.batch, w.context), jnp.int32, axis=1)  # [micro-batches, rows, tokens]
     if w.program == "sft":
         batch = {"inputs": tokens, "positions": tokens, "targets": tokens,
@@ -204,7 +208,9 @@ def _lower(model: GptOss, workload: Workload, mesh, dtype: str):
         "adapters": _tree_bytes(params),
         "optimizer": _tree_bytes(opt_state),
     }
-    return jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, step.frozen, batch, key), parts
+    out_shardings = (step.param_shardings, step.opt_state_shardings(abstract_opt_state), step.replicated())
+    program = jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+    return program.lower(params, opt_state, step.frozen, batch, key), parts
 
 
 # XLA's one line when a TPU program does not fit, e.g. "... HLO temporaries (56.00G) exceeds available HBM (15.75G)"

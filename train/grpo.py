@@ -322,8 +322,9 @@ def train(config: GRPOConfig, progress: bool = True, stop_after: int | None = No
     check_resumable(config)
     with setting_up(Path(config.run_dir)):  # a failure before the first step leaves no new run_dir behind
         run = GRPO(config)
-    progress = progress and jax.process_index() == 0  # every process computes; the first one reports
-    if run.prompts.skipped_too_long and progress:
+    primary = jax.process_index() == 0  # every process computes; the first one reports
+    progress = progress and primary
+    if run.prompts.skipped_too_long and primary:
         print(f"warning: skipped {run.prompts.skipped_too_long} prompt(s) longer than "
               f"max_prompt_length={config.max_prompt_length}", file=sys.stderr)  # fmt: skip
     write_run_config(config)

@@ -51,10 +51,11 @@ def train(config: SFTConfig, progress: bool = True, stop_after: int | None = Non
             use_dropout=config.lora is not None and config.lora.dropout > 0,
         )
         resumed = trainer.restore_latest()
-    progress = progress and jax.process_index() == 0  # every process computes; the first one reports
+    primary = jax.process_index() == 0  # every process computes; the first one reports
+    progress = progress and primary
+    for warning in dataset.warnings(config.data, config.max_length) if primary else ():
+        print(f"warning: {warning}", file=sys.stderr)
     if progress:
-        for warning in dataset.warnings(config.data, config.max_length):
-            print(f"warning: {warning}", file=sys.stderr)
         what = f"resuming at step {trainer.step}" if resumed else "starting"
         print(f"{config.run_dir}: {what}; training {trainer.trainable_count:,} parameters", file=sys.stderr)
     write_run_config(config)
