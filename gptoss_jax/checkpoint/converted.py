@@ -6,7 +6,7 @@ devices hold (a pod's hosts do not each read the whole safetensors).
     model = gptoss_jax.load("gpt-oss-20b-orbax", mesh=mesh)
 
 A converted folder holds config.json (the hub config), the source's tokenizer files, gptoss_jax.json
-(what was converted) and state/ (orbax). The arrays are stored in one canonical form, the checkpoint's
+(what was converted) and state/, one orbax checkpoint per array, written one at a time. The arrays are stored in one canonical form, the checkpoint's
 (MXFP4 blocks [E, out, G, 16] and scales, the embedding at its own width, dense weights bf16); the form
 a platform runs (the TPU's expert layout, a padded embedding, another dtype) is made on its devices after
 restoring. Converting back to safetensors is train.export's job.
@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -55,17 +56,21 @@ def convert(source: str | Path, destination: str | Path) -> Path:
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise ConfigError(f"{destination}: already exists and is not an empty folder (convert writes a new one)")
     checkpoint = open_checkpoint(source)
-    from gptoss_jax.checkpoint.load import load_source, stored_experts
+    from gptoss_jax.checkpoint.load import read_variable, stored_experts
 
     experts = stored_experts(checkpoint)
-    model = load_source(checkpoint, "bfloat16", experts, mesh=None, runtime=CANONICAL)
+    _remove_abandoned(destination)
     partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     try:
         partial.mkdir(parents=True)
-        arrays = {key: variable.get_value() for key, variable in _by_path(nnx.state(model)).items()}
-        with ocp.StandardCheckpointer() as checkpointer:  # leaving waits for its background writes
-            checkpointer.save((partial / STATE).absolute(), _nested(arrays))
+        # One array at a time, each its own orbax checkpoint: orbax copies what it saves, and a copy of
+        # the whole model at once would not fit beside it (20b: 13 GB; peak RSS 15.8 GB measured).
+        with ocp.StandardCheckpointer() as checkpointer:
+            for key, variable in _by_path(nnx.state(_canonical_model(checkpoint.config, experts))).items():
+                value = np.asarray(read_variable(checkpoint, key, variable))
+                checkpointer.save((partial / STATE / _name(key)).absolute(), {"value": value})
+                checkpointer.wait_until_finished()
+                del value
         (partial / CONFIG_FILE).write_text(json.dumps(hub_config_json(checkpoint.config), indent=2) + "\n")
         for file in sorted(checkpoint.directory.iterdir()):  # the tokenizer and chat template travel along
             if file.is_file() and not file.name.endswith(WEIGHT_FILES):
@@ -79,6 +84,18 @@ def convert(source: str | Path, destination: str | Path) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return destination
+
+
+def _remove_abandoned(destination: Path) -> None:
+    """Remove what conversions into `destination` that were killed (no cleanup possible) left behind."""
+    for partial in destination.parent.glob(f".{destination.name}.partial-*"):
+        pid = partial.name.rpartition("-")[2]
+        try:
+            os.kill(int(pid), 0)  # still running: its conversion, not ours to touch
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(partial, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def read_marker(path: Path) -> dict:
@@ -112,19 +129,18 @@ def load_converted(
         fully = fsdp("frozen" if training else None, variable.axes)
         return NamedSharding(mesh, spec_for(variable.axes, variable.shape, mesh, name, fully=fully))
 
-    def build(form: Runtime, dtype: str, experts: str) -> GptOss:
-        return nnx.eval_shape(lambda: GptOss(config, dtype=dtype, experts=experts, runtime=form, rngs=nnx.Rngs(0)))
+    arrays = {}
+    with ocp.StandardCheckpointer() as checkpointer:
+        for key, variable in _by_path(nnx.state(_canonical_model(config, stored))).items():
+            item = path / STATE / _name(key)
+            where = jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=placement(variable, _name(key)))
+            try:
+                arrays[key] = checkpointer.restore(item.absolute(), {"value": where})["value"]
+            except (ValueError, FileNotFoundError, KeyError) as bad:
+                raise CheckpointError(f"{item}: cannot be restored into this model ({str(bad).splitlines()[0]})") from None
 
-    saved = _by_path(nnx.state(build(CANONICAL, "bfloat16", stored)))
-    abstract = {key: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placement(v, _name(key))) for key, v in saved.items()}
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore((path / STATE).absolute(), _nested(abstract))
-    except (ValueError, FileNotFoundError, KeyError) as bad:
-        raise CheckpointError(f"{path / STATE}: cannot be restored into this model ({str(bad).splitlines()[0]})") from None
-    arrays = {key: _get(restored, key) for key in saved}
-
-    graphdef, state = nnx.split(build(runtime, dtype, experts))
+    target = nnx.eval_shape(lambda: GptOss(config, dtype=dtype, experts=experts, runtime=runtime, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(target)
 
     def fill(key_path: tuple, variable: nnx.Variable) -> nnx.Variable:
         key = _key(key_path)
@@ -158,31 +174,20 @@ def _in_form(key: tuple, variable: nnx.Variable, arrays: dict, sharding, path: P
     return convert(value)
 
 
+def _canonical_model(config: GptOssConfig, experts: str) -> GptOss:
+    """The stored form's model, as shapes: bf16, experts as stored, laid out as the checkpoint has them."""
+    return nnx.eval_shape(lambda: GptOss(config, dtype="bfloat16", experts=experts, runtime=CANONICAL, rngs=nnx.Rngs(0)))
+
+
 def _key(key_path: tuple) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
 
 
 def _name(key: tuple) -> str:
-    return "/".join(map(str, key))
+    """A variable's name, also its item's folder in state/: "groups.layers.0.mlp.mlp1.blocks"."""
+    return ".".join(map(str, key))
 
 
 def _by_path(state: nnx.State) -> dict[tuple, nnx.Variable]:
     leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))[0]
     return {_key(key_path): variable for key_path, variable in leaves}
-
-
-def _nested(flat: dict[tuple, Any]) -> dict:
-    """{(a, b): x} -> {"a": {"b": x}}, with integer keys as strings (the layer lists, as orbax stores them)."""
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        for part in key[:-1]:
-            node = node.setdefault(str(part), {})
-        node[str(key[-1])] = value
-    return out
-
-
-def _get(tree: dict, key: tuple) -> Any:
-    for part in key:
-        tree = tree[str(part)]
-    return tree

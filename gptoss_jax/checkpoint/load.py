@@ -72,30 +72,36 @@ def load_source(
     runtime = Runtime.default() if runtime is None else runtime  # decided here, outside any trace
     abstract = nnx.eval_shape(lambda: GptOss(config, dtype=dtype, experts=experts, runtime=runtime, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    pattern_length = len(config.layer_pattern)
 
     def fill(path: tuple, variable: nnx.Variable) -> nnx.Variable:
-        path = tuple(key.key if hasattr(key, "key") else key.idx for key in path)
-        sharding = _sharding(mesh, variable.axes, variable.shape, "/".join(map(str, path)), training)
-        if path[0] != "groups":
-            if sharding is None and _nbytes(variable) > BIG_TENSOR_BYTES:
-                return variable.replace(_read_in_pieces(source, TOP_LEVEL[path], variable))
-            return variable.replace(_place(_widen(source.read(TOP_LEVEL[path]), variable.shape), variable.dtype, sharding))
-        # groups/layers/<position in pattern>/<module path>: slice g of the stack is layer g * P + position.
-        position, inner = path[2], path[3:]
-        layer_sharding = None if sharding is None else NamedSharding(mesh, PartitionSpec(*sharding.spec[1:]))
-        stacked = jnp.zeros(variable.shape, variable.dtype, device=sharding)
-        for group in range(config.num_groups):
-            layer = group * pattern_length + position
-            value = _read_layer_param(source, inner, layer, variable, layer_sharding)
-            stacked = _set_slice(stacked, group, value)
-        return variable.replace(stacked)
+        key = tuple(part.key if hasattr(part, "key") else part.idx for part in path)
+        return variable.replace(read_variable(source, key, variable, mesh, training))
 
     state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
     model = nnx.merge(graphdef, state)
     if source.layout != "memory":
         model.checkpoint_dir = str(source.directory)  # where tokenizer files next to the weights can be found
     return model if mesh is None else set_mesh(model, mesh)
+
+
+def read_variable(source: TensorSource, key: tuple, variable: nnx.Variable, mesh: Mesh | None = None,
+                  training: bool = False) -> jax.Array:  # fmt: skip
+    """The value of the model variable at `key` (its path in the model's state), read from `source` and
+    placed in its sharding on `mesh` (see `load`)."""
+    config = source.config
+    sharding = _sharding(mesh, variable.axes, variable.shape, "/".join(map(str, key)), training)
+    if key[0] != "groups":
+        if sharding is None and _nbytes(variable) > BIG_TENSOR_BYTES:
+            return _read_in_pieces(source, TOP_LEVEL[key], variable)
+        return _place(_widen(source.read(TOP_LEVEL[key]), variable.shape), variable.dtype, sharding)
+    # groups/layers/<position in pattern>/<module path>: slice g of the stack is layer g * P + position.
+    position, inner = key[2], key[3:]
+    layer_sharding = None if sharding is None else NamedSharding(mesh, PartitionSpec(*sharding.spec[1:]))
+    stacked = jnp.zeros(variable.shape, variable.dtype, device=sharding)
+    for group in range(config.num_groups):
+        layer = group * len(config.layer_pattern) + position
+        stacked = _set_slice(stacked, group, _read_layer_param(source, inner, layer, variable, layer_sharding))
+    return stacked
 
 
 def stored_experts(source: TensorSource) -> str:
