@@ -129,44 +129,48 @@ def load_converted(
         fully = fsdp("frozen" if training else None, variable.axes)
         return NamedSharding(mesh, spec_for(variable.axes, variable.shape, mesh, name, fully=fully))
 
-    arrays = {}
-    with ocp.StandardCheckpointer() as checkpointer:
-        for key, variable in _by_path(nnx.state(_canonical_model(config, stored))).items():
-            item = path / STATE / _name(key)
-            where = jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=placement(variable, _name(key)))
-            try:
-                arrays[key] = checkpointer.restore(item.absolute(), {"value": where})["value"]
-            except (ValueError, FileNotFoundError, KeyError) as bad:
-                raise CheckpointError(f"{item}: cannot be restored into this model ({str(bad).splitlines()[0]})") from None
-
+    saved = _by_path(nnx.state(_canonical_model(config, stored)))
     target = nnx.eval_shape(lambda: GptOss(config, dtype=dtype, experts=experts, runtime=runtime, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(target)
 
-    def fill(key_path: tuple, variable: nnx.Variable) -> nnx.Variable:
-        key = _key(key_path)
-        return variable.replace(_in_form(key, variable, arrays, placement(variable, _name(key)), path))
+    with ocp.StandardCheckpointer() as checkpointer:
 
-    state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
+        def restore(key: tuple) -> jax.Array:
+            """One stored array, restored straight into its sharding (each process reads its part)."""
+            item, variable = path / STATE / _name(key), saved[key]
+            where = jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=placement(variable, _name(key)))
+            try:
+                return checkpointer.restore(item.absolute(), {"value": where})["value"]
+            except (ValueError, FileNotFoundError, KeyError) as bad:
+                raise CheckpointError(f"{item}: cannot be restored into this model ({str(bad).splitlines()[0]})") from None
+
+        def fill(key_path: tuple, variable: nnx.Variable) -> nnx.Variable:  # one variable at a time
+            key = _key(key_path)
+            return variable.replace(_in_form(key, variable, saved, restore, placement(variable, _name(key)), path))
+
+        state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
     model = nnx.merge(graphdef, state)
     model.checkpoint_dir = str(path)
     return model if mesh is None else set_mesh(model, mesh)
 
 
-def _in_form(key: tuple, variable: nnx.Variable, arrays: dict, sharding, path: Path) -> jax.Array:
-    """The target variable's value made from the canonical arrays, on its devices."""
+def _in_form(key: tuple, variable: nnx.Variable, saved: dict, restore, sharding, path: Path) -> jax.Array:
+    """The target variable's value made from the stored arrays, on its devices."""
     *module, leaf = key
-    module = tuple(module)
-    if key in arrays and arrays[key].shape == variable.shape:
-        value, make = arrays[key], lambda x: x
-    elif key in arrays and key == ("embed",):  # a TPU model's embedding: zero columns up to its width
-        value = arrays[key]
+    if key in saved and saved[key].shape == variable.shape:
+        value = restore(key)
+        if value.dtype == variable.dtype:
+            return value
+        make = lambda x: x  # noqa: E731
+    elif key in saved and key == ("embed",):  # a TPU model's embedding: zero columns up to its width
+        value = restore(key)
         make = lambda x: jnp.pad(x, ((0, 0), (0, variable.shape[-1] - x.shape[-1])))  # noqa: E731
-    elif leaf == "tpu_blocks" and (*module, "blocks") in arrays:
-        value, make = arrays[(*module, "blocks")], blocks_to_tpu_form
-    elif leaf == "tpu_scales" and (*module, "scales") in arrays:
-        value, make = arrays[(*module, "scales")], scales_to_tpu_form
-    elif leaf == "weight" and (*module, "blocks") in arrays:  # experts decoded to bf16 (exact)
-        value = (arrays[(*module, "blocks")], arrays[(*module, "scales")])
+    elif leaf == "tpu_blocks" and (*module, "blocks") in saved:
+        value, make = restore((*module, "blocks")), blocks_to_tpu_form
+    elif leaf == "tpu_scales" and (*module, "scales") in saved:
+        value, make = restore((*module, "scales")), scales_to_tpu_form
+    elif leaf == "weight" and (*module, "blocks") in saved:  # experts decoded to bf16 (exact)
+        value = (restore((*module, "blocks")), restore((*module, "scales")))
         make = lambda pair: mxfp4.dequantize(*pair, jnp.float32)  # noqa: E731
     else:
         raise CheckpointError(f"{path}: holds no array for {_name(key)} {list(variable.shape)}")
