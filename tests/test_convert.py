@@ -20,7 +20,6 @@ def flat_values(model) -> dict:
     return {path: np.asarray(variable.get_value()) for path, variable in nnx.to_flat_state(nnx.state(model))}
 
 
-@pytest.mark.quick
 @pytest.mark.parametrize("layout", ["hub", "original"])
 def test_a_converted_checkpoint_loads_to_bit_identical_weights(layout, hub_checkpoint, original_checkpoint, tmp_path):
     source = hub_checkpoint if layout == "hub" else original_checkpoint
