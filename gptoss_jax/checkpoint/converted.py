@@ -6,9 +6,9 @@ devices hold (a pod's hosts do not each read the whole safetensors).
     model = gptoss_jax.load("gpt-oss-20b-orbax", mesh=mesh)
 
 A converted folder holds config.json (the hub config), the source's tokenizer files, gptoss_jax.json
-(what was converted) and state/, one orbax checkpoint per array, written one at a time. The arrays are stored in one canonical form, the checkpoint's
-(MXFP4 blocks [E, out, G, 16] and scales, the embedding at its own width, dense weights bf16); the form
-a platform runs (the TPU's expert layout, a padded embedding, another dtype) is made on its devices after
+(what was converted) and state/, one orbax checkpoint per array, written one at a time. The arrays are
+stored in one canonical form, the checkpoint's (MXFP4 blocks [E, out, G, 16] and scales, the embedding
+at its own width, dense weights bf16); the form a platform runs (the TPU's expert layout, a padded embedding, another dtype) is made on its devices after
 restoring. Converting back to safetensors is train.export's job.
 """
 
@@ -145,7 +145,7 @@ def load_converted(
                 raise CheckpointError(f"{item}: cannot be restored into this model ({str(bad).splitlines()[0]})") from None
 
         def fill(key_path: tuple, variable: nnx.Variable) -> nnx.Variable:  # one variable at a time
-            key = _key(key_path)
+            key = variable_key(key_path)
             return variable.replace(_in_form(key, variable, saved, restore, placement(variable, _name(key)), path))
 
         state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
@@ -183,7 +183,8 @@ def _canonical_model(config: GptOssConfig, experts: str) -> GptOss:
     return nnx.eval_shape(lambda: GptOss(config, dtype="bfloat16", experts=experts, runtime=CANONICAL, rngs=nnx.Rngs(0)))
 
 
-def _key(key_path: tuple) -> tuple:
+def variable_key(key_path: tuple) -> tuple:
+    """A state path as plain keys: ('groups', 'layers', 0, 'mlp', 'mlp1', 'blocks')."""
     return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
 
 
@@ -194,4 +195,4 @@ def _name(key: tuple) -> str:
 
 def _by_path(state: nnx.State) -> dict[tuple, nnx.Variable]:
     leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))[0]
-    return {_key(key_path): variable for key_path, variable in leaves}
+    return {variable_key(key_path): variable for key_path, variable in leaves}

@@ -74,8 +74,7 @@ def load_source(
     graphdef, state = nnx.split(abstract)
 
     def fill(path: tuple, variable: nnx.Variable) -> nnx.Variable:
-        key = tuple(part.key if hasattr(part, "key") else part.idx for part in path)
-        return variable.replace(read_variable(source, key, variable, mesh, training))
+        return variable.replace(read_variable(source, converted.variable_key(path), variable, mesh, training))
 
     state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
     model = nnx.merge(graphdef, state)
