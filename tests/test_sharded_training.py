@@ -120,8 +120,7 @@ def two_processes(arguments: list[str]) -> list[str]:
     outputs = [process.communicate(timeout=900) for process in processes]
     for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-3000:]
-    return ["".join(line for line in stdout.splitlines(keepends=True) if not line.startswith("[Gloo]"))
-            for stdout, _ in outputs]  # gloo logs its connections on stdout; the rest is ours  # fmt: skip
+    return [stdout for stdout, _ in outputs]
 
 
 @pytest.mark.devices
@@ -139,7 +138,9 @@ def test_two_processes_stop_and_resume_on_another_mesh_to_the_uninterrupted_resu
     # ... then resumed by two processes on (data=2, expert=4) to the end.
     second = two_processes(sft_overrides(harmony_checkpoint, run_dir, "data=2,expert=4"))
     assert "step 2:" in first[0] and "step 4:" in second[0]
-    assert first[1] == second[1] == ""  # only the first process speaks ...
+    # Only the first process speaks (gloo's threads log their connections on stdout, interleaved mid-line,
+    # so the second's stdout is not empty: look for what our commands print) ...
+    assert not any(ours in first[1] + second[1] for ours in ("step", "loss", "run in", "warning"))
     assert [line["step"] for line in MetricsLog(run_dir / "metrics.jsonl", 4).read()] == [1, 2, 3, 4]  # ... and logs
 
     straight = sft.train(sft_config(str(harmony_checkpoint), tmp_path / "straight", ""), progress=False)
