@@ -2,6 +2,18 @@
 # Install everything the test suite needs into .venv (created if missing) and run the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The aarch64 kernel test cross-compiles and runs its program under qemu-user (Debian / Ubuntu packages).
+if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+    packages="g++-aarch64-linux-gnu qemu-user"
+    $sudo apt-get install -y -q --no-install-recommends $packages >/dev/null \
+      || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q --no-install-recommends $packages >/dev/null; } \
+      || echo "note: could not install $packages; the aarch64 kernel test will fail" >&2
+  else
+    echo "note: no apt-get here; install an aarch64 cross g++ and qemu-aarch64, or the aarch64 kernel test fails" >&2
+  fi
+fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e ".[test]"

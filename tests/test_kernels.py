@@ -35,6 +35,8 @@ def _cpuinfo_flags() -> set[str]:
 
 def _expected_variant() -> str:
     """This CPU's best variant, from its flags, written out apart from build.py's tables."""
+    if platform.machine() in ("aarch64", "arm64"):
+        return "neon"
     if platform.machine() != "x86_64":
         return "baseline"
     flags = _cpuinfo_flags()

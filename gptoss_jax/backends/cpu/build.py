@@ -1,4 +1,4 @@
-"""Building the CPU kernels: one source (cpu_kernels.cc) compiled into a few named variants.
+"""Building the CPU kernels: one source (cpu_kernels.cc, with cpu_kernels.h) compiled into a few named variants.
 
 Each variant is built with portable flags (an instruction-set level, `-mtune=generic`, never
 `-march=native`), so a build runs on any CPU that has its instructions, not only the one it was built
@@ -9,7 +9,8 @@ on. On x86-64:
   avx512       -march=x86-64-v4                 AVX-512 F/BW/CD/DQ/VL: the source's GPTOSS_AVX512 paths
   avx512bf16   -march=x86-64-v4 -mavx512bf16    ... and bf16 products in hardware (vdpbf16ps)
 
-Other machines build `baseline` only (the compiler's default target). The variant for this machine is
+On ARM64 (Apple silicon, Graviton, Ampere) there is one, `neon`: the compiler's default target, since
+every ARMv8-A CPU has NEON. Other machines build `baseline` only. The variant for this machine is
 the last of these its CPU can run (read from /proc/cpuinfo's flags), unless GPTOSS_JAX_KERNEL_VARIANT
 names one. Builds land in a cache folder ($GPTOSS_JAX_CACHE, default ~/.cache/gptoss_jax) under a name
 keyed by the source, the flags and jax's version (whose FFI headers they include). The compiler is
@@ -35,6 +36,7 @@ import jax
 from gptoss_jax.errors import GptOssError
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+HEADER = Path(__file__).with_name("cpu_kernels.h")
 DEFAULT_TIMEOUT_S = 300.0
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mtune=generic")
 
@@ -71,12 +73,16 @@ X86_64_VARIANTS = (
     Variant("avx512", ("-march=x86-64-v4",), _X86_64_V4),
     Variant("avx512bf16", ("-march=x86-64-v4", "-mavx512bf16"), _X86_64_V4 | {"avx512_bf16"}),
 )
+ARM64_VARIANTS = (Variant("neon", (), frozenset()),)
 OTHER_VARIANTS = (Variant("baseline", (), frozenset()),)
 
 
 def variants() -> tuple[Variant, ...]:
     """The variants this machine's architecture builds, slowest first."""
-    return X86_64_VARIANTS if platform.machine().lower() in ("x86_64", "amd64") else OTHER_VARIANTS
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return X86_64_VARIANTS
+    return ARM64_VARIANTS if machine in ("aarch64", "arm64") else OTHER_VARIANTS
 
 
 def cpu_flags() -> frozenset[str]:
@@ -124,7 +130,7 @@ def cache_dir() -> Path:
 
 def library_path(variant: Variant) -> Path:
     """Where the variant's build of this source, for this jax, lives (built or not)."""
-    parts = [SOURCE.read_bytes(), " ".join(variant.flags).encode(), jax.__version__.encode()]
+    parts = [SOURCE.read_bytes(), HEADER.read_bytes(), " ".join(variant.flags).encode(), jax.__version__.encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     return cache_dir() / f"cpu_kernels-{variant.name}-{key}.so"
 

@@ -8,34 +8,14 @@
 //   gptoss_mxfp4_dequantize:           one expert's packed weights -> dense [N, K] (bf16 or f32)
 //   gptoss_bf16_matvec:                a few rows x [R, K] (bf16) against w [N, K] (bf16) -> f32 [R, N]
 //
-// MXFP4 layout (see gptoss_jax/mxfp4.py): per output row, K/32 blocks of 16 bytes; byte j holds element
-// 2j in its low nibble and 2j+1 in its high nibble; one uint8 scale per block, value = fp4 * 2**(s-127).
-// A block's 16 possible values are built with integer arithmetic on float32 bit patterns (exact for
-// every scale, subnormals included) and looked up with one permute per 16 elements.
-//
-// Built by gptoss_jax/backends/cpu/build.py in named variants of one instruction-set level each (never
-// -march=native): the intrinsics need AVX-512 F+BW (GPTOSS_AVX512, the avx512 variant) and, for bf16
-// products, AVX512-BF16 (the avx512bf16 variant); AVX2 + FMA (GPTOSS_AVX2, the avx2 variant: most
-// laptops) has its own paths for the decode products; other builds run the portable loops below (a
-// compiler does not vectorize their float sums: it may not reorder them).
+// The arithmetic lives in cpu_kernels.h; this file checks shapes, picks the layer and binds to the FFI.
 
-#include <algorithm>
+#include "cpu_kernels.h"
+
 #include <atomic>
 #include <functional>
 #include <memory>
 #include <thread>
-#include <type_traits>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define GPTOSS_AVX512 1
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define GPTOSS_AVX2 1
-#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -43,72 +23,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// float32 bits of the 8 fp4 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.
-constexpr int32_t kMagnitudeBits[8] = {0x00000000, 0x3F000000, 0x3F800000, 0x3FC00000,
-                                       0x40000000, 0x40400000, 0x40800000, 0x40C00000};
-
-// float32 bits of magnitude * 2**(scale - 127), exact (the same rule as mxfp4._ldexp_bits).
-inline int32_t ScaledMagnitude(int32_t bits, int32_t scale) {
-  if (bits == 0) return 0;
-  int32_t exponent = (bits >> 23) + scale - 127;
-  int32_t mantissa = bits & 0x7FFFFF;
-  if (exponent >= 255) return 0x7F800000;
-  if (exponent >= 1) return (exponent << 23) | mantissa;
-  int32_t shift = std::min(1 - exponent, 31);
-  return (mantissa | 0x800000) >> shift;
-}
-
-// The 16 values of codes 0..15 at one scale, as float32 bits (codes 8..15 are the negatives).
-inline void BlockTable(int32_t scale, int32_t table[16]) {
-  for (int c = 0; c < 8; ++c) {
-    table[c] = ScaledMagnitude(kMagnitudeBits[c], scale);
-    table[c + 8] = table[c] | static_cast<int32_t>(0x80000000u);
-  }
-}
-
-inline float BitsToFloat(int32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-#ifdef GPTOSS_AVX2
-inline float Sum8(__m256 v) {  // the sum of a vector's 8 lanes
-  __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
-}
-#endif
-
-// BlockTable of every scale, built once: a block's table is then one 64-byte load.
-struct AllTables {
-  alignas(64) int32_t bits[256][16];
-  AllTables() {
-    for (int s = 0; s < 256; ++s) BlockTable(s, bits[s]);
-  }
-};
-const AllTables& Tables() {
-  static const AllTables tables;
-  return tables;
-}
-
-#ifdef GPTOSS_AVX512
-inline __m512 BlockTableVector(const AllTables& tables, uint8_t scale) {
-  return _mm512_castsi512_ps(_mm512_load_si512(tables.bits[scale]));
-}
-
-// One packed block (16 bytes, one scale) as its 32 values' float32 bits, in element order: lo, hi.
-inline void DecodeBlockBits(const AllTables& tables, const uint8_t* bytes16, uint8_t scale, __m512i* lo, __m512i* hi) {
-  const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  __m512i table = _mm512_castps_si512(BlockTableVector(tables, scale));
-  __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16)));
-  __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)), table);
-  __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);
-  *lo = _mm512_permutex2var_epi32(low, first_half, high);
-  *hi = _mm512_permutex2var_epi32(low, second_half, high);
-}
-#endif
+using namespace gptoss_cpu;
 
 // Splits n items into parts run on XLA's own intra-op threads and the calling thread, calling
 // body(begin, end) on each part. Every participant claims parts from a shared counter, so the caller
@@ -139,96 +54,6 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const Body& bo
   while (progress->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
 }
 
-// Calls f(std::integral_constant<int, count>) for count in 1..8, so loops over rows unroll and the
-// accumulators stay in registers.
-template <typename F>
-void WithCount(int count, F f) {
-  switch (count) {
-    case 1: return f(std::integral_constant<int, 1>());
-    case 2: return f(std::integral_constant<int, 2>());
-    case 3: return f(std::integral_constant<int, 3>());
-    case 4: return f(std::integral_constant<int, 4>());
-    case 5: return f(std::integral_constant<int, 5>());
-    case 6: return f(std::integral_constant<int, 6>());
-    case 7: return f(std::integral_constant<int, 7>());
-    default: return f(std::integral_constant<int, 8>());
-  }
-}
-constexpr int kMaxTokens = 8;
-
-// One output row of an expert for kTokens token rows, each given as even and odd halves (the even
-// elements x[2j] and the odd ones x[2j+1]), so low and high nibbles meet their inputs without
-// interleaving. Low and high products go to separate accumulators: two independent FMA chains.
-template <int kTokens>
-void ExpertRow(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const float* const* even,
-               const float* const* odd, float* out) {
-  const AllTables& tables = Tables();
-#ifdef GPTOSS_AVX512
-  // Four independent FMA chains a token (low and high nibbles of even and odd blocks): one chain would
-  // wait on the FMA latency every block.
-  __m512 acc[4][kTokens];
-  for (int c = 0; c < 4; ++c)
-    for (int t = 0; t < kTokens; ++t) acc[c][t] = _mm512_setzero_ps();
-  const __m512i low_mask = _mm512_set1_epi32(0x0F);
-  auto block = [&](int64_t g, int chain) {
-    __m512 table = BlockTableVector(tables, scales[g]);
-    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
-    __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), table);
-    __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-    for (int t = 0; t < kTokens; ++t) {
-      acc[chain][t] = _mm512_fmadd_ps(low, _mm512_loadu_ps(even[t] + 16 * g), acc[chain][t]);
-      acc[chain + 1][t] = _mm512_fmadd_ps(high, _mm512_loadu_ps(odd[t] + 16 * g), acc[chain + 1][t]);
-    }
-  };
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    block(g, 0);
-    block(g + 1, 2);
-  }
-  if (g < groups) block(g, 0);
-  for (int t = 0; t < kTokens; ++t)
-    out[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]), _mm512_add_ps(acc[2][t], acc[3][t])));
-#elif defined(GPTOSS_AVX2)
-  // Eight lanes: a block's 16 bytes are two vectors of 8, each giving 8 low and 8 high nibbles. The
-  // table's first 8 entries are the magnitudes (one permute looks them up by a code's low 3 bits); bit 3
-  // of a code is the sign. Four FMA chains a token: the two halves' low and high nibbles.
-  __m256 acc[4][kTokens];
-  for (int c = 0; c < 4; ++c)
-    for (int t = 0; t < kTokens; ++t) acc[c][t] = _mm256_setzero_ps();
-  const __m256i sign_bit = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
-  auto value = [&](__m256 magnitudes, __m256i codes, __m256i sign) {
-    return _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, codes), _mm256_castsi256_ps(_mm256_and_si256(sign, sign_bit)));
-  };
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256 magnitudes = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tables.bits[scales[g]])));
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g));
-    for (int half = 0; half < 2; ++half) {
-      const __m256i b = _mm256_cvtepu8_epi32(half ? _mm_srli_si128(bytes, 8) : bytes);
-      // low nibble: bits 0-2 index, bit 3 -> bit 31; high nibble: bits 4-6 index, bit 7 -> bit 31.
-      const __m256 low = value(magnitudes, b, _mm256_slli_epi32(b, 28));
-      const __m256 high = value(magnitudes, _mm256_srli_epi32(b, 4), _mm256_slli_epi32(b, 24));
-      for (int t = 0; t < kTokens; ++t) {
-        acc[2 * half][t] = _mm256_fmadd_ps(low, _mm256_loadu_ps(even[t] + 16 * g + 8 * half), acc[2 * half][t]);
-        acc[2 * half + 1][t] = _mm256_fmadd_ps(high, _mm256_loadu_ps(odd[t] + 16 * g + 8 * half), acc[2 * half + 1][t]);
-      }
-    }
-  }
-  for (int t = 0; t < kTokens; ++t)
-    out[t] = Sum8(_mm256_add_ps(_mm256_add_ps(acc[0][t], acc[1][t]), _mm256_add_ps(acc[2][t], acc[3][t])));
-#else
-  float acc[kTokens] = {0};
-  for (int64_t g = 0; g < groups; ++g) {
-    const int32_t* table = tables.bits[scales[g]];
-    for (int j = 0; j < 16; ++j) {
-      uint8_t byte = blocks[16 * g + j];
-      float low = BitsToFloat(table[byte & 0x0F]), high = BitsToFloat(table[byte >> 4]);
-      for (int t = 0; t < kTokens; ++t) acc[t] += low * even[t][16 * g + j] + high * odd[t][16 * g + j];
-    }
-  }
-  for (int t = 0; t < kTokens; ++t) out[t] = acc[t];
-#endif
-}
-
 // The trailing [E, N, G, 16] of packed blocks, and how many such stacks lead them ([L, E, N, G, 16]: the
 // layers of a scanned model, passed whole with a layer index so that no layer's bytes are copied out).
 struct PackedShape {
@@ -247,118 +72,36 @@ bool ReadPackedShape(ffi::Buffer<ffi::U8>& blocks, ffi::Buffer<ffi::U8>& scales,
   return scales.element_count() * 16 == blocks.element_count();
 }
 
-#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
-// ExpertRow for bf16 token rows: a block decodes to 16 bf16 pairs (one vector, in element order) and
-// each token adds one vdpbf16ps against its row as is: half the products and loads of the float32 form.
-template <int kTokens>
-void ExpertRowBf16(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const uint16_t* const* x, float* out) {
-  const AllTables& tables = Tables();
-  __m512 acc[2][kTokens];
-  for (int c = 0; c < 2; ++c)
-    for (int t = 0; t < kTokens; ++t) acc[c][t] = _mm512_setzero_ps();
-  const __m512i low_mask = _mm512_set1_epi32(0x0F);
-  const __m512i top_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  auto block = [&](int64_t g, int chain) {
-    __m512i table = _mm512_castps_si512(BlockTableVector(tables, scales[g]));
-    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
-    __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, low_mask), table);
-    __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);
-    __m512bh w = (__m512bh)_mm512_ternarylogic_epi32(top_half, high, _mm512_srli_epi32(low, 16), 0xEA);
-#pragma GCC unroll 8
-    for (int t = 0; t < kTokens; ++t)
-      acc[chain][t] = _mm512_dpbf16_ps(acc[chain][t], (__m512bh)_mm512_loadu_si512(x[t] + 32 * g), w);
-  };
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    block(g, 0);
-    block(g + 1, 1);
-  }
-  if (g < groups) block(g, 0);
-#pragma GCC unroll 8
-  for (int t = 0; t < kTokens; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
-}
-#endif
+// ParallelFor on XLA's intra-op threads, as the cores in cpu_kernels.h take it.
+struct OnPool {
+  ffi::ThreadPool& pool;
+  template <typename Body>
+  void operator()(int64_t n, int64_t grain, const Body& body) const { ParallelFor(pool, n, grain, body); }
+};
 
 // x [T, K] (float32, or bf16 bits when x_bf16) against the chosen experts -> out [T, k, N].
-ffi::Error ExpertMatvec(const void* x_data, bool x_bf16, int64_t rows, int64_t width, ffi::Buffer<ffi::S32>& experts,
-                        ffi::Buffer<ffi::U8>& all_blocks, ffi::Buffer<ffi::U8>& all_scales, ffi::Buffer<ffi::S32>& layer,
-                        float* result, ffi::ThreadPool& pool) {
+ffi::Error ExpertMatvecCall(const void* x_data, bool x_bf16, int64_t rows, int64_t width, ffi::Buffer<ffi::S32>& experts,
+                            ffi::Buffer<ffi::U8>& all_blocks, ffi::Buffer<ffi::U8>& all_scales,
+                            ffi::Buffer<ffi::S32>& layer, float* result, ffi::ThreadPool& pool) {
   auto ed = experts.dimensions();
   PackedShape shape;
   if (ed.size() != 2 || ed[0] != rows || !ReadPackedShape(all_blocks, all_scales, &shape) || shape.groups * 32 != width)
     return ffi::Error::InvalidArgument("gptoss_mxfp4_expert_matvec: x [T, K], experts [T, k], blocks [..., E, N, K/32, 16]");
-  const int64_t k = ed[1], num_experts = shape.num_experts, n_out = shape.n_out, groups = shape.groups;
-  const int64_t half = width / 2;
+  const int64_t num_experts = shape.num_experts, n_out = shape.n_out, groups = shape.groups;
   const int64_t stack = std::clamp<int64_t>(layer.typed_data()[0], 0, shape.stacks - 1);
-  const uint8_t* blocks_data = all_blocks.typed_data() + stack * num_experts * n_out * groups * 16;
-  const uint8_t* scales_data = all_scales.typed_data() + stack * num_experts * n_out * groups;
-#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
-  const bool bf16_rows = x_bf16;
-#else
-  const bool bf16_rows = false;
-#endif
-
-  // Float32 rows as even and odd halves (see ExpertRow); bf16 rows are used as they are.
-  std::vector<float> split(bf16_rows ? 0 : rows * width);
-  for (int64_t t = 0; !bf16_rows && t < rows; ++t) {
-    for (int64_t j = 0; j < half; ++j)
-      for (int64_t odd = 0; odd < 2; ++odd) {
-        const int64_t i = t * width + 2 * j + odd;
-        split[t * width + odd * half + j] =
-            x_bf16 ? BitsToFloat(static_cast<int32_t>(static_cast<const uint16_t*>(x_data)[i]) << 16)
-                   : static_cast<const float*>(x_data)[i];
-      }
-  }
-  // The (token, slot) pairs of each expert, in runs of at most kMaxTokens.
-  std::vector<std::vector<int64_t>> pairs_of(num_experts);
-  for (int64_t p = 0; p < rows * k; ++p) {
-    int32_t e = experts.typed_data()[p];
-    if (e >= 0 && e < num_experts) pairs_of[e].push_back(p);
-  }
-  struct Run { int64_t expert; int64_t first; int count; };
-  std::vector<Run> runs;
-  for (int64_t e = 0; e < num_experts; ++e)
-    for (size_t i = 0; i < pairs_of[e].size(); i += kMaxTokens)
-      runs.push_back({e, static_cast<int64_t>(i), static_cast<int>(std::min<size_t>(kMaxTokens, pairs_of[e].size() - i))});
-  std::fill(result, result + rows * k * n_out, 0.0f);  // pairs naming no expert here stay zero
-
-  // Work item = (run, output row); split across threads in contiguous ranges.
-  const int64_t items = static_cast<int64_t>(runs.size()) * n_out;
-  ParallelFor(pool, items, 256, [&](int64_t begin, int64_t end) {
-    const float* even[kMaxTokens];
-    const float* odd[kMaxTokens];
-    const uint16_t* bf16[kMaxTokens];
-    float values[kMaxTokens];
-    for (int64_t item = begin; item < end; ++item) {
-      const Run& run = runs[item / n_out];
-      const int64_t n = item % n_out;
-      for (int i = 0; i < run.count; ++i) {
-        int64_t token = pairs_of[run.expert][run.first + i] / k;
-        even[i] = split.data() + token * width;
-        odd[i] = even[i] + half;
-        bf16[i] = static_cast<const uint16_t*>(x_data) + token * width;
-      }
-      const int64_t row = run.expert * n_out + n;
-      const uint8_t* row_blocks = blocks_data + row * groups * 16;
-      const uint8_t* row_scales = scales_data + row * groups;
-      WithCount(run.count, [&](auto tokens) {
-#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
-        if (bf16_rows) return ExpertRowBf16<tokens()>(row_blocks, row_scales, groups, bf16, values);
-#endif
-        ExpertRow<tokens()>(row_blocks, row_scales, groups, even, odd, values);
-      });
-      for (int i = 0; i < run.count; ++i) result[pairs_of[run.expert][run.first + i] * n_out + n] = values[i];
-    }
-  });
+  ExpertMatvec(x_data, x_bf16, rows, width, experts.typed_data(), ed[1],
+               all_blocks.typed_data() + stack * num_experts * n_out * groups * 16,
+               all_scales.typed_data() + stack * num_experts * n_out * groups, num_experts, n_out, result, OnPool{pool});
   return ffi::Error::Success();
 }
+
 
 ffi::Error Mxfp4ExpertMatvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::U8> all_blocks,
                              ffi::Buffer<ffi::U8> all_scales, ffi::Buffer<ffi::S32> layer,
                              ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
   auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("gptoss_mxfp4_expert_matvec: x [T, K]");
-  return ExpertMatvec(x.untyped_data(), false, xd[0], xd[1], experts, all_blocks, all_scales, layer, out->typed_data(), pool);
+  return ExpertMatvecCall(x.untyped_data(), false, xd[0], xd[1], experts, all_blocks, all_scales, layer, out->typed_data(), pool);
 }
 
 ffi::Error Mxfp4ExpertMatvecBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::U8> all_blocks,
@@ -366,41 +109,9 @@ ffi::Error Mxfp4ExpertMatvecBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32>
                                  ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
   auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("gptoss_mxfp4_expert_matvec: x [T, K]");
-  return ExpertMatvec(x.untyped_data(), true, xd[0], xd[1], experts, all_blocks, all_scales, layer, out->typed_data(), pool);
+  return ExpertMatvecCall(x.untyped_data(), true, xd[0], xd[1], experts, all_blocks, all_scales, layer, out->typed_data(), pool);
 }
 
-// Decodes blocks [begin, end) of packed rows (16 bytes and one scale each) into out, 32 values a
-// block, as float32 bits (kBf16: their top halves, which is exact: fp4 values times a power of two have
-// at most 2 significant bits, and even the smallest, 2**-128, sits in the top half).
-template <bool kBf16>
-void DecodeBlocks(const uint8_t* b, const uint8_t* s, int64_t begin, int64_t end, void* out) {
-  uint16_t* out16 = static_cast<uint16_t*>(out);
-  int32_t* out32 = static_cast<int32_t*>(out);
-  const AllTables& tables = Tables();
-#ifdef GPTOSS_AVX512
-  for (int64_t g = begin; g < end; ++g) {
-    __m512i v0, v1;
-    DecodeBlockBits(tables, b + 16 * g, s[g], &v0, &v1);
-    if constexpr (kBf16) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + 32 * g), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v0, 16)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + 32 * g + 16), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v1, 16)));
-    } else {
-      _mm512_storeu_si512(out32 + 32 * g, v0);
-      _mm512_storeu_si512(out32 + 32 * g + 16, v1);
-    }
-  }
-#else
-  for (int64_t g = begin; g < end; ++g) {
-    const int32_t* table = tables.bits[s[g]];
-    for (int j = 0; j < 32; ++j) {
-      uint8_t byte = b[16 * g + j / 2];
-      int32_t bits = table[j % 2 ? byte >> 4 : byte & 0x0F];
-      if constexpr (kBf16) out16[32 * g + j] = static_cast<uint16_t>(static_cast<uint32_t>(bits) >> 16);
-      else out32[32 * g + j] = bits;
-    }
-  }
-#endif
-}
 
 // Dequantize expert `index` into out [N, K] (bf16 or float32, exactly).
 template <bool kBf16>
@@ -430,374 +141,21 @@ ffi::Error Mxfp4DequantizeF32(ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> 
   return Dequantize<false>(blocks, scales, index, out->element_count(), out->untyped_data(), pool);
 }
 
-// sums[r] = sum_j x[r, j] * w[j] for kRows bf16 rows x (row stride `stride`) and one bf16 row w,
-// float32 accumulation.
-// sums[i][r] = sum_j x[r, j] * w[i, j] for kRows bf16 rows x and kW consecutive bf16 rows w (both with
-// row stride `width`), float32 accumulation. Two weight rows at a time halve the loads of x per product.
-template <int kRows, int kW>
-void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)[8]) {
-  int64_t j = 0;
-  for (int i = 0; i < kW; ++i)
-    for (int r = 0; r < kRows; ++r) sums[i][r] = 0.0f;
-#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
-  __m512 acc[kW][kRows];
-  for (int i = 0; i < kW; ++i)
-    for (int r = 0; r < kRows; ++r) acc[i][r] = _mm512_setzero_ps();
-  for (; j + 32 <= width; j += 32) {
-    __m512bh wv[kW];
-    for (int i = 0; i < kW; ++i) wv[i] = (__m512bh)_mm512_loadu_si512(w + i * width + j);
-    for (int r = 0; r < kRows; ++r) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * width + j);
-      for (int i = 0; i < kW; ++i) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[i]);
-    }
-  }
-  for (int i = 0; i < kW; ++i)
-    for (int r = 0; r < kRows; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
-#elif defined(GPTOSS_AVX512)
-  auto widen = [](const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-  };
-  __m512 acc[kW][kRows];
-  for (int i = 0; i < kW; ++i)
-    for (int r = 0; r < kRows; ++r) acc[i][r] = _mm512_setzero_ps();
-  for (; j + 16 <= width; j += 16) {
-    __m512 wv[kW];
-    for (int i = 0; i < kW; ++i) wv[i] = widen(w + i * width + j);
-    for (int r = 0; r < kRows; ++r) {
-      __m512 xv = widen(x + r * width + j);
-      for (int i = 0; i < kW; ++i) acc[i][r] = _mm512_fmadd_ps(xv, wv[i], acc[i][r]);
-    }
-  }
-  for (int i = 0; i < kW; ++i)
-    for (int r = 0; r < kRows; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
-#elif defined(GPTOSS_AVX2)
-  auto widen = [](const uint16_t* p) {  // 8 bf16 -> float32: the bits shifted to the top half
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-  };
-  __m256 acc[kW][kRows];
-  for (int i = 0; i < kW; ++i)
-    for (int r = 0; r < kRows; ++r) acc[i][r] = _mm256_setzero_ps();
-  for (; j + 8 <= width; j += 8) {
-    __m256 wv[kW];
-    for (int i = 0; i < kW; ++i) wv[i] = widen(w + i * width + j);
-    for (int r = 0; r < kRows; ++r) {
-      __m256 xv = widen(x + r * width + j);
-      for (int i = 0; i < kW; ++i) acc[i][r] = _mm256_fmadd_ps(xv, wv[i], acc[i][r]);
-    }
-  }
-  for (int i = 0; i < kW; ++i)
-    for (int r = 0; r < kRows; ++r) sums[i][r] = Sum8(acc[i][r]);
-#endif
-  for (; j < width; ++j)
-    for (int i = 0; i < kW; ++i) {
-      float wv = BitsToFloat(static_cast<int32_t>(w[i * width + j]) << 16);
-      for (int r = 0; r < kRows; ++r) sums[i][r] += BitsToFloat(static_cast<int32_t>(x[r * width + j]) << 16) * wv;
-    }
-}
-
-// out[r, n] = sum_k x[r, k] * w[n, k] with bf16 inputs and float32 accumulation, rows in runs of 8.
+// out[r, n] = sum_k x[r, k] * w[n, k] with bf16 inputs and float32 accumulation.
 // w may be a stack [..., N, K] (the layers of a scanned model), `layer` picking one.
-ffi::Error Bf16Matvec(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> layer,
-                      ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
+ffi::Error Bf16MatvecCall(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> layer,
+                          ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() < 2 || xd[1] != wd[wd.size() - 1])
     return ffi::Error::InvalidArgument("gptoss_bf16_matvec: x [R, K], w [..., N, K]");
   const int64_t rows = xd[0], width = xd[1], n_out = wd[wd.size() - 2];
   const int64_t stacks = static_cast<int64_t>(w.element_count()) / (n_out * width);
   const int64_t stack = std::clamp<int64_t>(layer.typed_data()[0], 0, stacks - 1);
-  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
-  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w.untyped_data()) + stack * n_out * width;
-  float* result = out->typed_data();
-  // Tiles of 4 weight rows x 4 rows of x: 16 accumulators, and each load feeds 4 products.
-  ParallelFor(pool, n_out, 64, [&](int64_t begin, int64_t end) {
-    float sums[4][8];
-    for (int64_t n = begin; n < end; n += 4) {
-      const int weights = static_cast<int>(std::min<int64_t>(4, end - n));
-      for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-        const int count = static_cast<int>(std::min<int64_t>(4, rows - r0));
-        WithCount(count, [&](auto kRows) {
-          WithCount(weights, [&](auto kW) {
-            if constexpr (kRows() <= 4 && kW() <= 4) Bf16Rows<kRows(), kW()>(xs + r0 * width, ws + n * width, width, sums);
-          });
-        });
-        for (int i = 0; i < weights; ++i)
-          for (int r = 0; r < count; ++r) result[(r0 + r) * n_out + n + i] = sums[i][r];
-      }
-    }
-  });
+  Bf16Matvec(reinterpret_cast<const uint16_t*>(x.untyped_data()), rows, width,
+             reinterpret_cast<const uint16_t*>(w.untyped_data()) + stack * n_out * width, n_out, out->typed_data(),
+             OnPool{pool});
   return ffi::Error::Success();
 }
-
-// Grouped matmul of rows sorted by expert against their experts' MXFP4 weights w_e [N, K]:
-//   forward:    out[p, n] = sum_k x[p, k] * w_e[n, k]   (x [P, K], out [P, N])
-//   transposed: out[p, k] = sum_n x[p, n] * w_e[n, k]   (x [P, N], out [P, K]; the input gradient)
-// Expert e owns the next sizes[e] rows; rows past them get zeros. A work item decodes a panel of one
-// expert's weights for kPanel output columns into a bf16 buffer that stays in cache, and applies it to
-// every row of that expert: no padding, and each weight is decoded once a call.
-constexpr int kPanel = 64;
-
-#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
-// Panels are stored pair-major: panel[j][c] is the 32-bit pair (w[c, 2j], w[c, 2j+1]) of output column
-// c as two bf16 (for the transposed product, (w[2j, c], w[2j+1, c])), so one 64-byte load holds one pair
-// of 16 columns, and vdpbf16ps multiplies it by a broadcast pair of x: the usual GEMM register tile, no
-// horizontal sums.
-
-// Two float32-bit vectors as bf16 pairs: lane i = (bf16 of first[i]) | (bf16 of second[i]) << 16.
-inline __m512i PairBf16(__m512i first, __m512i second) {
-  return _mm512_ternarylogic_epi32(_mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u)), second,
-                                   _mm512_srli_epi32(first, 16), 0xEA);  // (a & b) | c
-}
-
-// rows[r] holds 16 pairs (lane j: pair j) of column r; stores pair j of the 16 columns at to + j * kPanel
-// (a 16 x 16 transpose of 32-bit lanes in three rounds of shuffles).
-inline void StorePairsOf16Rows(__m512i rows[16], uint32_t* to) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4)
-    for (int j = 0; j < 2; ++j) {
-      rows[i + j] = _mm512_unpacklo_epi64(t[i + j], t[i + 2 + j]);
-      rows[i + 2 + j] = _mm512_unpackhi_epi64(t[i + j], t[i + 2 + j]);
-    }
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_i32x4(rows[i + j], rows[i + 4 + j], 0x88);
-      t[i + 4 + j] = _mm512_shuffle_i32x4(rows[i + j], rows[i + 4 + j], 0xDD);
-    }
-  // After the three rounds vector q holds pair kPairOf[q].
-  static const int kPairOf[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
-  for (int j = 0; j < 8; ++j) {
-    _mm512_store_si512(to + kPairOf[j] * kPanel, _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88));
-    _mm512_store_si512(to + kPairOf[j + 8] * kPanel, _mm512_shuffle_i32x4(t[j], t[j + 8], 0xDD));
-  }
-}
-
-// Forward panel: output columns are weight rows n0.. (columns of them real, the rest zero); pairs run
-// along k. Each weight row's block holds 16 pairs of one column: 16 rows are transposed 16 x 16.
-void DecodeRowsPanel(const uint8_t* b, const uint8_t* s, int64_t groups, int64_t columns, uint32_t* panel) {
-  const AllTables& tables = Tables();
-  const __m512i low_mask = _mm512_set1_epi32(0x0F);
-  for (int64_t c0 = 0; c0 < kPanel; c0 += 16) {
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512i rows[16];
-      for (int r = 0; r < 16; ++r) {
-        const int64_t block = (c0 + r) * groups + g;
-        if (c0 + r >= columns) {
-          rows[r] = _mm512_setzero_si512();
-          continue;
-        }
-        __m512i table = _mm512_castps_si512(BlockTableVector(tables, s[block]));
-        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * block)));
-        __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, low_mask), table);  // elements 2j
-        __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);      // elements 2j+1
-        rows[r] = PairBf16(low, high);  // lane j: the pair (2j, 2j+1) of this row's block
-      }
-      StorePairsOf16Rows(rows, panel + 16 * g * kPanel + c0);
-    }
-  }
-}
-
-// Transposed panel: output columns are k = 32 * g0 ... (two blocks of every weight row); pairs run
-// along n, so two weight rows' decoded blocks interleave lane by lane (no transpose).
-void DecodeColumnsPanel(const uint8_t* b, const uint8_t* s, int64_t groups, int64_t g0, int64_t n_out, uint32_t* panel) {
-  const AllTables& tables = Tables();
-  const int64_t blocks_here = std::min<int64_t>(2, groups - g0);
-  for (int64_t j = 0; j < n_out / 2; ++j) {
-    uint32_t* to = panel + j * kPanel;
-    for (int64_t q = 0; q < 2; ++q) {
-      if (q >= blocks_here) {
-        _mm512_store_si512(to + 32 * q, _mm512_setzero_si512());
-        _mm512_store_si512(to + 32 * q + 16, _mm512_setzero_si512());
-        continue;
-      }
-      __m512i lo0, hi0, lo1, hi1;
-      const int64_t first = 2 * j * groups + g0 + q, second = first + groups;
-      DecodeBlockBits(tables, b + 16 * first, s[first], &lo0, &hi0);
-      DecodeBlockBits(tables, b + 16 * second, s[second], &lo1, &hi1);
-      _mm512_store_si512(to + 32 * q, PairBf16(lo0, lo1));
-      _mm512_store_si512(to + 32 * q + 16, PairBf16(hi0, hi1));
-    }
-  }
-}
-
-// kRows rows of x (row stride x_stride bf16) against pairs [first_pair, end_pair) of the panel, added to
-// out (or written, for the first slice); columns past `columns` are not stored.
-template <int kRows>
-void PanelTile(const uint16_t* x, int64_t x_stride, const uint32_t* panel, int64_t first_pair, int64_t end_pair,
-               float* out, int64_t out_stride, int64_t columns) {
-  __mmask16 masks[4];  // masked, not branched: the accumulators stay in registers
-  for (int c = 0; c < 4; ++c) masks[c] = static_cast<__mmask16>((1u << std::clamp<int64_t>(columns - 16 * c, 0, 16)) - 1);
-  __m512 acc[kRows][4];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c)
-      acc[r][c] = first_pair == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[c], out + r * out_stride + 16 * c);
-  for (int64_t j = first_pair; j < end_pair; ++j) {
-    const uint32_t* p = panel + j * kPanel;
-    __m512bh w0 = (__m512bh)_mm512_load_si512(p), w1 = (__m512bh)_mm512_load_si512(p + 16);
-    __m512bh w2 = (__m512bh)_mm512_load_si512(p + 32), w3 = (__m512bh)_mm512_load_si512(p + 48);
-#pragma GCC unroll 8
-    for (int r = 0; r < kRows; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, x + r * x_stride + 2 * j, 4);
-      __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
-      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, w2);
-      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, w3);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out + r * out_stride + 16 * c, masks[c], acc[r][c]);
-}
-constexpr int kTileRows = 6;     // 6 rows x 64 columns: 24 accumulators
-constexpr int kSlicePairs = 128;  // 32 KiB of panel: stays in L1 while every row passes it
-
-// out[r, c] = sum_k x[r, k] * w[c, k] for `rows` rows of x (row stride width, even) and a packed panel.
-void ApplyPanel(const uint16_t* x, int64_t rows, int64_t width, const uint32_t* panel, float* out, int64_t out_stride,
-                int64_t columns) {
-  for (int64_t first_pair = 0; first_pair < width / 2; first_pair += kSlicePairs) {
-    const int64_t end_pair = std::min<int64_t>(width / 2, first_pair + kSlicePairs);
-    for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-      const int count = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
-      WithCount(count, [&](auto kRows) {
-        if constexpr (kRows() <= kTileRows)
-          PanelTile<kRows()>(x + r0 * width, width, panel, first_pair, end_pair, out + r0 * out_stride, out_stride, columns);
-      });
-    }
-  }
-}
-
-#endif
-
-#if !(defined(GPTOSS_AVX512) && defined(__AVX512BF16__)) && defined(__AVX2__) && defined(__FMA__)
-#define GPTOSS_FLOAT_PANELS 1
-// Without bf16 products (AVX2 + FMA, or AVX-512 without BF16): float32 panels and FMA register tiles.
-// x is widened to float32 once a call; a panel holds decoded weights in natural order, panel[j][c] for
-// the j-th summed index and output column c (16 columns forward, 32 transposed: one block's width), so
-// a tile broadcasts one x value and multiplies whole panel rows (no horizontal sums).
-constexpr int kForwardColumns = 16, kTransposedColumns = 32;
-
-// One block's 32 values in element order, as 4 vectors of 8 (the hub packs codes 2j, 2j+1 in byte j).
-inline void DecodeBlock32(const AllTables& tables, const uint8_t* bytes16, uint8_t scale, __m256 v[4]) {
-  const __m256 magnitudes = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tables.bits[scale])));
-  const __m256i sign_bit = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16));
-  for (int half = 0; half < 2; ++half) {  // bytes 0-7 hold elements 0-15, bytes 8-15 elements 16-31
-    const __m256i b = _mm256_cvtepu8_epi32(half ? _mm_srli_si128(bytes, 8) : bytes);
-    const __m256 low = _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, b),
-                                     _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 28), sign_bit)));
-    const __m256 high = _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, _mm256_srli_epi32(b, 4)),
-                                      _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 24), sign_bit)));
-    // low = elements 0,2,..,14 of the half, high = 1,3,..,15: interleave, then put the 128-bit lanes in order.
-    const __m256 a = _mm256_unpacklo_ps(low, high), c = _mm256_unpackhi_ps(low, high);
-    v[2 * half] = _mm256_permute2f128_ps(a, c, 0x20);
-    v[2 * half + 1] = _mm256_permute2f128_ps(a, c, 0x31);
-  }
-}
-
-// The 8 x 8 transpose of rows r[0..7].
-inline void Transpose8x8(__m256 r[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-  }
-}
-
-// Forward panel: columns are weight rows (columns of them real, the rest zero), rows of the panel run
-// along k. Blocks of 8 weight rows are decoded and transposed 8 x 8.
-void DecodeRowsPanelF32(const uint8_t* b, const uint8_t* s, int64_t groups, int64_t columns, float* panel) {
-  const AllTables& tables = Tables();
-  for (int64_t c0 = 0; c0 < kForwardColumns; c0 += 8) {
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256 decoded[8][4];
-      for (int r = 0; r < 8; ++r) {
-        const int64_t block = (c0 + r) * groups + g;
-        if (c0 + r < columns) DecodeBlock32(tables, b + 16 * block, s[block], decoded[r]);
-        else for (int q = 0; q < 4; ++q) decoded[r][q] = _mm256_setzero_ps();
-      }
-      for (int q = 0; q < 4; ++q) {
-        __m256 rows[8];
-        for (int r = 0; r < 8; ++r) rows[r] = decoded[r][q];
-        Transpose8x8(rows);
-        for (int i = 0; i < 8; ++i) _mm256_store_ps(panel + (32 * g + 8 * q + i) * kForwardColumns + c0, rows[i]);
-      }
-    }
-  }
-}
-
-// Transposed panel: columns are k = 32 * g0 .. + 32 (one block of every weight row), rows run along n.
-void DecodeColumnsPanelF32(const uint8_t* b, const uint8_t* s, int64_t groups, int64_t g0, int64_t n_out, float* panel) {
-  const AllTables& tables = Tables();
-  for (int64_t n = 0; n < n_out; ++n) {
-    __m256 v[4];
-    DecodeBlock32(tables, b + 16 * (n * groups + g0), s[n * groups + g0], v);
-    for (int q = 0; q < 4; ++q) _mm256_store_ps(panel + n * kTransposedColumns + 8 * q, v[q]);
-  }
-}
-
-// kRows rows of x (float32, row stride x_stride) against panel rows [first, end), kVecs vectors of 8
-// columns wide; added to out (or written, for the first slice); columns past `columns` are not stored.
-template <int kRows, int kVecs>
-void PanelTileF32(const float* x, int64_t x_stride, const float* panel, int64_t first, int64_t end, float* out,
-                  int64_t out_stride, int64_t columns) {
-  __m256i masks[kVecs];  // masked, not branched: the accumulators stay in registers
-  for (int v = 0; v < kVecs; ++v)
-    masks[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(columns - 8 * v)),
-                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256 acc[kRows][kVecs];
-  for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < kVecs; ++v)
-      acc[r][v] = first == 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(out + r * out_stride + 8 * v, masks[v]);
-  for (int64_t j = first; j < end; ++j) {
-    const float* p = panel + j * 8 * kVecs;
-    __m256 w[kVecs];
-    for (int v = 0; v < kVecs; ++v) w[v] = _mm256_load_ps(p + 8 * v);
-    for (int r = 0; r < kRows; ++r) {
-      const __m256 a = _mm256_broadcast_ss(x + r * x_stride + j);
-      for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm256_fmadd_ps(a, w[v], acc[r][v]);
-    }
-  }
-  for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < kVecs; ++v) _mm256_maskstore_ps(out + r * out_stride + 8 * v, masks[v], acc[r][v]);
-}
-
-// out[r, c] = sum_j x[r, j] * panel[j, c] for `rows` rows of x (row stride width), in slices of panel
-// rows that stay in L1 while every row passes them. Tiles: 6 rows x 16 columns or 2 rows x 32 (12 and
-// 8 accumulators of the 16 registers).
-template <int kVecs>
-void ApplyPanelF32(const float* x, int64_t rows, int64_t width, const float* panel, float* out, int64_t out_stride,
-                   int64_t columns) {
-  constexpr int kTile = kVecs == 2 ? 6 : 2;
-  constexpr int64_t kSlice = 512 / kVecs;  // 16 KiB of panel
-  for (int64_t first = 0; first < width; first += kSlice) {
-    const int64_t end = std::min<int64_t>(width, first + kSlice);
-    for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-      const int count = static_cast<int>(std::min<int64_t>(kTile, rows - r0));
-      WithCount(count, [&](auto kRows) {
-        if constexpr (kRows() <= kTile)
-          PanelTileF32<kRows(), kVecs>(x + r0 * width, width, panel, first, end, out + r0 * out_stride, out_stride, columns);
-      });
-    }
-  }
-}
-#endif
 
 ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::U8> all_blocks,
                               ffi::Buffer<ffi::U8> all_scales, ffi::Buffer<ffi::S32> layer,
@@ -808,104 +166,13 @@ ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> si
   if (xd.size() != 2 || !ReadPackedShape(all_blocks, all_scales, &shape) ||
       static_cast<int64_t>(sizes.element_count()) != shape.num_experts)
     return ffi::Error::InvalidArgument(usage);
-  const int64_t rows = xd[0], n_out = shape.n_out, groups = shape.groups, k_in = groups * 32;
-  if (xd[1] != (transpose ? n_out : k_in) || (transpose && n_out % 2)) return ffi::Error::InvalidArgument(usage);
-  const int64_t width = xd[1], columns_total = transpose ? k_in : n_out;
+  const int64_t n_out = shape.n_out, groups = shape.groups;
+  if (xd[1] != (transpose ? n_out : groups * 32) || (transpose && n_out % 2)) return ffi::Error::InvalidArgument(usage);
   const int64_t stack = std::clamp<int64_t>(layer.typed_data()[0], 0, shape.stacks - 1);
-  const uint8_t* blocks_data = all_blocks.typed_data() + stack * shape.num_experts * n_out * groups * 16;
-  const uint8_t* scales_data = all_scales.typed_data() + stack * shape.num_experts * n_out * groups;
-  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
-  float* result = out->typed_data();
-
-#ifdef GPTOSS_FLOAT_PANELS
-  const int64_t panel_columns = transpose ? kTransposedColumns : kForwardColumns;
-#else
-  const int64_t panel_columns = kPanel;
-#endif
-  struct Item { int64_t expert, first_row, row_count, first_column; };
-  std::vector<Item> items;
-  int64_t start = 0;
-  for (int64_t e = 0; e < shape.num_experts; ++e) {
-    const int64_t count = std::clamp<int64_t>(sizes.typed_data()[e], 0, rows - start);
-    for (int64_t c = 0; count > 0 && c < columns_total; c += panel_columns) items.push_back({e, start, count, c});
-    start += count;
-  }
-  std::fill(result + start * columns_total, result + rows * columns_total, 0.0f);
-#ifdef GPTOSS_FLOAT_PANELS
-  // x widened to float32 once (bf16 is float32's top half), not once for every panel that reads it.
-  std::vector<float> x32(start * width);
-  ParallelFor(pool, start, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * width; i < end * width; ++i) x32[i] = BitsToFloat(static_cast<int32_t>(xs[i]) << 16);
-  });
-#endif
-
-  ParallelFor(pool, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
-    struct alignas(64) Line { uint32_t v[16]; };
-    std::vector<Line> storage(width / 2 * kPanel / 16);
-    uint32_t* panel = storage.front().v;
-    for (int64_t i = begin; i < end; ++i) {
-      const Item& item = items[i];
-      const int64_t columns = std::min<int64_t>(kPanel, columns_total - item.first_column);
-      const int64_t expert_block = item.expert * n_out * groups;
-      if (transpose)
-        DecodeColumnsPanel(blocks_data + 16 * expert_block, scales_data + expert_block, groups, item.first_column / 32,
-                           n_out, panel);
-      else
-        DecodeRowsPanel(blocks_data + 16 * (expert_block + item.first_column * groups),
-                        scales_data + expert_block + item.first_column * groups, groups, columns, panel);
-      ApplyPanel(xs + item.first_row * width, item.row_count, width, panel,
-                 result + item.first_row * columns_total + item.first_column, columns_total, columns);
-    }
-#elif defined(GPTOSS_FLOAT_PANELS)
-    struct alignas(32) Line { float v[8]; };
-    std::vector<Line> storage(width * panel_columns / 8);
-    float* panel = storage.front().v;
-    for (int64_t i = begin; i < end; ++i) {
-      const Item& item = items[i];
-      const int64_t columns = std::min<int64_t>(panel_columns, columns_total - item.first_column);
-      const int64_t expert_block = item.expert * n_out * groups;
-      const float* x_rows = x32.data() + item.first_row * width;
-      float* to = result + item.first_row * columns_total + item.first_column;
-      if (transpose) {
-        DecodeColumnsPanelF32(blocks_data + 16 * expert_block, scales_data + expert_block, groups, item.first_column / 32,
-                              n_out, panel);
-        ApplyPanelF32<4>(x_rows, item.row_count, width, panel, to, columns_total, columns);
-      } else {
-        DecodeRowsPanelF32(blocks_data + 16 * (expert_block + item.first_column * groups),
-                           scales_data + expert_block + item.first_column * groups, groups, columns, panel);
-        ApplyPanelF32<2>(x_rows, item.row_count, width, panel, to, columns_total, columns);
-      }
-    }
-#else
-    // Portable: decode the expert's whole weight matrix as float32 and multiply row by row.
-    std::vector<float> w;
-    int64_t decoded = -1;
-    for (int64_t i = begin; i < end; ++i) {
-      const Item& item = items[i];
-      if (item.expert != decoded) {
-        w.resize(n_out * k_in);
-        const int64_t expert_block = item.expert * n_out * groups;
-        DecodeBlocks<false>(blocks_data + 16 * expert_block, scales_data + expert_block, 0, n_out * groups, w.data());
-        decoded = item.expert;
-      }
-      const int64_t columns = std::min<int64_t>(kPanel, columns_total - item.first_column);
-      for (int64_t r = 0; r < item.row_count; ++r) {
-        const uint16_t* xr = xs + (item.first_row + r) * width;
-        float* to = result + (item.first_row + r) * columns_total + item.first_column;
-        for (int64_t c = 0; c < columns; ++c) {
-          const int64_t column = item.first_column + c;
-          float sum = 0.0f;
-          for (int64_t j = 0; j < width; ++j) {
-            const float weight = transpose ? w[j * k_in + column] : w[column * k_in + j];
-            sum += BitsToFloat(static_cast<int32_t>(xr[j]) << 16) * weight;
-          }
-          to[c] = sum;
-        }
-      }
-    }
-#endif
-  });
+  GroupedMatmul(reinterpret_cast<const uint16_t*>(x.untyped_data()), xd[0], sizes.typed_data(),
+                all_blocks.typed_data() + stack * shape.num_experts * n_out * groups * 16,
+                all_scales.typed_data() + stack * shape.num_experts * n_out * groups, shape.num_experts, n_out, groups,
+                transpose, out->typed_data(), OnPool{pool});
   return ffi::Error::Success();
 }
 
@@ -981,7 +248,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4DequantizeF32, Mxfp4DequantizeF32,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ctx<ffi::ThreadPool>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Matvec, Bf16Matvec,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Matvec, Bf16MatvecCall,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
