@@ -18,7 +18,7 @@ FLAGS = ("-O3", "-std=c++17", "-mtune=generic", f"-I{build.HEADER.parent}")
 # fell back to the portable loops fails here.
 PATHS = {
     "baseline": "portable",
-    "avx2": "avx2 float-panels",
+    "avx2": "avx2 int16-rows float-panels",
     "avx512": "avx512 float-panels",
     "avx512bf16": "avx512 bf16-products bf16-panels",
     "neon": "neon float-panels",

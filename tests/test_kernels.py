@@ -221,7 +221,13 @@ x = jnp.asarray(rng.standard_normal((11, 128)), jnp.float32)
 chosen = jnp.asarray(rng.integers(0, 3, (11, 2)), jnp.int32).at[:10, 0].set(2)
 for rows in (x, x.astype(jnp.bfloat16)):
     ours = jax.jit(kernels.mxfp4_expert_matvec)(rows, chosen, blocks, scales, jnp.int32(1))
-    close(ours, np.einsum("td,tknd->tkn", f64(rows), weights[np.asarray(chosen)]))
+    expected = np.einsum("td,tknd->tkn", f64(rows), weights[np.asarray(chosen)])
+    if name == "avx2" and rows.dtype == jnp.bfloat16:  # runs of 1-2 tokens take bf16 rows as int16 per block of 32
+        largest = np.repeat(np.abs(f64(rows)).reshape(11, -1, 32).max(-1), 32, axis=-1)  # [T, K]: each block's max
+        allowed = np.einsum("td,tknd->tkn", largest / 65534, np.abs(weights[np.asarray(chosen)]))
+        assert (np.abs(np.asarray(ours, np.float64) - expected) <= allowed + 1e-5 * np.abs(expected).max()).all()
+    else:
+        close(ours, expected)
 # The bf16 matvec, a width that is no multiple of the vector width, against XLA's dot.
 w = jnp.asarray(rng.standard_normal((2, 37, 100)), jnp.bfloat16)
 for count in (1, 3, 9):
