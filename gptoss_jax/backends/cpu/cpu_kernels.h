@@ -102,15 +102,18 @@ inline void DecodeBlockBits(const AllTables& tables, const uint8_t* bytes16, uin
 }
 #endif
 
-#ifdef GPTOSS_NEON
-// NEON has a 16-entry byte lookup (tbl), not a 32-bit one: codes look up twice their fp4 value as a
-// small integer, which is widened to float32 and multiplied by half the block's scale, 2**(s-128).
-// Exact, subnormal scales included: at most 4 significant bits times a power of two (-0 becomes +0).
+// Twice each code's fp4 value, a small integer: for 16-entry byte lookups (NEON's tbl, x86's pshufb).
+// A value is then this times half its block's scale, 2**(s-128): exact, subnormal scales included (at
+// most 4 significant bits times a power of two; -0 becomes +0).
 constexpr int8_t kDoubledFp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
-inline float32x4_t HalfScale(const AllTables& tables, uint8_t scale) {
-  return vdupq_n_f32(BitsToFloat(tables.bits[scale][1]));  // code 1 is 0.5: 0.5 * 2**(s-127)
+inline float HalfScale(const AllTables& tables, uint8_t scale) {
+  return BitsToFloat(tables.bits[scale][1]);  // code 1 is 0.5: 0.5 * 2**(s-127)
 }
+
+#ifdef GPTOSS_NEON
+// NEON has a 16-entry byte lookup (tbl), not a 32-bit one: codes look up kDoubledFp4, widened to
+// float32 and multiplied by HalfScale.
 
 // A block's low nibbles (elements 0, 2, .., 30) and high nibbles (1, 3, .., 31) as doubled values.
 inline void BlockNibbles(const uint8_t* bytes16, int8x16_t* low, int8x16_t* high) {
@@ -215,7 +218,7 @@ void ExpertRow(const uint8_t* blocks, const uint8_t* scales, int64_t groups, con
   for (int64_t g = 0; g < groups; ++g) {
     int8x16_t low, high;
     BlockNibbles(blocks + 16 * g, &low, &high);
-    const float32x4_t half_scale = HalfScale(tables, scales[g]);
+    const float32x4_t half_scale = vdupq_n_f32(HalfScale(tables, scales[g]));
     float32x4_t lv[4], hv[4];
     Widen16(low, half_scale, lv);
     Widen16(high, half_scale, hv);
@@ -279,13 +282,11 @@ void ExpertRowBf16(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
 // one pshufb per 16, widened to int16, and vpmaddwd multiplies and pairs them: ~10 uops a block, and
 // one float FMA per block applies both scales. Each token's rows come as even and odd halves per block
 // (16 int16 each), so low and high nibbles meet their inputs without interleaving.
-constexpr int8_t kDoubledFp4Bytes[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-
 template <int kTokens>
 void ExpertRowInt16(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const int16_t* const* q,
                     const float* const* q_scale, float* out) {
   const AllTables& tables = Tables();
-  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kDoubledFp4Bytes));
+  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kDoubledFp4));
   const __m128i nibble = _mm_set1_epi8(0x0F);
   __m256 acc[2][kTokens];  // two chains: one block's FMA need not wait for the last one's
   for (int c = 0; c < 2; ++c)
@@ -294,7 +295,7 @@ void ExpertRowInt16(const uint8_t* blocks, const uint8_t* scales, int64_t groups
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g));
     const __m256i even = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(table, _mm_and_si128(bytes, nibble)));
     const __m256i odd = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)));
-    const float half_scale = BitsToFloat(tables.bits[scales[g]][1]);  // 0.5 * 2**(s-127): the table doubles
+    const float half_scale = HalfScale(tables, scales[g]);  // kDoubledFp4 doubles
     for (int t = 0; t < kTokens; ++t) {
       const __m256i* x = reinterpret_cast<const __m256i*>(q[t] + 32 * g);
       const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(even, _mm256_loadu_si256(x)),
@@ -805,7 +806,7 @@ void PanelTileF32(const float* x, int64_t x_stride, const float* panel, int64_t 
 inline void DecodeBlock32(const AllTables& tables, const uint8_t* bytes16, uint8_t scale, float32x4_t v[8]) {
   int8x16_t low, high;
   BlockNibbles(bytes16, &low, &high);
-  const float32x4_t half_scale = HalfScale(tables, scale);
+  const float32x4_t half_scale = vdupq_n_f32(HalfScale(tables, scale));
   Widen16(vzip1q_s8(low, high), half_scale, v);      // elements 0-15
   Widen16(vzip2q_s8(low, high), half_scale, v + 4);  // elements 16-31
 }
