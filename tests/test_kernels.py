@@ -54,7 +54,8 @@ def test_kernels_build_on_this_machine_for_the_variant_its_cpu_flags_allow():
     status = kernels.load_kernels()
     expected = os.environ.get("GPTOSS_JAX_KERNEL_VARIANT") or _expected_variant()
     assert status == kernels.KernelStatus(expected, bf16_products=expected == "avx512bf16",
-                                          grouped_tiles=expected != "baseline", reason=None)
+                                          grouped_tiles=expected != "baseline",
+                                          matvec_rows=16 if expected == "avx2" else 4, reason=None)
     assert RUNNABLE[-1] == _expected_variant() and Runtime.default().cpu_kernels == expected
 
 
@@ -202,7 +203,8 @@ from gptoss_jax.runtime import Runtime
 name = sys.argv[1]
 assert build.library_path(build.variant_named(name)).exists()  # the fixture's build, not a new one
 status = kernels.load_kernels()
-assert status == kernels.KernelStatus(name, bf16_products=name == "avx512bf16", grouped_tiles=name != "baseline"), status
+assert status == kernels.KernelStatus(name, bf16_products=name == "avx512bf16", grouped_tiles=name != "baseline",
+                                     matvec_rows=16 if name == "avx2" else 4), status
 def close(ours, expected, tolerance=1e-5):  # expected: a float64 reference
     ours, expected = np.asarray(ours, np.float64), np.asarray(expected)
     assert expected.dtype == np.float64
@@ -233,6 +235,13 @@ w = jnp.asarray(rng.standard_normal((2, 37, 100)), jnp.bfloat16)
 for count in (1, 3, 9):
     v = jnp.asarray(rng.standard_normal((count, 100)), jnp.bfloat16)
     close(jax.jit(kernels.bf16_matvec)(v, w, jnp.int32(1)), f64(v) @ f64(w[1]).T)
+# A product of 16 rows with a whole weight (the unembedding at batch 16) runs in the kernel where the build
+# says it beats XLA's dot there (the avx2 build's float32 tiles), else in XLA's dot: the same values.
+from gptoss_jax.backends.cpu import products
+v = jnp.asarray(rng.standard_normal((16, 100)), jnp.bfloat16)
+unembed = jax.jit(lambda v: products.matmul("td,vd->tv", v, w[1], jnp.bfloat16, kernels=True))
+assert ("gptoss_bf16_matvec" in unembed.lower(v).as_text()) == (status.matvec_rows >= 16), status
+close(unembed(v), f64(v) @ f64(w[1]).T)
 # The grouped matmul and its gradient (the transposed kernel).
 x = jnp.asarray(rng.standard_normal((15, 128)), jnp.bfloat16)
 sizes = jnp.asarray([2, 0, 11], jnp.int32)

@@ -34,9 +34,9 @@ TARGETS = {
     "gptoss_mxfp4_grouped_matmul": "GptossMxfp4GroupedMatmul",
     "gptoss_copy_layer": "GptossCopyLayer",
 }
-# Rows up to which a bf16 product runs in the matvec kernel rather than XLA's dot (past 4 it is compute-bound)
-MATVEC_MAX_ROWS = 4
-# ... and for a weight that is one layer of a stack, which XLA's dot would first copy out and relayout.
+# Rows up to which a bf16 product with a weight that is one layer of a stack runs in the matvec kernel:
+# XLA's dot would first copy the layer out and relayout it. For a whole weight the build says
+# (KernelStatus.matvec_rows): past a few rows the product is compute-bound and XLA's dot may be faster.
 MATVEC_MAX_STACKED_ROWS = 16
 
 
@@ -50,6 +50,9 @@ class KernelStatus:
     # Whether its grouped matmul runs register tiles (bf16 products, or float32 FMA panels on AVX2 and
     # AVX-512); the portable build's loops are slower than XLA's tiled path for prefill.
     grouped_tiles: bool = False
+    # Rows up to which its bf16 matvec beats XLA's dot on a whole weight (the unembedding): 16 for the
+    # avx2 build's float32 tiles, else 4.
+    matvec_rows: int = 4
     reason: str | None = None
 
     @property
@@ -87,7 +90,8 @@ def load_kernels() -> KernelStatus:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     _libraries.append(library)
     return KernelStatus(variant.name, bf16_products=bool(library.GptossHasBf16Products()),
-                        grouped_tiles=bool(library.GptossHasTiledGroupedMatmul()))
+                        grouped_tiles=bool(library.GptossHasTiledGroupedMatmul()),
+                        matvec_rows=int(library.GptossMatvecRows()))
 
 
 def available() -> bool:

@@ -202,6 +202,16 @@ extern "C" int GptossHasBf16Products() {
 #endif
 }
 
+// Rows up to which the bf16 matvec beats XLA's dot on a whole weight (the unembedding): the AVX2 build's
+// float32 tiles (Bf16MatvecSplitRows) to 16 rows; elsewhere 4, past which XLA's dot (AVX-512, AMX) wins.
+extern "C" int GptossMatvecRows() {
+#ifdef GPTOSS_AVX2
+  return 16;
+#else
+  return 4;
+#endif
+}
+
 // Whether the grouped matmul runs register tiles (bf16 products, or float32 FMA panels); the portable
 // build's scalar loops are slower than XLA's tiled path.
 extern "C" int GptossHasTiledGroupedMatmul() {

@@ -24,9 +24,13 @@ def matmul(equation: str, x: jax.Array, w, dtype, kernels: bool) -> jax.Array:
     lhs, rhs = inputs.split(",")
     rows = math.prod(size for label, size in zip(lhs, x.shape) if label not in rhs)
     stack, layer = unstack(w)
-    # A layer of a stack goes to the kernel up to more rows: XLA would first copy it out and relayout it.
-    max_rows = cpu.MATVEC_MAX_ROWS if layer is None else cpu.MATVEC_MAX_STACKED_ROWS
-    if kernels and rows <= max_rows and jnp.dtype(dtype) == jnp.bfloat16:
+    if not kernels:
+        max_rows = 0
+    elif layer is None:
+        max_rows = cpu.load_kernels().matvec_rows  # past it XLA's dot may be faster (the build says)
+    else:
+        max_rows = cpu.MATVEC_MAX_STACKED_ROWS  # XLA would first copy the layer out and relayout it
+    if rows <= max_rows and jnp.dtype(dtype) == jnp.bfloat16:
         contracted = "".join(label for label in lhs if label in rhs)
         free_x, free_w = lhs[: len(lhs) - len(contracted)], rhs[: len(rhs) - len(contracted)]
         contracts_trailing = lhs.endswith(contracted) and rhs.endswith(contracted)
