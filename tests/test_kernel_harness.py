@@ -19,8 +19,8 @@ FLAGS = ("-O3", "-std=c++17", "-mtune=generic", f"-I{build.HEADER.parent}")
 PATHS = {
     "baseline": "portable",
     "avx2": "avx2 int16-rows float-panels",
-    "avx512": "avx512 float-panels",
-    "avx512bf16": "avx512 bf16-products bf16-panels",
+    "avx512": "avx512 int16-rows float-panels",
+    "avx512bf16": "avx512 int16-rows bf16-products bf16-panels",
     "neon": "neon float-panels",
 }
 RUNNABLE = [variant for variant in build.variants() if build.runnable(variant)]

@@ -50,6 +50,9 @@ class KernelStatus:
     # Whether its grouped matmul runs register tiles (bf16 products, or float32 FMA panels on AVX2 and
     # AVX-512); the portable build's loops are slower than XLA's tiled path for prefill.
     grouped_tiles: bool = False
+    # Whether its expert matvec takes bf16 rows quantized to int16 per block of 32 (x86 with AVX2): each
+    # within its block's largest |x| / 65534, not exact.
+    int16_rows: bool = False
     # Rows up to which its bf16 matvec beats XLA's dot on a whole weight (the unembedding): 16 for the
     # avx2 build's float32 tiles, else 4.
     matvec_rows: int = 4
@@ -91,6 +94,7 @@ def load_kernels() -> KernelStatus:
     _libraries.append(library)
     return KernelStatus(variant.name, bf16_products=bool(library.GptossHasBf16Products()),
                         grouped_tiles=bool(library.GptossHasTiledGroupedMatmul()),
+                        int16_rows=bool(library.GptossHasInt16Rows()),
                         matvec_rows=int(library.GptossMatvecRows()))
 
 

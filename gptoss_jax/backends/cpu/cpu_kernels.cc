@@ -202,6 +202,10 @@ extern "C" int GptossHasBf16Products() {
 #endif
 }
 
+// Whether bf16 rows reach the expert matvec quantized to int16 per block of 32 (x86 builds with AVX2):
+// each within its block's largest |x| / 65534, so not exact.
+extern "C" int GptossHasInt16Rows() { return kInt16Rows ? 1 : 0; }
+
 // Rows up to which the bf16 matvec beats XLA's dot on a whole weight (the unembedding): the AVX2 build's
 // float32 tiles (Bf16MatvecSplitRows) to 16 rows; elsewhere 4, past which XLA's dot (AVX-512, AMX) wins.
 extern "C" int GptossMatvecRows() {

@@ -32,6 +32,10 @@
 #include <arm_neon.h>
 #define GPTOSS_NEON 1
 #endif
+// The int16 expert rows (ExpertRowInt16) need AVX2 + FMA: the avx2 build, and the AVX-512 builds too.
+#if defined(GPTOSS_AVX2) || (defined(GPTOSS_AVX512) && defined(__AVX2__) && defined(__FMA__))
+#define GPTOSS_INT16_ROWS 1
+#endif
 
 namespace gptoss_cpu {
 
@@ -64,7 +68,7 @@ inline float BitsToFloat(int32_t bits) {
   return f;
 }
 
-#ifdef GPTOSS_AVX2
+#ifdef GPTOSS_INT16_ROWS
 inline float Sum8(__m256 v) {  // the sum of a vector's 8 lanes
   __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
@@ -243,39 +247,7 @@ void ExpertRow(const uint8_t* blocks, const uint8_t* scales, int64_t groups, con
 #endif
 }
 
-#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
-// ExpertRow for bf16 token rows: a block decodes to 16 bf16 pairs (one vector, in element order) and
-// each token adds one vdpbf16ps against its row as is: half the products and loads of the float32 form.
-template <int kTokens>
-void ExpertRowBf16(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const uint16_t* const* x, float* out) {
-  const AllTables& tables = Tables();
-  __m512 acc[2][kTokens];
-  for (int c = 0; c < 2; ++c)
-    for (int t = 0; t < kTokens; ++t) acc[c][t] = _mm512_setzero_ps();
-  const __m512i low_mask = _mm512_set1_epi32(0x0F);
-  const __m512i top_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  auto block = [&](int64_t g, int chain) {
-    __m512i table = _mm512_castps_si512(BlockTableVector(tables, scales[g]));
-    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
-    __m512i low = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, low_mask), table);
-    __m512i high = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), table);
-    __m512bh w = (__m512bh)_mm512_ternarylogic_epi32(top_half, high, _mm512_srli_epi32(low, 16), 0xEA);
-#pragma GCC unroll 8
-    for (int t = 0; t < kTokens; ++t)
-      acc[chain][t] = _mm512_dpbf16_ps(acc[chain][t], (__m512bh)_mm512_loadu_si512(x[t] + 32 * g), w);
-  };
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    block(g, 0);
-    block(g + 1, 1);
-  }
-  if (g < groups) block(g, 0);
-#pragma GCC unroll 8
-  for (int t = 0; t < kTokens; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
-}
-#endif
-
-#ifdef GPTOSS_AVX2
+#ifdef GPTOSS_INT16_ROWS
 // ExpertRow for bf16 token rows on AVX2, which has no bf16 products and where decoding to float32 costs
 // ~26 uops a block, most of them shuffles on one port. Instead the rows are quantized once a call to
 // int16 with a float32 scale per block of 32 (each input within its block's max|x| / 65534, far below
@@ -307,13 +279,11 @@ template <int kTokens>
 void ExpertRowInt16(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const int16_t* const* q,
                     const float* const* q_scale, float* out) {
   const AllTables& tables = Tables();
-  // Two FMA chains a token for few tokens (one pair's FMA need not wait for the last one's); one for
-  // many, which keeps the accumulators in registers.
-  constexpr int kChains = kTokens <= 4 ? 2 : 1;
-  __m256 acc[kChains][kTokens];
-  for (int c = 0; c < kChains; ++c)
-    for (int t = 0; t < kTokens; ++t) acc[c][t] = _mm256_setzero_ps();
-  auto pair = [&](int64_t p, __m256i bytes, int chain) {
+  // One accumulator a token, whatever the run's length: a token's sum is then the same alone or beside
+  // others (batches decode as their rows would alone). Two chains for one token measured no faster.
+  __m256 acc[kTokens];
+  for (int t = 0; t < kTokens; ++t) acc[t] = _mm256_setzero_ps();
+  auto pair = [&](int64_t p, __m256i bytes) {
     const int64_t g = 2 * p, second = std::min(g + 1, groups - 1);  // a lone last block: its lane 1 is zero
     __m256i w[4];
     PairInt16(bytes, w);
@@ -326,7 +296,7 @@ void ExpertRowInt16(const uint8_t* blocks, const uint8_t* scales, int64_t groups
       const __m256i sums = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_loadu_si256(x)), _mm256_madd_epi16(w[1], _mm256_loadu_si256(x + 1))),
                                             _mm256_add_epi32(_mm256_madd_epi16(w[2], _mm256_loadu_si256(x + 2)), _mm256_madd_epi16(w[3], _mm256_loadu_si256(x + 3))));
       const __m256 scale = _mm256_mul_ps(w_scale, _mm256_loadu_ps(q_scale[t] + 8 * p));
-      acc[chain][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[chain][t]);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
     }
   };
   auto load_pair = [&](int64_t p) {
@@ -334,19 +304,10 @@ void ExpertRowInt16(const uint8_t* blocks, const uint8_t* scales, int64_t groups
     _mm_prefetch(reinterpret_cast<const char*>(blocks + 32 * p + 1024), _MM_HINT_T0);
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks + 32 * p));
   };
-  const int64_t full = groups / 2;
   int64_t p = 0;
-  for (; p + 2 <= full; p += 2) {
-    pair(p, load_pair(p), 0);
-    pair(p + 1, load_pair(p + 1), kChains - 1);
-  }
-  if (p < full) pair(p, load_pair(p), 0), ++p;
-  if (groups % 2) pair(p, _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 32 * p))), 0);
-  for (int t = 0; t < kTokens; ++t) {
-    __m256 sum = acc[0][t];
-    if constexpr (kChains == 2) sum = _mm256_add_ps(sum, acc[1][t]);
-    out[t] = Sum8(sum) * (1.0f / 256);  // the weights' factor of 256
-  }
+  for (; p < groups / 2; ++p) pair(p, load_pair(p));
+  if (groups % 2) pair(p, _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 32 * p))));
+  for (int t = 0; t < kTokens; ++t) out[t] = Sum8(acc[t]) * (1.0f / 256);  // the weights' factor of 256
 }
 
 // bf16 rows [rows, width] -> int16 q, Int16Pairs(width / 32) * kPairInt16 values a row, and scales, 8
@@ -383,14 +344,16 @@ void ExpertMatvec(const void* x_data, bool x_bf16, int64_t rows, int64_t width, 
                   const uint8_t* blocks_data, const uint8_t* scales_data, int64_t num_experts, int64_t n_out,
                   float* result, const Parallel& parallel) {
   const int64_t groups = width / 32, half = width / 2;
-#if (defined(GPTOSS_AVX512) && defined(__AVX512BF16__)) || defined(GPTOSS_AVX2)
-  const bool bf16_rows = x_bf16;  // ExpertRowBf16 takes them as they are; ExpertRowInt16 quantized
+#ifdef GPTOSS_INT16_ROWS
+  // bf16 rows go to ExpertRowInt16, quantized once here. Measured in a C++ loop over 4 of 20b's mlp1
+  // experts chosen from 32, 2 threads: against decoding to float32 on AVX2, 1.15x faster at one token and
+  // 1.5x at 16; against vdpbf16ps on bf16 pairs (AVX512-BF16, which decoding bounds too), 1.6x at one
+  // token, 1.9x at 16, 1.1x at 64.
+  const bool bf16_rows = x_bf16;
 #else
   const bool bf16_rows = false;  // ExpertRow takes them widened to float32
 #endif
-#ifdef GPTOSS_AVX2
-  // bf16 rows go to ExpertRowInt16, quantized once here (measured in a C++ loop over 4 of 20b's mlp1
-  // experts: 1.15x faster than decoding to float32 at one token, 1.5x at 16 tokens over 32 experts).
+#ifdef GPTOSS_INT16_ROWS
   const int64_t pairs = Int16Pairs(groups);
   std::vector<int16_t> q(x_bf16 ? rows * pairs * kPairInt16 : 0);
   std::vector<float> q_scale(x_bf16 ? rows * pairs * 8 : 0);
@@ -426,7 +389,6 @@ void ExpertMatvec(const void* x_data, bool x_bf16, int64_t rows, int64_t width, 
   parallel(items, 256, [&](int64_t begin, int64_t end) {
     const float* even[kMaxTokens];
     const float* odd[kMaxTokens];
-    [[maybe_unused]] const uint16_t* bf16[kMaxTokens];
     [[maybe_unused]] const int16_t* q_rows[kMaxTokens];
     [[maybe_unused]] const float* q_scales[kMaxTokens];
     float values[kMaxTokens];
@@ -437,8 +399,7 @@ void ExpertMatvec(const void* x_data, bool x_bf16, int64_t rows, int64_t width, 
         int64_t token = pairs_of[run.expert][run.first + i] / k;
         even[i] = split.data() + token * width;
         odd[i] = even[i] + half;
-        bf16[i] = static_cast<const uint16_t*>(x_data) + token * width;
-#ifdef GPTOSS_AVX2
+#ifdef GPTOSS_INT16_ROWS
         q_rows[i] = q.data() + token * pairs * kPairInt16;
         q_scales[i] = q_scale.data() + token * pairs * 8;
 #endif
@@ -447,10 +408,8 @@ void ExpertMatvec(const void* x_data, bool x_bf16, int64_t rows, int64_t width, 
       const uint8_t* row_blocks = blocks_data + row * groups * 16;
       const uint8_t* row_scales = scales_data + row * groups;
       WithCount(run.count, [&](auto tokens) {
-#if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
-        if (bf16_rows) return ExpertRowBf16<tokens()>(row_blocks, row_scales, groups, bf16, values);
-#elif defined(GPTOSS_AVX2)
-        if (x_bf16) return ExpertRowInt16<tokens()>(row_blocks, row_scales, groups, q_rows, q_scales, values);
+#ifdef GPTOSS_INT16_ROWS
+        if (bf16_rows) return ExpertRowInt16<tokens()>(row_blocks, row_scales, groups, q_rows, q_scales, values);
 #endif
         ExpertRow<tokens()>(row_blocks, row_scales, groups, even, odd, values);
       });
@@ -535,15 +494,14 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
 #elif defined(GPTOSS_AVX2)
   // 16 bf16 are one load; as 32-bit lanes, shifting left by 16 gives the even elements as float32 and
   // masking the top halves the odd ones: no shuffles (widening instructions would all need port 5).
-  // Even and odd products of one row go to separate accumulators: two FMA chains.
+  // One accumulator a (weight, row), even products then odd ones: the order Bf16TileF32 sums in, so a
+  // row's products are the same alone or in a batch.
   const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   auto even = [](__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); };
   auto odd = [&](__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, top)); };
-  constexpr int kHalves = kRows == 1 ? 2 : 1;  // more rows: enough chains already, and registers are few
-  __m256 acc[kHalves][kW][kRows];
-  for (int h = 0; h < kHalves; ++h)
-    for (int i = 0; i < kW; ++i)
-      for (int r = 0; r < kRows; ++r) acc[h][i][r] = _mm256_setzero_ps();
+  __m256 acc[kW][kRows];
+  for (int i = 0; i < kW; ++i)
+    for (int r = 0; r < kRows; ++r) acc[i][r] = _mm256_setzero_ps();
   for (; j + 16 <= width; j += 16) {
     __m256i wv[kW];
     for (int i = 0; i < kW; ++i) {
@@ -556,13 +514,13 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * width + j));
       const __m256 xe = even(xv), xo = odd(xv);
       for (int i = 0; i < kW; ++i) {
-        acc[0][i][r] = _mm256_fmadd_ps(xe, even(wv[i]), acc[0][i][r]);
-        acc[kHalves - 1][i][r] = _mm256_fmadd_ps(xo, odd(wv[i]), acc[kHalves - 1][i][r]);
+        acc[i][r] = _mm256_fmadd_ps(xe, even(wv[i]), acc[i][r]);
+        acc[i][r] = _mm256_fmadd_ps(xo, odd(wv[i]), acc[i][r]);
       }
     }
   }
   for (int i = 0; i < kW; ++i)
-    for (int r = 0; r < kRows; ++r) sums[i][r] = Sum8(kHalves == 2 ? _mm256_add_ps(acc[0][i][r], acc[kHalves - 1][i][r]) : acc[0][i][r]);
+    for (int r = 0; r < kRows; ++r) sums[i][r] = Sum8(acc[i][r]);
 #elif defined(GPTOSS_NEON)
   auto widen = [](const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); };  // 4 bf16
   float32x4_t acc[kW][kRows];
@@ -1135,7 +1093,7 @@ void GroupedMatmul(const uint16_t* xs, int64_t rows, const int32_t* sizes, const
 
 // Whether bf16 rows reach the expert matvec quantized to int16 (ExpertRowInt16): within max|x| / 65534 of
 // each block's largest input, not exact.
-#ifdef GPTOSS_AVX2
+#ifdef GPTOSS_INT16_ROWS
 constexpr bool kInt16Rows = true;
 #else
 constexpr bool kInt16Rows = false;
@@ -1143,9 +1101,9 @@ constexpr bool kInt16Rows = false;
 
 // The paths this build compiled (the kernel harness and `python -m gptoss_jax.backends.cpu` print it).
 #if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
-constexpr char kPaths[] = "avx512 bf16-products bf16-panels";
+constexpr char kPaths[] = "avx512 int16-rows bf16-products bf16-panels";
 #elif defined(GPTOSS_AVX512)
-constexpr char kPaths[] = "avx512 float-panels";
+constexpr char kPaths[] = "avx512 int16-rows float-panels";
 #elif defined(GPTOSS_AVX2)
 constexpr char kPaths[] = "avx2 int16-rows float-panels";
 #elif defined(GPTOSS_NEON)
