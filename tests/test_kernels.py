@@ -253,7 +253,7 @@ matvec = jax.jit(kernels.mxfp4_expert_matvec)
 alone = [np.asarray(matvec(rows[i : i + 1], chosen[i : i + 1], blocks, scales, jnp.int32(1))) for i in range(11)]
 assert (np.asarray(matvec(rows, chosen, blocks, scales, jnp.int32(1))) == np.concatenate(alone)).all()
 # A product of 16 rows with a whole weight (the unembedding at batch 16) runs in the kernel where the build
-# says it beats XLA's dot there (the avx2 build's float32 tiles), else in XLA's dot: the same values.
+# says it beats XLA's dot there (the avx2 build's register tiles), else in XLA's dot: the same values.
 from gptoss_jax.backends.cpu import products
 v = jnp.asarray(rng.standard_normal((16, 100)), jnp.bfloat16)
 unembed = jax.jit(lambda v: products.matmul("td,vd->tv", v, w[1], jnp.bfloat16, kernels=True))

@@ -54,7 +54,7 @@ class KernelStatus:
     # within its block's largest |x| / 65534, not exact.
     int16_rows: bool = False
     # Rows up to which its bf16 matvec beats XLA's dot on a whole weight (the unembedding): 16 for the
-    # avx2 build's float32 tiles, else 4.
+    # avx2 build's register tiles, else 4.
     matvec_rows: int = 4
     reason: str | None = None
 

@@ -207,7 +207,7 @@ extern "C" int GptossHasBf16Products() {
 extern "C" int GptossHasInt16Rows() { return kInt16Rows ? 1 : 0; }
 
 // Rows up to which the bf16 matvec beats XLA's dot on a whole weight (the unembedding): the AVX2 build's
-// float32 tiles (Bf16MatvecSplitRows) to 16 rows; elsewhere 4, past which XLA's dot (AVX-512, AMX) wins.
+// register tiles (Bf16Tile) to 16 rows; elsewhere 4, past which XLA's dot (AVX-512, AMX) wins.
 extern "C" int GptossMatvecRows() {
 #ifdef GPTOSS_AVX2
   return 16;

@@ -494,7 +494,7 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
 #elif defined(GPTOSS_AVX2)
   // 16 bf16 are one load; as 32-bit lanes, shifting left by 16 gives the even elements as float32 and
   // masking the top halves the odd ones: no shuffles (widening instructions would all need port 5).
-  // One accumulator a (weight, row), even products then odd ones: the order Bf16TileF32 sums in, so a
+  // One accumulator a (weight, row), even products then odd ones: the order Bf16Tile sums in, so a
   // row's products are the same alone or in a batch.
   const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   auto even = [](__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); };
@@ -545,40 +545,33 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
 }
 
 #ifdef GPTOSS_AVX2
-// Two or more bf16 rows on AVX2 are compute-bound: they are widened once a call to float32, each 16
-// elements stored as their 8 even then 8 odd ones (the order Bf16Rows's shift and mask give a weight
-// vector in), so a tile of kW weight rows x kRows rows keeps its accumulators in registers, widens each
-// weight vector once for all rows, and each product's x is one load. A tail (width % 16) stays in order.
-inline void SplitRowsF32(const uint16_t* x, int64_t rows, int64_t width, float* out) {
-  const int64_t body = width / 16 * 16;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < width; ++j) {
-      const int64_t to = j < body ? j / 16 * 16 + (j % 2) * 8 + (j % 16) / 2 : j;
-      out[r * width + to] = BitsToFloat(static_cast<int32_t>(x[r * width + j]) << 16);
-    }
-}
-
-// sums[i][r] = the products of kRows split rows x and kW bf16 weight rows w (row stride `width`).
+// Two or more bf16 rows on AVX2 are compute-bound. A tile of kW weight rows x kRows rows widens each
+// weight vector once (as Bf16Rows does: shift for the even elements, mask for the odd ones) and keeps it
+// in a register for all the rows, and each row's vector once for all the weights; the sums run in
+// Bf16Rows's order, so a row's products are the same alone or in a batch. 3 x 3 tiles: 3 x 4 spills
+// with GCC, and 4 x 4 (Bf16Rows's) widens each weight vector once a row (20b's unembedding at 16 rows
+// on 2 cores: 165-172 ms against 190).
 template <int kRows, int kW>
-void Bf16TileF32(const float* x, const uint16_t* w, int64_t width, float (*sums)[8]) {
-  __m256 acc[kW][kRows];  // 9 accumulators at 3 x 3, a weight vector a row and one x (3 x 4 spills)
+void Bf16Tile(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)[8]) {
+  __m256 acc[kW][kRows];
   for (int i = 0; i < kW; ++i)
     for (int r = 0; r < kRows; ++r) acc[i][r] = _mm256_setzero_ps();
   const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  auto widen = [&](const uint16_t* p, int half) {  // half 0: the even elements of 16, 1: the odd ones
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm256_castsi256_ps(half ? _mm256_and_si256(v, top) : _mm256_slli_epi32(v, 16));
+  };
   int64_t j = 0;
   for (; j + 16 <= width; j += 16) {
-    // The next tile's weight rows (Bf16MatvecSplitRows's next n), fetched while this one computes from
-    // cache: 188 -> 165 ms for 20b's unembedding at 16 rows on 2 cores here.
+    // The next tile's weight rows (Bf16Matvec's next n), fetched while this one computes from cache:
+    // 188 -> 165 ms for 20b's unembedding at 16 rows on 2 cores here.
     for (int i = 0; i < kW; ++i) _mm_prefetch(reinterpret_cast<const char*>(w + (kW + i) * width + j), _MM_HINT_T0);
-    for (int half = 0; half < 2; ++half) {  // even elements, then odd ones
+    for (int half = 0; half < 2; ++half) {
       __m256 wv[kW];
-      for (int i = 0; i < kW; ++i) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * width + j));
-        wv[i] = _mm256_castsi256_ps(half ? _mm256_and_si256(v, top) : _mm256_slli_epi32(v, 16));
-      }
+      for (int i = 0; i < kW; ++i) wv[i] = widen(w + i * width + j, half);
       for (int r = 0; r < kRows; ++r) {
-        __m256 xv = _mm256_loadu_ps(x + r * width + j + 8 * half);
-        asm("" : "+x"(xv));  // one load for kW products: folded into each FMA, it would be kW loads
+        __m256 xv = widen(x + r * width + j, half);
+        asm("" : "+x"(xv));  // widened once for kW products (GCC would otherwise redo it for each)
         for (int i = 0; i < kW; ++i) acc[i][r] = _mm256_fmadd_ps(xv, wv[i], acc[i][r]);
       }
     }
@@ -586,35 +579,9 @@ void Bf16TileF32(const float* x, const uint16_t* w, int64_t width, float (*sums)
   for (int i = 0; i < kW; ++i)
     for (int r = 0; r < kRows; ++r) {
       sums[i][r] = Sum8(acc[i][r]);
-      for (int64_t t = j; t < width; ++t) sums[i][r] += x[r * width + t] * BitsToFloat(static_cast<int32_t>(w[i * width + t]) << 16);
+      for (int64_t t = j; t < width; ++t)
+        sums[i][r] += BitsToFloat(static_cast<int32_t>(x[r * width + t]) << 16) * BitsToFloat(static_cast<int32_t>(w[i * width + t]) << 16);
     }
-}
-
-// Bf16Matvec of several rows on AVX2: tiles of 3 weight rows x 3 rows (3 x 4 spills with GCC; measured
-// 20b's unembedding at 16 rows, 2 cores: 165 ms where Bf16Rows's 4 x 4 took 190).
-template <typename Parallel>
-void Bf16MatvecSplitRows(const uint16_t* xs, int64_t rows, int64_t width, const uint16_t* ws, int64_t n_out,
-                         float* result, const Parallel& parallel) {
-  constexpr int kTile = 3;
-  std::vector<float> split(rows * width);
-  SplitRowsF32(xs, rows, width, split.data());
-  parallel(n_out, 64, [&](int64_t begin, int64_t end) {
-    float sums[kTile][8];
-    for (int64_t n = begin; n < end; n += kTile) {
-      const int weights = static_cast<int>(std::min<int64_t>(kTile, end - n));
-      for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-        const int count = static_cast<int>(std::min<int64_t>(kTile, rows - r0));
-        WithCount(count, [&](auto kRows) {
-          WithCount(weights, [&](auto kW) {
-            if constexpr (kRows() <= kTile && kW() <= kTile)
-              Bf16TileF32<kRows(), kW()>(split.data() + r0 * width, ws + n * width, width, sums);
-          });
-        });
-        for (int i = 0; i < weights; ++i)
-          for (int r = 0; r < count; ++r) result[(r0 + r) * n_out + n + i] = sums[i][r];
-      }
-    }
-  });
 }
 #endif
 
@@ -623,17 +590,25 @@ template <typename Parallel>
 void Bf16Matvec(const uint16_t* xs, int64_t rows, int64_t width, const uint16_t* ws, int64_t n_out, float* result,
                 const Parallel& parallel) {
 #ifdef GPTOSS_AVX2
-  if (rows > 1) return Bf16MatvecSplitRows(xs, rows, width, ws, n_out, result, parallel);
+  const int tile = rows > 1 ? 3 : 4;  // Bf16Tile for several rows, Bf16Rows (4 weight rows) for one
+#else
+  const int tile = 4;
 #endif
   parallel(n_out, 64, [&](int64_t begin, int64_t end) {
     float sums[4][8];
-    for (int64_t n = begin; n < end; n += 4) {
-      const int weights = static_cast<int>(std::min<int64_t>(4, end - n));
-      for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-        const int count = static_cast<int>(std::min<int64_t>(4, rows - r0));
+    for (int64_t n = begin; n < end; n += tile) {
+      const int weights = static_cast<int>(std::min<int64_t>(tile, end - n));
+      for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+        const int count = static_cast<int>(std::min<int64_t>(tile, rows - r0));
         WithCount(count, [&](auto kRows) {
           WithCount(weights, [&](auto kW) {
-            if constexpr (kRows() <= 4 && kW() <= 4) Bf16Rows<kRows(), kW()>(xs + r0 * width, ws + n * width, width, sums);
+            if constexpr (kRows() <= 4 && kW() <= 4) {
+#ifdef GPTOSS_AVX2
+              if constexpr (kRows() <= 3 && kW() <= 3)
+                if (rows > 1) return Bf16Tile<kRows(), kW()>(xs + r0 * width, ws + n * width, width, sums);
+#endif
+              Bf16Rows<kRows(), kW()>(xs + r0 * width, ws + n * width, width, sums);
+            }
           });
         });
         for (int i = 0; i < weights; ++i)
