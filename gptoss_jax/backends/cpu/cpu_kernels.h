@@ -248,16 +248,17 @@ void ExpertRow(const uint8_t* blocks, const uint8_t* scales, int64_t groups, con
 }
 
 #ifdef GPTOSS_INT16_ROWS
-// ExpertRow for bf16 token rows on AVX2, which has no bf16 products and where decoding to float32 costs
-// ~26 uops a block, most of them shuffles on one port. Instead the rows are quantized once a call to
-// int16 with a float32 scale per block of 32 (each input within its block's max|x| / 65534, far below
-// bf16's own 2**-9) and the weights stay small integers: a pair of blocks is one 32-byte load (lane 0
-// block g, lane 1 block g+1, so nothing crosses lanes), pshufb looks each nibble up as twice its fp4
+// ExpertRow for bf16 token rows on x86 with AVX2. Decoding blocks to float32 (or to bf16 pairs for
+// AVX512-BF16's vdpbf16ps) is bound by permutes that all run on one port. Instead the rows are
+// quantized once a call to int16 with a float32 scale per block of 32 (each input within its block's
+// max|x| / 65534, far below bf16's own 2**-9) and the weights stay small integers: a pair of blocks is
+// one 32-byte load (lane 0 block g, lane 1 block g+1, so nothing crosses lanes), pshufb looks each nibble up as twice its fp4
 // value in int8 (kDoubledFp4), and the low-nibble bytes read as int16 lanes hold two values each:
 // shifting left by 8 keeps the even byte's, masking with 0xFF00 the odd byte's, both times 256, exact.
 // vpmaddwd multiplies them by the rows laid out to match (QuantizeRowsInt16); one float FMA a pair
 // applies both scales. ~7 uops a block shared by the tokens, ~6 a token: 3x fewer than decoding to
-// float32 at one token, and fewer at eight too.
+// float32 at one token, and fewer at eight too. AVX-512 builds run this 256-bit form as well (a 512-bit
+// one, two pairs a load, is not written yet).
 constexpr int kPairInt16 = 64;  // a token's int16 values per pair of blocks (a pair's scales: 8 floats)
 
 inline int64_t Int16Pairs(int64_t groups) { return (groups + 1) / 2; }
