@@ -74,6 +74,13 @@ inline float Sum8(__m256 v) {  // the sum of a vector's 8 lanes
   __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
   return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
 }
+
+// 16 bf16 in one vector, as 32-bit lanes: shifting left by 16 gives the even elements as float32,
+// masking the top halves the odd ones (half 1). No shuffles: widening instructions all need port 5.
+inline __m256 Bf16Half(__m256i v, int half) {
+  return _mm256_castsi256_ps(half ? _mm256_and_si256(v, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u)))
+                                  : _mm256_slli_epi32(v, 16));
+}
 #endif
 
 // BlockTable of every scale, built once: a block's table is then one 64-byte load.
@@ -111,9 +118,11 @@ inline void DecodeBlockBits(const AllTables& tables, const uint8_t* bytes16, uin
 // most 4 significant bits times a power of two; -0 becomes +0).
 constexpr int8_t kDoubledFp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
-inline float HalfScale(const AllTables& tables, uint8_t scale) {
-  return BitsToFloat(tables.bits[scale][1]);  // code 1 is 0.5: 0.5 * 2**(s-127)
+// Half a block's scale, 2**(s-128): where it sits in the tables (code 1 is 0.5), for a broadcast load.
+inline const float* HalfScaleOf(const AllTables& tables, uint8_t scale) {
+  return reinterpret_cast<const float*>(&tables.bits[scale][1]);
 }
+inline float HalfScale(const AllTables& tables, uint8_t scale) { return *HalfScaleOf(tables, scale); }
 
 #ifdef GPTOSS_NEON
 // NEON has a 16-entry byte lookup (tbl), not a 32-bit one: codes look up kDoubledFp4, widened to
@@ -288,9 +297,9 @@ void ExpertRowInt16(const uint8_t* blocks, const uint8_t* scales, int64_t groups
     const int64_t g = 2 * p, second = std::min(g + 1, groups - 1);  // a lone last block: its lane 1 is zero
     __m256i w[4];
     PairInt16(bytes, w);
-    const __m256 w_scale = _mm256_blend_ps(_mm256_broadcast_ss(reinterpret_cast<const float*>(&tables.bits[scales[g]][1])),
-                                           _mm256_broadcast_ss(reinterpret_cast<const float*>(&tables.bits[scales[second]][1])),
-                                           0xF0);  // HalfScale of each block: kDoubledFp4 doubles
+    const __m256 w_scale = _mm256_blend_ps(_mm256_broadcast_ss(HalfScaleOf(tables, scales[g])),
+                                           _mm256_broadcast_ss(HalfScaleOf(tables, scales[second])),
+                                           0xF0);  // each block's HalfScale: kDoubledFp4 doubles
 #pragma GCC unroll 8
     for (int t = 0; t < kTokens; ++t) {
       const __m256i* x = reinterpret_cast<const __m256i*>(q[t] + kPairInt16 * p);
@@ -351,14 +360,12 @@ void ExpertMatvec(const void* x_data, bool x_bf16, int64_t rows, int64_t width, 
   // 1.5x at 16; against vdpbf16ps on bf16 pairs (AVX512-BF16, which decoding bounds too), 1.6x at one
   // token, 1.9x at 16, 1.1x at 64.
   const bool bf16_rows = x_bf16;
-#else
-  const bool bf16_rows = false;  // ExpertRow takes them widened to float32
-#endif
-#ifdef GPTOSS_INT16_ROWS
   const int64_t pairs = Int16Pairs(groups);
   std::vector<int16_t> q(x_bf16 ? rows * pairs * kPairInt16 : 0);
   std::vector<float> q_scale(x_bf16 ? rows * pairs * 8 : 0);
   if (x_bf16) QuantizeRowsInt16(static_cast<const uint16_t*>(x_data), rows, width, q.data(), q_scale.data());
+#else
+  const bool bf16_rows = false;  // ExpertRow takes them widened to float32
 #endif
 
   // Float32 rows as even and odd halves (see ExpertRow).
@@ -493,13 +500,8 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
   for (int i = 0; i < kW; ++i)
     for (int r = 0; r < kRows; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
 #elif defined(GPTOSS_AVX2)
-  // 16 bf16 are one load; as 32-bit lanes, shifting left by 16 gives the even elements as float32 and
-  // masking the top halves the odd ones: no shuffles (widening instructions would all need port 5).
-  // One accumulator a (weight, row), even products then odd ones: the order Bf16Tile sums in, so a
-  // row's products are the same alone or in a batch.
-  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  auto even = [](__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); };
-  auto odd = [&](__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, top)); };
+  // 16 bf16 a load, widened by Bf16Half. One accumulator a (weight, row), even products then odd ones:
+  // the order Bf16Tile sums in, so a row's products are the same alone or in a batch.
   __m256 acc[kW][kRows];
   for (int i = 0; i < kW; ++i)
     for (int r = 0; r < kRows; ++r) acc[i][r] = _mm256_setzero_ps();
@@ -513,10 +515,10 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
     }
     for (int r = 0; r < kRows; ++r) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * width + j));
-      const __m256 xe = even(xv), xo = odd(xv);
+      const __m256 xe = Bf16Half(xv, 0), xo = Bf16Half(xv, 1);
       for (int i = 0; i < kW; ++i) {
-        acc[i][r] = _mm256_fmadd_ps(xe, even(wv[i]), acc[i][r]);
-        acc[i][r] = _mm256_fmadd_ps(xo, odd(wv[i]), acc[i][r]);
+        acc[i][r] = _mm256_fmadd_ps(xe, Bf16Half(wv[i], 0), acc[i][r]);
+        acc[i][r] = _mm256_fmadd_ps(xo, Bf16Half(wv[i], 1), acc[i][r]);
       }
     }
   }
@@ -547,7 +549,7 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
 
 #ifdef GPTOSS_AVX2
 // Two or more bf16 rows on AVX2 are compute-bound. A tile of kW weight rows x kRows rows widens each
-// weight vector once (as Bf16Rows does: shift for the even elements, mask for the odd ones) and keeps it
+// weight vector once (Bf16Half) and keeps it
 // in a register for all the rows, and each row's vector once for all the weights; the sums run in
 // Bf16Rows's order, so a row's products are the same alone or in a batch. 3 x 3 tiles: 3 x 4 spills
 // with GCC, and 4 x 4 (Bf16Rows's) widens each weight vector once a row (20b's unembedding at 16 rows
@@ -557,10 +559,8 @@ void Bf16Tile(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
   __m256 acc[kW][kRows];
   for (int i = 0; i < kW; ++i)
     for (int r = 0; r < kRows; ++r) acc[i][r] = _mm256_setzero_ps();
-  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  auto widen = [&](const uint16_t* p, int half) {  // half 0: the even elements of 16, 1: the odd ones
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm256_castsi256_ps(half ? _mm256_and_si256(v, top) : _mm256_slli_epi32(v, 16));
+  auto widen = [](const uint16_t* p, int half) {  // half 0: the even elements of 16, 1: the odd ones
+    return Bf16Half(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), half);
   };
   int64_t j = 0;
   for (; j + 16 <= width; j += 16) {
