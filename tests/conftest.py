@@ -66,7 +66,8 @@ def long_tokens() -> np.ndarray:
 
 def pytest_collection_modifyitems(config, items):
     """Skip, saying why, the tests this host cannot run: on a GPU or TPU host the CPU kernels' tests, and
-    wherever the kernels are turned off (GPTOSS_JAX_KERNELS=0, the suite's run without them)."""
+    wherever the kernels are turned off (GPTOSS_JAX_KERNELS=0, the suite's run without them). Never on a
+    CPU host whose kernel build failed: that must fail the suite."""
     if not any(item.get_closest_marker("cpu_kernels") for item in items):
         return
     from gptoss_jax.runtime import Runtime
@@ -74,6 +75,8 @@ def pytest_collection_modifyitems(config, items):
     runtime = Runtime.default()
     if runtime.cpu_kernels is not None:
         return
+    if runtime.platform == "cpu" and os.environ.get("GPTOSS_JAX_KERNELS", "1") != "0":
+        return  # a build that failed on a CPU host fails the kernels' tests (with its reason), never skips them
     if runtime.platform != "cpu":
         reason = f"needs the CPU kernels; jax's platform here is {runtime.platform}"
     else:
