@@ -19,7 +19,4 @@ python3 -m venv .venv
 .venv/bin/pip install -q -e ".[test]"
 # OpenAI's reference (a test peer): its metadata asks for Python >= 3.12, but gpt_oss.torch runs on 3.10+.
 .venv/bin/pip install -q --no-deps --ignore-requires-python "gpt-oss==0.0.9"
-# Two workers (pytest-xdist), each taking whole files so a module's fixtures are built once, in the order
-# tests/conftest.py puts them (slowest first). Most of the suite is single-threaded compiling, so two
-# cores run it in about half the time. `-n 0` runs it all in this one process.
-.venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"
+.venv/bin/python -m pytest -q "$@"

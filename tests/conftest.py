@@ -64,21 +64,10 @@ def long_tokens() -> np.ndarray:
     return np.random.default_rng(1).integers(0, TINY.vocab_size, size=(2, 72)).astype(np.int32)
 
 
-# The files that take longest, slowest first. scripts/test.sh runs the suite on two pytest-xdist workers
-# that take whole files in collection order (--no-loadscope-reorder): a long file handed out last would
-# keep one worker busy while the other sits idle.
-SLOWEST_FILES = (
-    "test_sharded_training.py", "test_grpo.py", "test_sft.py", "test_notebooks.py", "test_bench.py",
-    "test_sharding.py", "test_pallas_kernels.py", "test_batching.py", "test_kernels.py",
-)  # fmt: skip
-
-
 def pytest_collection_modifyitems(config, items):
-    """Run the slowest files first; skip, saying why, the tests this host cannot run: on a GPU or TPU host
-    the CPU kernels' tests, and wherever the kernels are turned off (GPTOSS_JAX_KERNELS=0, the suite's run
-    without them). Never on a CPU host whose kernel build failed: that must fail the suite."""
-    first = {name: rank for rank, name in enumerate(SLOWEST_FILES)}
-    items.sort(key=lambda item: first.get(item.path.name, len(SLOWEST_FILES)))  # stable: the rest keep their order
+    """Skip, saying why, the tests this host cannot run: on a GPU or TPU host the CPU kernels' tests, and
+    wherever the kernels are turned off (GPTOSS_JAX_KERNELS=0, the suite's run without them). Never on a
+    CPU host whose kernel build failed: that must fail the suite."""
     if not any(item.get_closest_marker("cpu_kernels") for item in items):
         return
     from gptoss_jax.runtime import Runtime
