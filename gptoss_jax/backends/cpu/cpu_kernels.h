@@ -261,9 +261,10 @@ void ExpertRow(const uint8_t* blocks, const uint8_t* scales, int64_t groups, con
 // AVX512-BF16's vdpbf16ps) is bound by permutes that all run on one port. Instead the rows are
 // quantized once a call to int16 with a float32 scale per block of 32 (each input within its block's
 // max|x| / 65534, far below bf16's own 2**-9) and the weights stay small integers: a pair of blocks is
-// one 32-byte load (lane 0 block g, lane 1 block g+1, so nothing crosses lanes), pshufb looks each nibble up as twice its fp4
-// value in int8 (kDoubledFp4), and the low-nibble bytes read as int16 lanes hold two values each:
-// shifting left by 8 keeps the even byte's, masking with 0xFF00 the odd byte's, both times 256, exact.
+// one 32-byte load (lane 0 block g, lane 1 block g+1, so nothing crosses lanes), pshufb looks each
+// nibble up as twice its fp4 value in int8 (kDoubledFp4), and the low-nibble bytes read as int16 lanes
+// hold two values each: shifting left by 8 keeps the even byte's, masking with 0xFF00 the odd byte's,
+// both times 256, exact.
 // vpmaddwd multiplies them by the rows laid out to match (QuantizeRowsInt16); one float FMA a pair
 // applies both scales. ~7 uops a block shared by the tokens, ~6 a token: 3x fewer than decoding to
 // float32 at one token, and fewer at eight too. AVX-512 builds run this 256-bit form as well (a 512-bit
@@ -549,9 +550,9 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
 
 #ifdef GPTOSS_AVX2
 // Two or more bf16 rows on AVX2 are compute-bound. A tile of kW weight rows x kRows rows widens each
-// weight vector once (Bf16Half) and keeps it
-// in a register for all the rows, and each row's vector once for all the weights; the sums run in
-// Bf16Rows's order, so a row's products are the same alone or in a batch. 3 x 3 tiles: 3 x 4 spills
+// weight vector once (Bf16Half) and keeps it in a register for all the rows, and each row's vector once
+// for all the weights; the sums run in Bf16Rows's order, so a row's products are the same alone or in
+// a batch. 3 x 3 tiles: 3 x 4 spills
 // with GCC, and 4 x 4 (Bf16Rows's) widens each weight vector once a row (20b's unembedding at 16 rows
 // on 2 cores: 165-172 ms against 190).
 template <int kRows, int kW>
