@@ -93,6 +93,52 @@ def test_the_grouped_kernel_matches_xla_in_float32_at_odd_shapes_with_its_gradie
     assert not np.asarray(grad[3 * tile_rows :]).any()  # unused tiles get no gradient
 
 
+@pytest.mark.quick
+def test_the_decode_form_matches_xla_in_float32_at_odd_shapes_with_its_gradient():
+    # 30 rows (not a multiple of 16), each choosing one of 5 experts of layer 1 of a stack of
+    # 3 (expert 3 chosen by none, expert 1 by many), or id 5 / -1 (held elsewhere, padding: zero rows);
+    # 608 inputs (a partial scale row), 200 outputs in tiles of 128 (a partial last tile).
+    rng = np.random.default_rng(4)
+    blocks, scales = _random_experts(rng, 3, 5, 200, 608)
+    tpu_blocks, tpu_scales = to_tpu_form(jnp.asarray(blocks), jnp.asarray(scales))
+    row_experts = jnp.asarray(rng.choice([0, 1, 1, 1, 2, 4, 5, -1], 30), jnp.int32)
+    x = jnp.asarray(rng.standard_normal((30, 608)), jnp.float32)
+    weights = mxfp4.dequantize(jnp.asarray(blocks[1]), jnp.asarray(scales[1]), jnp.float32).reshape(5, 200, 608)
+
+    def ours(x):
+        return mxfp4_matmul.expert_rows_matmul(x, row_experts, tpu_blocks, tpu_scales, jnp.int32(1), columns=128, interpret=True)
+
+    def reference(x):
+        out = jnp.einsum("ri,roi->ro", x, weights[jnp.clip(row_experts, 0, 4)], precision="highest")
+        return jnp.where(((row_experts >= 0) & (row_experts < 5))[:, None], out, 0.0)
+
+    assert relative_error(np.asarray(ours(x)), np.asarray(reference(x))) <= 1e-5
+    assert not np.asarray(ours(x))[np.asarray((row_experts == 5) | (row_experts == -1))].any()
+    cotangent = jnp.asarray(rng.standard_normal((30, 200)), jnp.float32)
+    grad, expected = jax.vjp(ours, x)[1](cotangent)[0], jax.vjp(reference, x)[1](cotangent)[0]
+    assert relative_error(np.asarray(grad), np.asarray(expected)) <= 1e-5
+
+
+@pytest.mark.quick
+def test_the_decode_forms_cost_estimate_reads_each_chosen_expert_once():
+    rng = np.random.default_rng(5)
+    blocks, scales = _random_experts(rng, 1, 4, 256, 576)
+    tpu_blocks, tpu_scales = to_tpu_form(jnp.asarray(blocks[0]), jnp.asarray(scales[0]))
+    x = jnp.zeros((16, 576), jnp.bfloat16)  # 16 rows: at most 4 experts (all of them) can be chosen
+    call = lambda x: mxfp4_matmul.expert_rows_matmul(x, jnp.arange(16) % 4, tpu_blocks, tpu_scales, columns=128)
+    (equation,) = _pallas_calls(jax.make_jaxpr(call)(x).jaxpr)
+    estimate = equation.params["cost_estimate"]
+    # Each of the 4 experts' 2 column tiles once (from the arrays: blocks and scales, the scales' padding
+    # row included), the rows and their experts' ids once, the float32 output written once.
+    column_tile = tpu_blocks[0, ..., :128].nbytes + tpu_scales[0, ..., :128].nbytes
+    assert estimate.bytes_accessed == x.nbytes + 16 * 4 + 4 * 2 * column_tile + 16 * 256 * 4
+    assert 4 * 2 * column_tile >= 4 * (blocks[0, 0].nbytes + scales[0, 0].nbytes)
+    # With 2 rows, at most 2 experts: the bound follows the rows.
+    call = lambda x: mxfp4_matmul.expert_rows_matmul(x, jnp.array([1, 3]), tpu_blocks, tpu_scales, columns=128)
+    (equation,) = _pallas_calls(jax.make_jaxpr(call)(x[:2]).jaxpr)
+    assert equation.params["cost_estimate"].bytes_accessed == x[:2].nbytes + 2 * 4 + 2 * 2 * column_tile + 2 * 256 * 4
+
+
 def _pallas_calls(jaxpr) -> list:
     """The pallas_call equations of a jaxpr, looking inside the jaxprs its equations hold (custom_vjp...)."""
     found = []
@@ -224,11 +270,10 @@ def test_the_gpu_grouped_kernel_compiles_for_an_h100_reading_its_layer_in_place(
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_expert_adapters_beside_the_kernel_match_the_xla_path(hub_checkpoint, long_tokens, backend):
-    # LoRA on mlp1/mlp2 (b made non-zero): the adapters' products on the kernel's tiles, values and the
-    # adapters' gradients against the XLA path.
+    # LoRA on mlp1/mlp2 (b made non-zero): the adapters' products on the kernel's tiles (and on TPU, for
+    # 3 tokens, beside the decode form's rows), values and the adapters' gradients against the XLA path.
     from gptoss_jax.lora import LoRAConfig, add_lora
 
-    tokens = long_tokens[:, :40]
     runtime = Runtime("cpu", pallas=backend, interpret=True)
     models = []
     for chosen in (runtime, runtime.without_kernels()):
@@ -238,15 +283,16 @@ def test_expert_adapters_beside_the_kernel_match_the_xla_path(hub_checkpoint, lo
         nnx.update(model, state)
         models.append(model)
 
-    def value_and_grad(model):
+    def value_and_grad(model, tokens):
         graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
         loss = lambda adapters: jnp.mean(nnx.merge(graphdef, adapters, rest)(tokens) ** 2)
         return jax.value_and_grad(loss)(adapters)
 
-    (values, grads) = zip(*(value_and_grad(model) for model in models))
-    assert abs(float(values[0] - values[1])) <= 1e-5 * abs(float(values[1]))
-    for ours, expected in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-        assert relative_error(np.asarray(ours), np.asarray(expected)) <= 1e-5
+    for tokens in (long_tokens[:, :40], long_tokens[:1, :3]):
+        (values, grads) = zip(*(value_and_grad(model, tokens) for model in models))
+        assert abs(float(values[0] - values[1])) <= 1e-5 * abs(float(values[1]))
+        for ours, expected in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+            assert relative_error(np.asarray(ours), np.asarray(expected)) <= 1e-5
 
 
 def _decode_case(rng, sliding: bool):

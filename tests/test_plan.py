@@ -107,3 +107,25 @@ def test_the_matrix_writes_a_row_per_model_and_target_and_reuses_plans_made():
     assert len(results) == len(saves) == 6
     again = plans.matrix(("tiny",), ("v5e-1", "h100"), columns, results, saves.append)
     assert again == table and len(saves) == 6  # nothing planned twice
+
+
+def test_the_cost_compile_counts_the_weights_a_tpu_program_reads_once():
+    # Two layers' attention projections (gpt-oss-20b's shapes) applied to one token: the chip reads each
+    # weight from HBM once. XLA's cost analysis of the program as compiled to run also counts its copies
+    # of the weights into VMEM (the reason plans compile for costs without them).
+    devices = targets.target("v6e-1").abstract_devices()
+    sharding = jax.sharding.SingleDeviceSharding(devices[0])
+    q, o = (64, 64, 2880), (2880, 64, 64)
+    shapes = [(1, 1, 2880), q, o, q, o]
+    args = [jax.ShapeDtypeStruct(shape, jax.numpy.bfloat16, sharding=sharding) for shape in shapes]
+
+    def two_layers(x, *weights):
+        for q_proj, o_proj in (weights[:2], weights[2:]):
+            x = x + jax.numpy.einsum("bthk,dhk->btd", jax.numpy.einsum("btd,hkd->bthk", x, q_proj), o_proj)
+        return x
+
+    lowered = jax.jit(two_layers).lower(*args)
+    weights = sum(arg.size * 2 for arg in args[1:])
+    assert weights <= plans.cost_analysis(lowered, "tpu")["bytes accessed"] <= 1.05 * weights
+    as_run = lowered.compile().cost_analysis()
+    assert (as_run[0] if isinstance(as_run, list) else as_run)["bytes accessed"] > 2 * weights

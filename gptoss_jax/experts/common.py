@@ -96,6 +96,14 @@ class ExpertAdapters:
         low = self._matmul("ti,ri->tr", x, adapter["a"][expert])
         return self.settings[name][0] * self._matmul("tr,or->to", low, adapter["b"][expert])
 
+    def rows(self, name: str, x: jax.Array, experts: jax.Array) -> jax.Array | float:
+        """Update for rows [rows, in], row r going to expert experts[r] (a decode batch's pairs)."""
+        if name not in self.settings:
+            return 0.0
+        adapter = self.params[f"{name}_lora"]
+        low = self._matmul("ri,rki->rk", self._input(name, x), adapter["a"][experts])
+        return self.settings[name][0] * self._matmul("rk,rok->ro", low, adapter["b"][experts])
+
     def tiles(self, name: str, x: jax.Array, tile_experts: jax.Array) -> jax.Array | float:
         """Update for rows [tiles * tile, in] in whole tiles, tile t going to expert tile_experts[t]: a
         batched product over tiles with each tile's adapter gathered (a ragged_dot here would compute every

@@ -157,7 +157,7 @@ def pallas_tiles(tokens, experts, weights, params, bias2, adapters: ExpertAdapte
     checkpoint's layout; or interpreted): pairs sorted by expert into whole tiles, each projection one
     kernel call, which decodes one expert's bytes on chip a tile at a time and reads each expert's bytes
     once per tile of its rows (once per step while decoding). Adapters add their grouped products on the
-    same rows.
+    same rows. A decode batch on TPU skips the tiles (`_pallas_pairs`).
     """
     k = config.experts_per_token
     local_count = params["mlp1_bias"].shape[0]
@@ -168,6 +168,8 @@ def pallas_tiles(tokens, experts, weights, params, bias2, adapters: ExpertAdapte
     # Each of the (at most) `used` experts with rows fills its last tile with at most tile - 1 padding rows.
     used = min(local_count, pairs)
     tiles = (pairs + used * (tile - 1)) // tile
+    if on_tpu and tiles * tile >= PAIRS_FIRST_PADDING * pairs:  # decode-sized: no tiles on TPU
+        return _pallas_pairs(tokens, experts, weights, params, bias2, adapters, config, dtype, runtime)
     layout = _whole_tiles(experts, local_count, tile, tiles)
     kernel = tpu_matmul.grouped_matmul if on_tpu else gpu_matmul.grouped_matmul
     tiling = Tiling(tile, PALLAS_TILE_COLUMNS if on_tpu else PALLAS_GPU_TILE_COLUMNS)
@@ -186,8 +188,8 @@ def pallas_tiles(tokens, experts, weights, params, bias2, adapters: ExpertAdapte
 
     rows = jnp.zeros((tiles * tile, hidden), dtype).at[layout.slot].set(tokens[layout.order // k].astype(dtype), mode="drop")
     if tiles * tile >= PAIRS_FIRST_PADDING * pairs:
-        # Decode-sized: the tiles are mostly padding (16 rows an expert for a token or two), so the bias,
-        # SwiGLU and weighting run on the pairs' rows only, taken out of the tiles and put back.
+        # Decode-sized on GPU: the tiles are mostly padding (16 rows an expert for a token or two), so
+        # the bias, SwiGLU and weighting run on the pairs' rows only, taken out of the tiles and put back.
         h = product(rows, params["mlp1"], zero_unused=False) + adapters.tiles("mlp1", rows, layout.tile_expert)
         held = (layout.slot < tiles * tile)[:, None]  # pairs held elsewhere (expert-parallel) have no row
         expert = layout.tile_expert[jnp.minimum(layout.slot // tile, tiles - 1)]
@@ -205,6 +207,34 @@ def pallas_tiles(tokens, experts, weights, params, bias2, adapters: ExpertAdapte
         y = y.at[layout.slot].get(mode="fill", fill_value=0.0)
     y = y * weights.reshape(-1)[layout.order][:, None]
     return jnp.zeros((tokens.shape[0], hidden), jnp.float32).at[layout.order // k].add(y)
+
+
+def _pallas_pairs(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, config, dtype, runtime) -> jax.Array:
+    """A decode batch's pairs through the TPU kernels' decode form: one row a (token, expert) pair in the
+    order they come, each projection one call that reads each chosen expert's bytes once (see
+    `tpu_matmul.expert_rows_matmul`). No tiles, no sort, and the work between the calls is on the pairs'
+    rows only."""
+    tokens_count, k = experts.shape
+    local_count = params["mlp1_bias"].shape[0]
+    # Row p is pair p (not padded: the kernel's bound on the experts it walks is the rows); pairs held
+    # elsewhere (id local_count) choose no expert here.
+    row_experts = experts.reshape(-1)
+    held = (row_experts < local_count)[:, None]
+    expert = jnp.minimum(row_experts, local_count - 1)
+    x = jnp.repeat(tokens.astype(dtype), k, axis=0)
+
+    def product(x, weights):
+        stack, layer = unstack(weights["tpu_blocks"])
+        scales, _ = unstack(weights["tpu_scales"])
+        _check_tpu_form(stack, scales)
+        return tpu_matmul.expert_rows_matmul(x, row_experts, stack, scales, layer, columns=PALLAS_TILE_COLUMNS,
+                                             interpret=runtime.interpret)  # fmt: skip
+
+    h = product(x, params["mlp1"]) + adapters.rows("mlp1", x, expert)
+    h = swiglu(h + params["mlp1_bias"][expert].astype(jnp.float32), config)
+    y = product(h.astype(dtype), params["mlp2"]) + adapters.rows("mlp2", h, expert)
+    y = jnp.where(held, y + bias2[expert].astype(jnp.float32), 0.0)
+    return jnp.sum(y.reshape(tokens_count, k, -1) * weights[..., None], axis=1)
 
 
 def _check_tpu_form(blocks, scales) -> None:

@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from gptoss_jax import mxfp4
-from gptoss_jax.backends.pallas_shared import Tiling, differentiable, float32_output, fp4_values
+from gptoss_jax.backends.pallas_shared import Tiling, differentiable, float32_output, fp4_values, split_columns
 
 LANES = 128
 BLOCK_BYTES = mxfp4.BYTES_PER_BLOCK  # 16: a block's bytes, and the scales kept in one row of bytes
@@ -259,3 +259,148 @@ result are undefined. blocks and scales are one projection's experts in the TPU 
 [E, G, 16, out] and [E, ceil(G/16), 16, out] uint8), or stacks of them over layers with one more
 leading axis, read at `layer` in place. Differentiable with respect to x.
 """
+
+
+# The decode form: few rows, each of its own expert, in the order they come (no tiles, no sorting).
+
+
+def _rows_forward_kernel(experts, layer, row_experts, x_even, x_odd, blocks, scales, out, low, high):
+    del layer
+    step = pl.program_id(1)
+
+    @pl.when(step == 0)
+    def _():
+        out[...] = jnp.zeros_like(out)
+
+    _decode_tile(blocks, scales, low, high)
+    precision = _precision(low.dtype)
+    product = jnp.dot(x_even[...], low[...], precision=precision, preferred_element_type=jnp.float32)
+    product += jnp.dot(x_odd[...], high[...], precision=precision, preferred_element_type=jnp.float32)
+    out[...] += jnp.where(row_experts[...] == experts[step], product, 0.0)
+
+
+def _rows_backward_kernel(experts, layer, row_experts, grad, blocks, scales, out_even, out_odd, low, high, *, out_features: int):
+    del layer
+    step, column = pl.program_id(0), pl.program_id(1)
+    columns = blocks.shape[-1]
+
+    @pl.when((step == 0) & (column == 0))
+    def _():
+        out_even[...] = jnp.zeros_like(out_even)
+        out_odd[...] = jnp.zeros_like(out_odd)
+
+    left = out_features - column * columns if out_features % columns else None
+    _decode_tile(blocks, scales, low, high, columns_left=left)
+    g, precision, transposed = grad[...], _precision(low.dtype), (((1,), (1,)), ((), ()))
+    mine = row_experts[...] == experts[step]
+    even = jax.lax.dot_general(g, low[...], transposed, precision=precision, preferred_element_type=jnp.float32)
+    odd = jax.lax.dot_general(g, high[...], transposed, precision=precision, preferred_element_type=jnp.float32)
+    out_even[...] += jnp.where(mine, even, 0.0)
+    out_odd[...] += jnp.where(mine, odd, 0.0)
+
+
+def _expert_bytes(blocks, scales) -> int:
+    """Bytes of one expert's blocks and scales (all its columns)."""
+    return (blocks.shape[2] + scales.shape[2]) * BLOCK_BYTES * blocks.shape[-1]
+
+
+def _rows_forward(x_even, x_odd, row_experts, experts, used, layer, blocks, scales, columns_target: int, interpret):
+    rows, half = x_even.shape
+    out_features = blocks.shape[-1]
+    columns = column_tile(out_features, columns_target)
+    column_tiles, most = pl.cdiv(out_features, columns), experts.shape[0]
+    whole = lambda n, e, *_: (0, 0)
+    # A partial last column tile is fetched whole (past the weight's end too): count the blocks as fetched.
+    cost = _cost(
+        flops=2 * rows * 2 * half * column_tiles * columns * most,
+        reads=[(2 * x_even.nbytes + row_experts.nbytes, 1), (_tile_bytes(blocks, scales, columns), column_tiles * most)],
+        writes=rows * out_features * 4,
+    )
+    return pl.pallas_call(
+        _rows_forward_kernel,
+        out_shape=float32_output((rows, out_features), x_even, blocks, scales, experts, layer, row_experts),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(column_tiles, used),
+            in_specs=[pl.BlockSpec((rows, 1), whole), pl.BlockSpec((rows, half), whole), pl.BlockSpec((rows, half), whole),
+                      *_weight_specs(blocks, scales, columns, column_first=True)],  # fmt: skip
+            out_specs=pl.BlockSpec((rows, columns), lambda n, e, *_: (0, n)),
+            scratch_shapes=[pltpu.VMEM((half, columns), x_even.dtype)] * 2,
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=cost,
+        interpret=interpret,
+    )(experts, layer, row_experts, x_even, x_odd, blocks, scales)
+
+
+def _rows_backward(grad, row_experts, experts, used, layer, blocks, scales, columns_target: int, interpret):
+    rows, out_features = grad.shape
+    half = blocks.shape[2] * BLOCK_BYTES
+    columns = column_tile(out_features, columns_target)
+    column_tiles, most = pl.cdiv(out_features, columns), experts.shape[0]
+    grad = jnp.pad(grad, ((0, 0), (0, column_tiles * columns - out_features)))  # zeros past the end
+    cost = _cost(
+        flops=2 * rows * column_tiles * columns * 2 * half * most,
+        reads=[(rows * columns * grad.dtype.itemsize, column_tiles * most), (row_experts.nbytes, 1),
+               (_tile_bytes(blocks, scales, columns), column_tiles * most)],  # fmt: skip
+        writes=2 * rows * half * 4,
+    )
+    whole = lambda e, n, *_: (0, 0)
+    return pl.pallas_call(
+        functools.partial(_rows_backward_kernel, out_features=out_features),
+        out_shape=[float32_output((rows, half), grad, blocks, scales, experts, layer, row_experts)] * 2,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(used, column_tiles),
+            in_specs=[pl.BlockSpec((rows, 1), whole), pl.BlockSpec((rows, columns), lambda e, n, *_: (0, n)),
+                      *_weight_specs(blocks, scales, columns, column_first=False)],  # fmt: skip
+            out_specs=[pl.BlockSpec((rows, half), whole)] * 2,
+            scratch_shapes=[pltpu.VMEM((half, columns), grad.dtype)] * 2,
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary")),
+        cost_estimate=cost,
+        interpret=interpret,
+    )(experts, layer, row_experts, grad, blocks, scales)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _rows_product(x, row_experts, experts, used, layer, blocks, scales, columns, interpret):
+    return _rows_forward(*split_columns(x), row_experts, experts, used, layer, blocks, scales, columns, interpret)
+
+
+def _rows_product_forward(x, row_experts, experts, used, layer, blocks, scales, columns, interpret):
+    out = _rows_product(x, row_experts, experts, used, layer, blocks, scales, columns, interpret)
+    return out, (jnp.zeros((0,), x.dtype), row_experts, experts, used, layer, blocks, scales)
+
+
+def _rows_product_backward(columns, interpret, saved, grad):
+    like, row_experts, experts, used, layer, blocks, scales = saved
+    even, odd = _rows_backward(grad.astype(like.dtype), row_experts, experts, used, layer, blocks, scales, columns, interpret)
+    dx = jnp.stack([even, odd], axis=-1).reshape(even.shape[0], -1).astype(like.dtype)
+    return dx, None, None, None, None, None, None
+
+
+_rows_product.defvjp(_rows_product_forward, _rows_product_backward)
+
+
+def expert_rows_matmul(x, row_experts, blocks, scales, layer=None, *, columns: int, interpret=False) -> jax.Array:
+    """float32 [rows, out]: row r of x [rows, in] against expert row_experts[r] (decoded from MXFP4); rows
+    whose expert is not one of this device's (any id outside [0, E)) give zeros.
+
+    The decode form of `grouped_matmul`: for a few rows (a decode batch's pairs) it walks the experts the
+    rows chose, each once, multiplying all rows (kept in VMEM) by its decoded tile and keeping the rows
+    that chose it. So each chosen expert's bytes are read once per step whatever the batch, with no tiles
+    of padding rows to fill and no sort; the wasted MXU work (every row against every chosen expert) is
+    free while a step waits on the weights' bytes. Differentiable with respect to x.
+    """
+    if layer is None:
+        blocks, scales, layer = blocks[None], scales[None], jnp.zeros((), jnp.int32)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    num_experts, rows = blocks.shape[1], x.shape[0]
+    row_experts = row_experts.astype(jnp.int32)
+    mine = (row_experts >= 0) & (row_experts < num_experts)
+    present = jnp.zeros((num_experts,), bool).at[jnp.where(mine, row_experts, num_experts)].set(True, mode="drop")
+    # The chosen experts in order; the grid walks the first `used`; the static bound is the most there can be.
+    experts = jnp.nonzero(present, size=min(num_experts, rows), fill_value=0)[0].astype(jnp.int32)
+    used = jnp.maximum(jnp.sum(present), 1).astype(jnp.int32)  # one step at least: it zeroes the output
+    return _rows_product(x, row_experts.reshape(rows, 1), experts, used, layer, blocks, scales, columns, interpret)
