@@ -357,6 +357,32 @@ def test_the_decode_attention_cost_estimate_is_the_bytes_of_the_blocks_it_reads(
 
 
 @pytest.mark.quick
+def test_the_decode_form_compiles_for_a_tpu_reading_its_layer_in_place():
+    # A batch of 16 tokens' 64 pairs at gpt-oss's widths (2880 inputs), a stack of 2 layers of 8 experts, v6e.
+    devices = targets.target("v6e-1").abstract_devices()
+    sharding = jax.sharding.SingleDeviceSharding(devices[0])
+    blocks_shape, scales_shape = mxfp4_matmul.tpu_form_shapes((2, 8, 2880, 90, 16), (2, 8, 2880, 90))
+    args = (
+        jax.ShapeDtypeStruct((64, 2880), jnp.bfloat16, sharding=sharding),
+        jax.ShapeDtypeStruct((64,), jnp.int32, sharding=sharding),
+        jax.ShapeDtypeStruct(blocks_shape, jnp.uint8, sharding=sharding),
+        jax.ShapeDtypeStruct(scales_shape, jnp.uint8, sharding=sharding),
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding),
+    )
+
+    def step(x, row_experts, blocks, scales, layer):
+        forward = lambda x: mxfp4_matmul.expert_rows_matmul(x, row_experts, blocks, scales, layer, columns=384)
+        out, pullback = jax.vjp(forward, x)
+        return out, pullback(out)[0]
+
+    with jax.default_device(devices[0]):
+        compiled = jax.jit(step).lower(*args).compile()
+    layer_bytes = np.prod(blocks_shape[1:]) + np.prod(scales_shape[1:])
+    assert compiled.memory_analysis().temp_size_in_bytes < layer_bytes / 20
+    assert " u8[" not in "".join(line for line in compiled.as_text().splitlines() if " copy(" in line)
+
+
+@pytest.mark.quick
 def test_the_decode_attention_kernel_compiles_for_a_tpu_without_copying_the_cache():
     # gpt-oss-20b's full-attention cache at 8k for 8 rows, stacked over 12 groups, on a v6e chip: the
     # kernel reads group 5 in place (temporaries far below one group's cache) and XLA's bytes accessed
