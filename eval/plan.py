@@ -13,9 +13,9 @@ trainers' own programs:
            accumulates micro-batches, so memory does not grow with the group)
 
 Per device it reports weights, KV cache (or adapters and optimizer state), XLA's temporaries and the
-total against the device's memory, XLA's flops and bytes accessed where it gives them (TPU), and for
-decode two bounds on tokens/s at the device's bandwidth: from XLA's bytes accessed and from the bytes a
-step must read (`decode_step_bytes`). On TPU an over-size program fails to compile, as on the chip; the
+total against the device's memory, XLA's flops and bytes accessed where it gives them (TPU; see
+`cost_analysis`), and for decode two bounds on tokens/s at the device's bandwidth: from XLA's bytes
+accessed and from the bytes a step must read (`decode_step_bytes`). On TPU an over-size program fails to compile, as on the chip; the
 plan says so with XLA's figure.
 """
 
