@@ -217,21 +217,28 @@ def test_training_gradients_through_the_kernel_match_the_xla_path(hub_checkpoint
 
 
 @pytest.mark.quick
-def test_the_grouped_kernel_compiles_for_a_tpu_reading_its_layer_in_place():
-    # gpt-oss's real widths (2880 inputs: 90 blocks), a stack of 2 layers, on a v5e chip (libtpu's compiler).
-    devices = targets.target("v5e-1").abstract_devices()
+@pytest.mark.parametrize("form", ["grouped", "decode"])
+def test_the_expert_kernels_compile_for_a_tpu_reading_their_layer_in_place(form):
+    # gpt-oss's real widths (2880 inputs: 90 blocks), a stack of 2 layers of 8 experts, forward and gradient,
+    # by libtpu's compiler: the grouped form for 2 tiles of 16 rows on a v5e, the decode form for a batch
+    # of 16 tokens' 64 pairs on a v6e.
+    target, rows, index_shape = {"grouped": ("v5e-1", 32, (2,)), "decode": ("v6e-1", 64, (64,))}[form]
+    devices = targets.target(target).abstract_devices()
     sharding = jax.sharding.SingleDeviceSharding(devices[0])
-    blocks_shape, scales_shape = mxfp4_matmul.tpu_form_shapes((2, 4, 2880, 90, 16), (2, 4, 2880, 90))
+    blocks_shape, scales_shape = mxfp4_matmul.tpu_form_shapes((2, 8, 2880, 90, 16), (2, 8, 2880, 90))
     args = (
-        jax.ShapeDtypeStruct((32, 2880), jnp.bfloat16, sharding=sharding),
-        jax.ShapeDtypeStruct((2,), jnp.int32, sharding=sharding),
-        jax.ShapeDtypeStruct((blocks_shape), jnp.uint8, sharding=sharding),
-        jax.ShapeDtypeStruct((scales_shape), jnp.uint8, sharding=sharding),
+        jax.ShapeDtypeStruct((rows, 2880), jnp.bfloat16, sharding=sharding),
+        jax.ShapeDtypeStruct(index_shape, jnp.int32, sharding=sharding),
+        jax.ShapeDtypeStruct(blocks_shape, jnp.uint8, sharding=sharding),
+        jax.ShapeDtypeStruct(scales_shape, jnp.uint8, sharding=sharding),
         jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding),
     )
 
-    def step(x, tile_experts, blocks, scales, layer):
-        forward = lambda x: grouped_matmul(x, tile_experts, 2, blocks, scales, layer, tiling=Tiling(16, 384))
+    def step(x, experts, blocks, scales, layer):
+        if form == "grouped":  # experts: the tiles' experts
+            forward = lambda x: grouped_matmul(x, experts, 2, blocks, scales, layer, tiling=Tiling(16, 384))
+        else:  # experts: the rows'
+            forward = lambda x: mxfp4_matmul.expert_rows_matmul(x, experts, blocks, scales, layer, columns=384)
         out, pullback = jax.vjp(forward, x)
         return out, pullback(out)[0]
 
@@ -354,32 +361,6 @@ def test_the_decode_attention_cost_estimate_is_the_bytes_of_the_blocks_it_reads(
     group_bytes = keys[0].nbytes + values[0].nbytes
     position_bytes = batch * positions[0, :, :32].nbytes
     assert estimate.bytes_accessed == group_bytes + position_bytes + batch * heads * keys.shape[-1] * (4 + 4)
-
-
-@pytest.mark.quick
-def test_the_decode_form_compiles_for_a_tpu_reading_its_layer_in_place():
-    # A batch of 16 tokens' 64 pairs at gpt-oss's widths (2880 inputs), a stack of 2 layers of 8 experts, v6e.
-    devices = targets.target("v6e-1").abstract_devices()
-    sharding = jax.sharding.SingleDeviceSharding(devices[0])
-    blocks_shape, scales_shape = mxfp4_matmul.tpu_form_shapes((2, 8, 2880, 90, 16), (2, 8, 2880, 90))
-    args = (
-        jax.ShapeDtypeStruct((64, 2880), jnp.bfloat16, sharding=sharding),
-        jax.ShapeDtypeStruct((64,), jnp.int32, sharding=sharding),
-        jax.ShapeDtypeStruct(blocks_shape, jnp.uint8, sharding=sharding),
-        jax.ShapeDtypeStruct(scales_shape, jnp.uint8, sharding=sharding),
-        jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding),
-    )
-
-    def step(x, row_experts, blocks, scales, layer):
-        forward = lambda x: mxfp4_matmul.expert_rows_matmul(x, row_experts, blocks, scales, layer, columns=384)
-        out, pullback = jax.vjp(forward, x)
-        return out, pullback(out)[0]
-
-    with jax.default_device(devices[0]):
-        compiled = jax.jit(step).lower(*args).compile()
-    layer_bytes = np.prod(blocks_shape[1:]) + np.prod(scales_shape[1:])
-    assert compiled.memory_analysis().temp_size_in_bytes < layer_bytes / 20
-    assert " u8[" not in "".join(line for line in compiled.as_text().splitlines() if " copy(" in line)
 
 
 @pytest.mark.quick
