@@ -15,8 +15,8 @@ trainers' own programs:
 Per device it reports weights, KV cache (or adapters and optimizer state), XLA's temporaries and the
 total against the device's memory, XLA's flops and bytes accessed where it gives them (TPU; see
 `cost_analysis`), and for decode two bounds on tokens/s at the device's bandwidth: from XLA's bytes
-accessed and from the bytes a step must read (`decode_step_bytes`). On TPU an over-size program fails to compile, as on the chip; the
-plan says so with XLA's figure.
+accessed and from the bytes a step must read (`decode_step_bytes`). On TPU an over-size program fails
+to compile, as on the chip; the plan says so with XLA's figure.
 """
 
 from __future__ import annotations
@@ -302,12 +302,13 @@ def _costs(config: GptOssConfig, mesh, dtype: str, workload: Workload, compiled)
     iteration); the program compiled to run gives it where neither applies."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    model = abstract_model(config, mesh, dtype, workload.lora_rank if workload.program in TRAINING else None)
-    if not cost or (config.num_groups == 1 and model.runtime.platform not in COST_COMPILER_OPTIONS):
+    platform = mesh.devices.flat[0].platform
+    if not cost or (config.num_groups == 1 and platform not in COST_COMPILER_OPTIONS):
         return cost
+    model = abstract_model(config, mesh, dtype, workload.lora_rank if workload.program in TRAINING else None)
     model.runtime = model.runtime.replace(unroll_layers=True)
     try:
-        return cost_analysis(_lower(model, workload, mesh, dtype)[0], model.runtime.platform)
+        return cost_analysis(_lower(model, workload, mesh, dtype)[0], platform)
     except Exception as error:  # the unrolled program can outgrow the device where the rolled one fits
         if _OVERFLOW.search(str(error)) is None:
             raise

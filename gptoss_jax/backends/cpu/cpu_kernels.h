@@ -552,9 +552,8 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
 // Two or more bf16 rows on AVX2 are compute-bound. A tile of kW weight rows x kRows rows widens each
 // weight vector once (Bf16Half) and keeps it in a register for all the rows, and each row's vector once
 // for all the weights; the sums run in Bf16Rows's order, so a row's products are the same alone or in
-// a batch. 3 x 3 tiles: 3 x 4 spills
-// with GCC, and 4 x 4 (Bf16Rows's) widens each weight vector once a row (20b's unembedding at 16 rows
-// on 2 cores: 165-172 ms against 190).
+// a batch. 3 x 3 tiles: 3 x 4 spills with GCC, and 4 x 4 (Bf16Rows's) widens each weight vector once a
+// row (20b's unembedding at 16 rows on 2 cores: 165-172 ms against 190).
 template <int kRows, int kW>
 void Bf16Tile(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)[8]) {
   __m256 acc[kW][kRows];

@@ -299,11 +299,6 @@ def _rows_backward_kernel(experts, layer, row_experts, grad, blocks, scales, out
     out_odd[...] += jnp.where(mine, odd, 0.0)
 
 
-def _expert_bytes(blocks, scales) -> int:
-    """Bytes of one expert's blocks and scales (all its columns)."""
-    return (blocks.shape[2] + scales.shape[2]) * BLOCK_BYTES * blocks.shape[-1]
-
-
 def _rows_forward(x_even, x_odd, row_experts, experts, used, layer, blocks, scales, columns_target: int, interpret):
     rows, half = x_even.shape
     out_features = blocks.shape[-1]
