@@ -17,19 +17,12 @@ from gptoss_jax import mxfp4, targets
 from gptoss_jax.backends.tpu import mxfp4_matmul
 from gptoss_jax.backends.gpu import mxfp4_matmul as gpu_matmul
 from gptoss_jax.backends.pallas_shared import Tiling
-from gptoss_jax.backends.tpu.mxfp4_matmul import from_tpu_form, grouped_matmul, to_tpu_form
+from gptoss_jax.backends.tpu.mxfp4_matmul import from_tpu_form, sorted_matmul, to_tpu_form
 from gptoss_jax.runtime import Runtime
 
 from test_model_parity import relative_error, transformers_logits
 
 INTERPRETED = Runtime("cpu", pallas="tpu", interpret=True)
-
-
-def _kernel(backend: str):
-    """(grouped matmul, the weights' form for it) of a backend."""
-    if backend == "tpu":
-        return grouped_matmul, to_tpu_form
-    return gpu_matmul.grouped_matmul, lambda blocks, scales: (blocks, scales)
 
 
 def _random_experts(rng, layers: int, experts: int, out_features: int, in_features: int):
@@ -62,24 +55,21 @@ def test_the_tpu_form_holds_the_checkpoint_bytes_and_converts_back():
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("backend", ["tpu", "gpu"])
-def test_the_grouped_kernel_matches_xla_in_float32_at_odd_shapes_with_its_gradient(backend):
-    # 5 experts (expert 3 has no rows; expert 1 two tiles), 608 inputs (19 blocks: a partial scale row on
-    # TPU, a partial chunk on GPU), 200 outputs in tiles of 128 (a partial last tile), a stack of 3
-    # layers read at layer 1, and 2 of the 5 tiles unused (their rows are left undefined by the kernel).
+def test_the_gpu_grouped_kernel_matches_xla_in_float32_at_odd_shapes_with_its_gradient():
+    # 5 experts (expert 3 has no rows; expert 1 two tiles), 608 inputs (19 blocks: a partial chunk), 200
+    # outputs in tiles of 64 (a partial last tile), a stack of 3 layers read at layer 1, and 2 of the 5
+    # tiles unused (their rows are left undefined by the kernel).
     rng = np.random.default_rng(1)
     tile_rows, tiles, inputs = 16, 5, 608
-    kernel, form = _kernel(backend)
     blocks, scales = _random_experts(rng, 3, 5, 200, inputs)
-    tpu_blocks, tpu_scales = form(jnp.asarray(blocks), jnp.asarray(scales))
     tile_experts = jnp.array([0, 1, 1, 4, 4], jnp.int32)
     used = jnp.int32(3)
     x = jnp.asarray(rng.standard_normal((tiles * tile_rows, inputs)), jnp.float32)
-    layer = jnp.int32(1)
     kept = (jnp.arange(tiles * tile_rows) < 3 * tile_rows)[:, None]
 
     def ours(x):
-        out = kernel(x, tile_experts, used, tpu_blocks, tpu_scales, layer, tiling=Tiling(tile_rows, 128), interpret=True)
+        out = gpu_matmul.grouped_matmul(x, tile_experts, used, jnp.asarray(blocks), jnp.asarray(scales), jnp.int32(1),
+                                        tiling=Tiling(tile_rows, 64), interpret=True)  # fmt: skip
         return jnp.where(kept, out, 0.0)
 
     def reference(x):
@@ -91,6 +81,71 @@ def test_the_grouped_kernel_matches_xla_in_float32_at_odd_shapes_with_its_gradie
     expected = jax.vjp(reference, x)[1](cotangent)[0]
     assert relative_error(np.asarray(grad), np.asarray(expected)) <= 1e-5
     assert not np.asarray(grad[3 * tile_rows :]).any()  # unused tiles get no gradient
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("with_addend", [False, True])
+@pytest.mark.parametrize("sizes", [(5, 37, 0, 16, 9), (0, 0, 0, 0, 0), (16, 16, 0, 0, 32)])
+def test_the_tpu_sorted_kernel_matches_xla_in_float32_at_odd_shapes_with_its_gradient(sizes, with_addend):
+    # Rows sorted by 5 experts in 5 tiles of 16: groups that share a tile and straddle tiles (expert 1's
+    # 37 rows over three, beside expert 0's and expert 3's ends), an expert with no rows, the last tile
+    # part padding and nothing past; no rows at all (pairs held elsewhere); groups on tile bounds with a
+    # tile past them all. 608 inputs (19 blocks: a partial scale row), 200 outputs in tiles of 128 (a
+    # partial last tile), a stack of 3 layers read at layer 1, a bias per expert, and an addend (whose
+    # values rows past the groups keep) or none (those rows are left undefined).
+    rng = np.random.default_rng(1)
+    rows, inputs = 80, 608
+    blocks, scales = _random_experts(rng, 3, 5, 200, inputs)
+    tpu_blocks, tpu_scales = to_tpu_form(jnp.asarray(blocks), jnp.asarray(scales))
+    group_sizes = jnp.array(sizes, jnp.int32)
+    in_groups = sum(sizes)
+    row_experts = jnp.repeat(jnp.arange(5), group_sizes, total_repeat_length=rows)
+    weights = mxfp4.dequantize(jnp.asarray(blocks[1]), jnp.asarray(scales[1]), jnp.float32).reshape(5, 200, inputs)
+    x = jnp.asarray(rng.standard_normal((rows, inputs)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal((5, 200)), jnp.float32)
+    addend = jnp.asarray(rng.standard_normal((rows, 200)), jnp.float32)
+    kept = (jnp.arange(rows) < in_groups)[:, None]
+
+    def ours(x, bias, addend):
+        out = sorted_matmul(x, group_sizes, tpu_blocks, tpu_scales, jnp.int32(1), bias, addend if with_addend else None,
+                            tiling=Tiling(16, 128), interpret=True)  # fmt: skip
+        return out if with_addend else jnp.where(kept, out, 0.0)
+
+    def reference(x, bias, addend):
+        out = jnp.einsum("ri,roi->ro", x, weights[row_experts], precision="highest") + bias[row_experts]
+        return jnp.where(kept, out, 0.0) + (addend if with_addend else 0.0)
+
+    cotangent = jnp.asarray(rng.standard_normal((rows, 200)), jnp.float32)
+    values, pullback = jax.vjp(ours, x, bias, addend)
+    grads = pullback(cotangent)
+    assert not np.asarray(grads[0][in_groups:]).any()  # rows past the groups get no gradient
+    expected_values, expected_pullback = jax.vjp(reference, x, bias, addend)
+    expected = expected_pullback(cotangent)
+    for ours_value, reference_value in zip([values, *grads], [expected_values, *expected]):
+        if np.asarray(reference_value).any():
+            assert relative_error(np.asarray(ours_value), np.asarray(reference_value)) <= 1e-5
+        else:  # no rows in any group (and for the addend's gradient, no addend)
+            assert not np.asarray(ours_value).any()
+
+
+@pytest.mark.quick
+def test_swiglu_keeping_its_input_in_bf16_has_swiglus_values_and_the_gradient_at_the_rounded_input():
+    from gptoss_jax.config import GptOssConfig
+    from gptoss_jax.experts.common import swiglu, swiglu_keeping
+
+    config = GptOssConfig.preset("gpt-oss-20b")
+    h = jnp.asarray(np.random.default_rng(6).standard_normal((8, 64)) * 4, jnp.float32)  # past the clamps too
+    cotangent = jnp.asarray(np.random.default_rng(7).standard_normal((8, 32)), jnp.float32)
+    kept_values, kept_pullback = jax.vjp(lambda h: swiglu_keeping(h, config, jnp.bfloat16), h)
+    values, pullback = jax.vjp(lambda h: swiglu(h, config), h)
+    np.testing.assert_array_equal(np.asarray(kept_values), np.asarray(values))
+    rounded = h.astype(jnp.bfloat16).astype(jnp.float32)
+    at_rounded = jax.vjp(lambda h: swiglu(h, config), rounded)[1](cotangent)[0]
+    np.testing.assert_array_equal(np.asarray(kept_pullback(cotangent)[0]), np.asarray(at_rounded))
+    assert not np.array_equal(np.asarray(at_rounded), np.asarray(pullback(cotangent)[0]))
+    # Kept in float32, the gradient is swiglu's own.
+    float32_pullback = jax.vjp(lambda h: swiglu_keeping(h, config, jnp.float32), h)[1]
+    np.testing.assert_array_equal(np.asarray(float32_pullback(cotangent)[0]), np.asarray(pullback(cotangent)[0]))
 
 
 @pytest.mark.quick
@@ -153,21 +208,27 @@ def _pallas_calls(jaxpr) -> list:
 
 
 @pytest.mark.quick
-def test_the_kernels_cost_estimate_is_the_bytes_of_the_blocks_it_reads():
+def test_the_sorted_kernels_cost_estimate_is_the_bytes_of_the_blocks_it_reads():
     rng = np.random.default_rng(2)
     blocks, scales = _random_experts(rng, 1, 4, 256, 576)  # 18 blocks of inputs: two scale rows
     tpu_blocks, tpu_scales = to_tpu_form(jnp.asarray(blocks[0]), jnp.asarray(scales[0]))
-    x = jnp.zeros((2 * 16, 576), jnp.bfloat16)  # two tiles of a decode batch
-    call = lambda x: grouped_matmul(x, jnp.array([2, 3]), 2, tpu_blocks, tpu_scales, tiling=Tiling(16, 128))
+    x = jnp.zeros((2 * 16, 576), jnp.bfloat16)  # two tiles of a decode batch: kept in VMEM
+    call = lambda x: sorted_matmul(x, jnp.array([0, 0, 10, 12]), tpu_blocks, tpu_scales, tiling=Tiling(16, 128))
     (equation,) = _pallas_calls(jax.make_jaxpr(call)(x).jaxpr)
     estimate = equation.params["cost_estimate"]
-    # Each of the 2 tiles x 2 column tiles reads one expert's 128 columns of blocks and scales (from the
-    # arrays themselves), the rows are read once, the float32 output written once.
-    column_tile = tpu_blocks[0, ..., :128].nbytes + tpu_scales[0, ..., :128].nbytes
-    assert estimate.bytes_accessed == x.nbytes + 2 * 2 * column_tile + 32 * 256 * 4
-    # Two experts' whole bytes, and the scales' padding row: never less than what a step must read.
-    assert 2 * 2 * column_tile >= 2 * (blocks[0, 0].nbytes + scales[0, 0].nbytes)
+    # At most 2 tiles + 4 experts - 1 visits, each reading one expert's 128 columns of blocks, scales and
+    # float32 bias (from the arrays themselves) for each of the 2 column tiles; the rows are read once,
+    # the float32 output written once.
+    column_tile = tpu_blocks[0, ..., :128].nbytes + tpu_scales[0, ..., :128].nbytes + 128 * 4
+    assert estimate.bytes_accessed == x.nbytes + 5 * 2 * column_tile + 32 * 256 * 4
     assert estimate.flops == 2 * 32 * 576 * 256
+    # Rows past VMEM's share: each visit fetches its tile of rows too.
+    x = jnp.zeros((2048, 576), jnp.bfloat16)
+    (equation,) = _pallas_calls(jax.make_jaxpr(lambda x: sorted_matmul(
+        x, jnp.array([0, 0, 1000, 1048]), tpu_blocks, tpu_scales, tiling=Tiling(128, 128)))(x).jaxpr)  # fmt: skip
+    visits = 2048 // 128 + 4 - 1
+    row_tile = x[:128].nbytes
+    assert equation.params["cost_estimate"].bytes_accessed == visits * 2 * (row_tile + column_tile) + 2048 * 256 * 4
 
 
 @pytest.mark.quick
@@ -217,12 +278,13 @@ def test_training_gradients_through_the_kernel_match_the_xla_path(hub_checkpoint
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("form", ["grouped", "decode"])
+@pytest.mark.parametrize("form", ["sorted", "decode"])
 def test_the_expert_kernels_compile_for_a_tpu_reading_their_layer_in_place(form):
     # gpt-oss's real widths (2880 inputs: 90 blocks), a stack of 2 layers of 8 experts, forward and gradient,
-    # by libtpu's compiler: the grouped form for 2 tiles of 16 rows on a v5e, the decode form for a batch
-    # of 16 tokens' 64 pairs on a v6e.
-    target, rows, index_shape = {"grouped": ("v5e-1", 32, (2,)), "decode": ("v6e-1", 64, (64,))}[form]
+    # by libtpu's compiler: the sorted form for 8 tiles of 128 rows (past VMEM's share) on a v5e, with a
+    # bias and an addend whose buffer the result takes; the decode form for a batch of 16 tokens' 64 pairs
+    # on a v6e.
+    target, rows, index_shape = {"sorted": ("v5e-1", 1024, (8,)), "decode": ("v6e-1", 64, (64,))}[form]
     devices = targets.target(target).abstract_devices()
     sharding = jax.sharding.SingleDeviceSharding(devices[0])
     blocks_shape, scales_shape = mxfp4_matmul.tpu_form_shapes((2, 8, 2880, 90, 16), (2, 8, 2880, 90))
@@ -235,8 +297,10 @@ def test_the_expert_kernels_compile_for_a_tpu_reading_their_layer_in_place(form)
     )
 
     def step(x, experts, blocks, scales, layer):
-        if form == "grouped":  # experts: the tiles' experts
-            forward = lambda x: grouped_matmul(x, experts, 2, blocks, scales, layer, tiling=Tiling(16, 384))
+        if form == "sorted":  # experts: the group sizes
+            bias = jnp.ones((8, 2880), jnp.float32)
+            forward = lambda x: sorted_matmul(x, experts, blocks, scales, layer, bias, x.astype(jnp.float32) / 2,
+                                              tiling=Tiling(128, 384))  # fmt: skip
         else:  # experts: the rows'
             forward = lambda x: mxfp4_matmul.expert_rows_matmul(x, experts, blocks, scales, layer, columns=384)
         out, pullback = jax.vjp(forward, x)
@@ -248,6 +312,8 @@ def test_the_expert_kernels_compile_for_a_tpu_reading_their_layer_in_place(form)
     # No copy of the weights: the temporaries are a small fraction of one layer's bytes.
     assert compiled.memory_analysis().temp_size_in_bytes < layer_bytes / 20
     assert " u8[" not in "".join(line for line in compiled.as_text().splitlines() if " copy(" in line)
+    if form == "sorted":  # the forward kernel writes into the addend's buffer
+        assert "output_to_operand_aliasing" in compiled.as_text()
 
 
 @pytest.mark.quick

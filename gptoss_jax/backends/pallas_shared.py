@@ -35,12 +35,12 @@ def split_columns(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return pairs[..., 0], pairs[..., 1]
 
 
-def float32_output(shape, *inputs) -> jax.ShapeDtypeStruct:
-    """A float32 output of `shape` that varies over the mesh axes any input varies over (inside
+def varying_output(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
+    """An output of `shape` and `dtype` that varies over the mesh axes any input varies over (inside
     shard_map, pallas_call must be told)."""
     mat = jax.typeof(inputs[0]).mat
     varying = frozenset().union(*(jax.typeof(x).mat.varying for x in inputs))
-    return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=mat.update(varying=varying))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat.update(varying=varying))
 
 
 def differentiable(forward, backward):

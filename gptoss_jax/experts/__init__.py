@@ -3,8 +3,8 @@
 Per pair (few tokens: decoding): `gathered` (XLA, decodes each pair's expert) and `fused` (the CPU
 kernel reads each chosen expert's packed bytes once). Grouped by expert (many tokens: prefill,
 training): `sorted` (the CPU grouped kernel), `tiled` (XLA on the CPU, tiles of one expert) and
-`grouped` (jax.lax.ragged_dot, for GPU and TPU). For any number: `pallas` (the TPU kernel decoding MXFP4
-tiles in VMEM, on experts held in the TPU form). A new backend plugs its products in here.
+`grouped` (jax.lax.ragged_dot, for GPU and TPU). For any number: `pallas` (the TPU and GPU kernels
+decoding MXFP4 tiles on chip; on TPU, experts held in the TPU form). A new backend plugs its products in here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.experts.common import ExpertAdapters
 from gptoss_jax.experts.gather import fused, gathered
-from gptoss_jax.experts.group import grouped, pallas_tiles, sorted_kernel, tiled
+from gptoss_jax.experts.group import grouped, pallas_experts, sorted_kernel, tiled
 from gptoss_jax.runtime import Runtime
 from gptoss_jax.sharding import MESH_AXES
 
@@ -61,7 +61,7 @@ def expert_outputs(
     elif path == "gathered":
         out = gathered(tokens, local, weights, params, bias2, adapters, config, dtype, runtime)
     elif path == "pallas":
-        out = pallas_tiles(tokens, marked, weights, params, bias2, adapters, config, dtype, runtime)
+        out = pallas_experts(tokens, marked, weights, params, bias2, adapters, config, dtype, runtime)
     elif path == "tiled":
         out = tiled(tokens, marked, weights, params, bias2, adapters, config, dtype, runtime, sharded)
     else:

@@ -7,6 +7,7 @@ in no group and have weight 0 (see expert_outputs).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -17,7 +18,7 @@ from gptoss_jax.backends.cpu.stacks import unstack
 from gptoss_jax.backends.gpu import mxfp4_matmul as gpu_matmul
 from gptoss_jax.backends.pallas_shared import Tiling
 from gptoss_jax.backends.tpu import mxfp4_matmul as tpu_matmul
-from gptoss_jax.experts.common import ExpertAdapters, decode_experts, sort_by_expert, swiglu
+from gptoss_jax.experts.common import ExpertAdapters, decode_experts, sort_by_expert, swiglu, swiglu_keeping
 from gptoss_jax.sharding import MESH_AXES
 
 
@@ -137,14 +138,15 @@ def grouped(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, c
 
 
 
-# Rows a tile of the Pallas kernel: a multiple of 16 (bf16 packs 16 rows a vreg), at most 128: the rows
-# array holds a tile per expert more than the pairs (at 256, 2x the pairs of a 2048-token step).
+# Rows a tile of the Pallas kernels: a multiple of 16 (bf16 packs 16 rows a vreg), at most 128 (on GPU,
+# where each expert's rows fill whole tiles, the rows array holds a tile per expert more than the pairs).
 PALLAS_MIN_TILE_ROWS = 16
 PALLAS_MAX_TILE_ROWS = 128
 # Output columns a tile: each step reads one expert's bytes for these columns (about 0.5 MB at 2880 inputs).
 PALLAS_TILE_COLUMNS = 384
-# When the tiles' rows are at least this many times the (token, expert) pairs, the work between the two
-# kernels runs on the pairs' rows instead (decode: 16-row tiles for a token or two an expert).
+# When whole tiles an expert would hold at least this many times the (token, expert) pairs, the pairs are
+# decode-sized: on TPU they skip the tiles (`_pallas_pairs`); on GPU the work between the two kernels
+# runs on the pairs' rows instead (16-row tiles for a token or two an expert).
 PAIRS_FIRST_PADDING = 4
 # On a GPU (Triton: powers of two), columns a program; it walks all of an expert's inputs for them.
 PALLAS_GPU_TILE_COLUMNS = 64
@@ -152,12 +154,13 @@ PALLAS_GPU_TILE_COLUMNS = 64
 PALLAS_GPU_MAX_TILE_ROWS = 64
 
 
-def pallas_tiles(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, config, dtype, runtime) -> jax.Array:
-    """MXFP4 experts through a backend's Pallas kernel (TPU: weights in the TPU form; GPU: the
-    checkpoint's layout; or interpreted): pairs sorted by expert into whole tiles, each projection one
-    kernel call, which decodes one expert's bytes on chip a tile at a time and reads each expert's bytes
-    once per tile of its rows (once per step while decoding). Adapters add their grouped products on the
-    same rows. A decode batch on TPU skips the tiles (`_pallas_pairs`).
+def pallas_experts(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, config, dtype, runtime) -> jax.Array:
+    """MXFP4 experts through a backend's Pallas kernels, which decode one expert's bytes on chip a tile at
+    a time, each projection one kernel call. On TPU (weights in the TPU form) the pairs sorted by expert
+    (`_pallas_sorted`), or for a decode batch the pairs as they come (`_pallas_pairs`); on GPU (the
+    checkpoint's layout) the pairs sorted by expert into whole tiles of one expert each, each expert's
+    bytes read once per tile of its rows (once per step while decoding). Adapters add their products on
+    the same rows.
     """
     k = config.experts_per_token
     local_count = params["mlp1_bias"].shape[0]
@@ -168,28 +171,28 @@ def pallas_tiles(tokens, experts, weights, params, bias2, adapters: ExpertAdapte
     # Each of the (at most) `used` experts with rows fills its last tile with at most tile - 1 padding rows.
     used = min(local_count, pairs)
     tiles = (pairs + used * (tile - 1)) // tile
-    if on_tpu and tiles * tile >= PAIRS_FIRST_PADDING * pairs:  # decode-sized: no tiles on TPU
-        return _pallas_pairs(tokens, experts, weights, params, bias2, adapters, config, dtype, runtime)
+    decode_sized = tiles * tile >= PAIRS_FIRST_PADDING * pairs
+    if on_tpu:
+        pallas_form = _pallas_pairs if decode_sized else functools.partial(_pallas_sorted, tile=tile)
+        return pallas_form(tokens, experts, weights, params, bias2, adapters, config, dtype, runtime)
     layout = _whole_tiles(experts, local_count, tile, tiles)
-    kernel = tpu_matmul.grouped_matmul if on_tpu else gpu_matmul.grouped_matmul
-    tiling = Tiling(tile, PALLAS_TILE_COLUMNS if on_tpu else PALLAS_GPU_TILE_COLUMNS)
+    tiling = Tiling(tile, PALLAS_GPU_TILE_COLUMNS)
 
     in_use = (jnp.arange(tiles * tile) < layout.used_tiles * tile)[:, None]
 
     def product(x, weights, *, zero_unused: bool = True):
         # The kernel leaves the rows of tiles past the used ones undefined: zeroed unless only the pairs'
         # rows are read afterwards (a bias's gradient sums over every row).
-        stack, layer = unstack(weights["tpu_blocks" if on_tpu else "blocks"])
-        scales, _ = unstack(weights["tpu_scales" if on_tpu else "scales"])
-        if on_tpu:
-            _check_tpu_form(stack, scales)
-        out = kernel(x, layout.tile_expert, layout.used_tiles, stack, scales, layer, tiling=tiling, interpret=runtime.interpret)
+        stack, layer = unstack(weights["blocks"])
+        scales, _ = unstack(weights["scales"])
+        out = gpu_matmul.grouped_matmul(x, layout.tile_expert, layout.used_tiles, stack, scales, layer, tiling=tiling,
+                                        interpret=runtime.interpret)  # fmt: skip
         return jnp.where(in_use, out, 0.0) if zero_unused else out
 
     rows = jnp.zeros((tiles * tile, hidden), dtype).at[layout.slot].set(tokens[layout.order // k].astype(dtype), mode="drop")
-    if tiles * tile >= PAIRS_FIRST_PADDING * pairs:
-        # Decode-sized on GPU: the tiles are mostly padding (16 rows an expert for a token or two), so
-        # the bias, SwiGLU and weighting run on the pairs' rows only, taken out of the tiles and put back.
+    if decode_sized:
+        # The tiles are mostly padding (16 rows an expert for a token or two), so the bias, SwiGLU and
+        # weighting run on the pairs' rows only, taken out of the tiles and put back.
         h = product(rows, params["mlp1"], zero_unused=False) + adapters.tiles("mlp1", rows, layout.tile_expert)
         held = (layout.slot < tiles * tile)[:, None]  # pairs held elsewhere (expert-parallel) have no row
         expert = layout.tile_expert[jnp.minimum(layout.slot // tile, tiles - 1)]
@@ -209,6 +212,54 @@ def pallas_tiles(tokens, experts, weights, params, bias2, adapters: ExpertAdapte
     return jnp.zeros((tokens.shape[0], hidden), jnp.float32).at[layout.order // k].add(y)
 
 
+def _tpu_weights(weights) -> tuple:
+    """(blocks, scales, layer) of one projection's experts in the TPU form, a layer of a stack read in place."""
+    stack, layer = unstack(weights["tpu_blocks"])
+    scales, _ = unstack(weights["tpu_scales"])
+    _check_tpu_form(stack, scales)
+    return stack, scales, layer
+
+
+def _pallas_sorted(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, config, dtype, runtime, *, tile: int):
+    """Many pairs through the TPU kernels' sorted form: the pairs sorted by expert, padded only at the end
+    to whole tiles of `tile` rows (a tile may hold the ends of several experts; see
+    `tpu_matmul.sorted_matmul`). Against whole tiles an expert, that saves up to tile - 1 rows an expert
+    in every array between the kernels and in the MXU's work (a 2048-token step of 20b: 8192 rows, not
+    12160). Adapters run as grouped products (ragged_dot) on the same rows.
+
+    What a training step holds is kept small: each row's bias and the adapters' update are added inside
+    the kernel, into the update's buffer (no gathered biases, no separate sum); the pre-activation is
+    kept for the backward pass in the compute dtype (`swiglu_keeping`); the adapters' weights stay
+    float32 (see `ExpertAdapters.grouped`). XLA's temporaries for a v6e LoRA step of 20b at 2048 tokens:
+    4.14 GiB; with the update added outside the kernel 4.55, the biases gathered outside 4.38, the
+    pre-activation kept in float32 4.33, the adapters cast to bf16 4.35.
+    """
+    local_count = params["mlp1_bias"].shape[0]
+    pairs = experts.size
+    order, token_of, _, sizes = sort_by_expert(experts, local_count)
+    rows_count = -(-pairs // tile) * tile
+    in_groups = (jnp.arange(rows_count) < jnp.sum(sizes))[:, None]
+    tiling = Tiling(tile, PALLAS_TILE_COLUMNS)
+
+    def product(x, weights, bias, update):
+        """x against each row's expert, plus its bias and the adapters' update; rows past the groups (pairs
+        held elsewhere, the padding) zero."""
+        blocks, scales, layer = _tpu_weights(weights)
+        if isinstance(update, float):  # no adapter here: the kernel leaves rows past the groups undefined
+            out = tpu_matmul.sorted_matmul(x, sizes, blocks, scales, layer, bias, tiling=tiling, interpret=runtime.interpret)
+            return jnp.where(in_groups, out, 0.0)
+        # The update (ragged_dot) is zero past the groups, and those rows keep it.
+        return tpu_matmul.sorted_matmul(x, sizes, blocks, scales, layer, bias, update, tiling=tiling,
+                                        interpret=runtime.interpret)  # fmt: skip
+
+    rows = jnp.pad(tokens[token_of].astype(dtype), ((0, rows_count - pairs), (0, 0)))
+    h = product(rows, params["mlp1"], params["mlp1_bias"], adapters.grouped("mlp1", rows, sizes))
+    h = swiglu_keeping(h, config, dtype)
+    y = product(h.astype(dtype), params["mlp2"], bias2, adapters.grouped("mlp2", h, sizes))
+    y = y[:pairs] * weights.reshape(-1)[order][:, None]  # pairs held elsewhere have weight 0
+    return jnp.zeros((tokens.shape[0], tokens.shape[1]), jnp.float32).at[token_of].add(y)
+
+
 def _pallas_pairs(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, config, dtype, runtime) -> jax.Array:
     """A decode batch's pairs through the TPU kernels' decode form: one row a (token, expert) pair in the
     order they come, each projection one call that reads each chosen expert's bytes once (see
@@ -224,10 +275,7 @@ def _pallas_pairs(tokens, experts, weights, params, bias2, adapters: ExpertAdapt
     x = jnp.repeat(tokens.astype(dtype), k, axis=0)
 
     def product(x, weights):
-        stack, layer = unstack(weights["tpu_blocks"])
-        scales, _ = unstack(weights["tpu_scales"])
-        _check_tpu_form(stack, scales)
-        return tpu_matmul.expert_rows_matmul(x, row_experts, stack, scales, layer, columns=PALLAS_TILE_COLUMNS,
+        return tpu_matmul.expert_rows_matmul(x, row_experts, *_tpu_weights(weights), columns=PALLAS_TILE_COLUMNS,
                                              interpret=runtime.interpret)  # fmt: skip
 
     h = product(x, params["mlp1"]) + adapters.rows("mlp1", x, expert)

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gptoss_jax import mxfp4
-from gptoss_jax.backends.pallas_shared import Tiling, differentiable, float32_output, fp4_values
+from gptoss_jax.backends.pallas_shared import Tiling, differentiable, fp4_values, varying_output
 
 CHUNK_BLOCKS = 16  # blocks of 32 values an inner step decodes: 256 bytes, 512 inputs
 BLOCK_BYTES = mxfp4.BYTES_PER_BLOCK
@@ -115,7 +115,7 @@ def _forward(x_even, x_odd, tile_experts, used_tiles, layer, blocks, scales, til
     cost = _cost(rows, half, out_features, tiles, expert_bytes, 2 * x_even.nbytes * column_tiles, rows * out_features * 4)
     return pl.pallas_call(
         functools.partial(_forward_kernel, tiling=tiling),
-        out_shape=float32_output((rows, out_features), x_even, blocks, scales, tile_experts, layer),
+        out_shape=varying_output((rows, out_features), jnp.float32, x_even, blocks, scales, tile_experts, layer),
         grid=(tiles, column_tiles),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         cost_estimate=cost,
@@ -131,7 +131,7 @@ def _backward(grad, tile_experts, used_tiles, layer, blocks, scales, tiling: Til
     cost = _cost(rows, half, out_features, tiles, expert_bytes, grad.nbytes * chunks, 2 * rows * half * 4)
     return pl.pallas_call(
         functools.partial(_backward_kernel, tiling=tiling),
-        out_shape=[float32_output((rows, half), grad, blocks, scales, tile_experts, layer)] * 2,
+        out_shape=[varying_output((rows, half), jnp.float32, grad, blocks, scales, tile_experts, layer)] * 2,
         grid=(tiles, chunks),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         cost_estimate=cost,
