@@ -17,7 +17,8 @@ from gptoss_jax import mxfp4, targets
 from gptoss_jax.backends.tpu import mxfp4_matmul
 from gptoss_jax.backends.gpu import mxfp4_matmul as gpu_matmul
 from gptoss_jax.backends.pallas_shared import Tiling
-from gptoss_jax.backends.tpu.mxfp4_matmul import from_tpu_form, sorted_matmul, to_tpu_form
+from gptoss_jax.backends.tpu.expert_form import from_tpu_form, to_tpu_form, tpu_form_shapes
+from gptoss_jax.backends.tpu.mxfp4_matmul import sorted_matmul
 from gptoss_jax.runtime import Runtime
 
 from test_model_parity import relative_error, transformers_logits
@@ -287,7 +288,7 @@ def test_the_expert_kernels_compile_for_a_tpu_reading_their_layer_in_place(form)
     target, rows, index_shape = {"sorted": ("v5e-1", 1024, (8,)), "decode": ("v6e-1", 64, (64,))}[form]
     devices = targets.target(target).abstract_devices()
     sharding = jax.sharding.SingleDeviceSharding(devices[0])
-    blocks_shape, scales_shape = mxfp4_matmul.tpu_form_shapes((2, 8, 2880, 90, 16), (2, 8, 2880, 90))
+    blocks_shape, scales_shape = tpu_form_shapes((2, 8, 2880, 90, 16), (2, 8, 2880, 90))
     args = (
         jax.ShapeDtypeStruct((rows, 2880), jnp.bfloat16, sharding=sharding),
         jax.ShapeDtypeStruct(index_shape, jnp.int32, sharding=sharding),

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from gptoss_jax import mxfp4
-from gptoss_jax.backends.tpu.mxfp4_matmul import blocks_to_tpu_form, scales_to_tpu_form
+from gptoss_jax.backends.tpu.expert_form import blocks_to_tpu_form, scales_to_tpu_form
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.checkpoint.writer import CONFIG_FILE, hub_config_json
 from gptoss_jax.config import AUTO, GptOssConfig, check_experts

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax import mxfp4
-from gptoss_jax.backends.tpu.mxfp4_matmul import blocks_to_tpu_form, scales_to_tpu_form
+from gptoss_jax.backends.tpu.expert_form import blocks_to_tpu_form, scales_to_tpu_form
 from gptoss_jax.checkpoint import converted
 from gptoss_jax.checkpoint.names import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
 from gptoss_jax.checkpoint.reader import MemorySource, TensorSource, open_checkpoint

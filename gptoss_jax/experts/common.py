@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from gptoss_jax import mxfp4
 from gptoss_jax.backends.cpu import experts as cpu_experts
 from gptoss_jax.backends.cpu.stacks import take, whole
-from gptoss_jax.backends.tpu.mxfp4_matmul import from_tpu_form
+from gptoss_jax.backends.tpu.expert_form import from_tpu_form
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.nn.ops import dropout, matmul
 from gptoss_jax.runtime import Runtime

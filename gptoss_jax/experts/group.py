@@ -18,6 +18,7 @@ from gptoss_jax.backends.cpu.stacks import unstack
 from gptoss_jax.backends.gpu import mxfp4_matmul as gpu_matmul
 from gptoss_jax.backends.pallas_shared import Tiling
 from gptoss_jax.backends.tpu import mxfp4_matmul as tpu_matmul
+from gptoss_jax.backends.tpu.expert_form import BLOCK_BYTES
 from gptoss_jax.experts.common import ExpertAdapters, decode_experts, sort_by_expert, swiglu, swiglu_keeping
 from gptoss_jax.sharding import MESH_AXES
 
@@ -289,8 +290,8 @@ def _check_tpu_form(blocks, scales) -> None:
     """The kernel needs each device's scale rows to cover its blocks: true unless 'tensor' splits an
     expert's input (mlp2 on a mesh with tensor > 1), where the padded scale rows do not split alike."""
     groups, rows = blocks.shape[-3], scales.shape[-3]
-    if rows != -(-groups // tpu_matmul.BLOCK_BYTES):
+    if rows != -(-groups // BLOCK_BYTES):
         raise NotImplementedError(
             f"the Pallas TPU expert kernels cannot split an expert's input over 'tensor' ({groups} blocks here, "
-            f"scale rows for {rows * tpu_matmul.BLOCK_BYTES}): use a mesh without 'tensor', or GPTOSS_JAX_KERNELS=0"
+            f"scale rows for {rows * BLOCK_BYTES}): use a mesh without 'tensor', or GPTOSS_JAX_KERNELS=0"
         )

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 
 from gptoss_jax import mxfp4
 from gptoss_jax.backends.cpu.stacks import LayerOf
-from gptoss_jax.backends.tpu.mxfp4_matmul import to_tpu_form
+from gptoss_jax.backends.tpu.expert_form import to_tpu_form
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.experts import expert_outputs
 from gptoss_jax.nn.lora import LoRA, project
@@ -31,7 +31,7 @@ class PackedExpertWeights(nnx.Module):
 
     form "checkpoint": `blocks` [E, out, in/32, 16] and `scales` [E, out, in/32], as stored.
     form "tpu": `tpu_blocks` [E, in/32, 16, out] and `tpu_scales` [E, ceil(in/512), 16, out], the same bytes
-    laid out for the Pallas kernels (gptoss_jax.backends.tpu.mxfp4_matmul.to_tpu_form).
+    laid out for the Pallas kernels (gptoss_jax.backends.tpu.expert_form.to_tpu_form).
     """
 
     def __init__(

@@ -13,10 +13,10 @@ MXFP4 bytes would have to be decoded to bf16 in HBM first, which is the copy thi
 avoid. The sorted form follows megablox's gmm (scalar-prefetched maps from each grid step to its row
 tile and expert drive the blocks' indices; rows of other experts are masked out of a shared tile).
 
-The weights come in the TPU form (see `to_tpu_form`): output features on the 128 lanes, so that one
-expert's tile is a plain block, and byte j of block g at row (g, j). Byte j of a 32-value block
-holds value 2j in its low nibble and 2j+1 in its high one; rather than interleave nibbles across rows
-in the kernel, the caller's rows are split into even and odd columns and the product is
+The weights come in the TPU form (see `expert_form.to_tpu_form`): output features on the 128 lanes,
+so that one expert's tile is a plain block, and byte j of block g at row (g, j). Byte j of a 32-value
+block holds value 2j in its low nibble and 2j+1 in its high one; rather than interleave nibbles across
+rows in the kernel, the caller's rows are split into even and odd columns and the product is
 x_even @ low + x_odd @ high, low and high being the decoded nibbles [in/2, out] in the bytes' order.
 
 Decoding multiplies the fp4 value by 2**(scale - 127) in float32: exact for every scale a trained or
@@ -30,60 +30,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from gptoss_jax import mxfp4
 from gptoss_jax.backends.pallas_shared import Tiling, fp4_values, split_columns, varying_output
+from gptoss_jax.backends.tpu.expert_form import BLOCK_BYTES
 
 LANES = 128
-BLOCK_BYTES = mxfp4.BYTES_PER_BLOCK  # 16: a block's bytes, and the scales kept in one row of bytes
 # Up to this many bytes of rows (a decode batch's), the forward keeps them all in VMEM: fetching the row
 # tile at every step would add a read of the rows per column tile to the weights' bytes.
 RESIDENT_ROWS_BYTES = 2 * 1024 * 1024
-
-
-def to_tpu_form(blocks, scales):
-    """Checkpoint MXFP4 ([..., out, G, 16] bytes, [..., out, G] scales) -> the TPU form.
-
-    Blocks become [..., G, 16, out] and scales [..., ceil(G/16), 16, out] (scale g at row (g // 16,
-    g % 16); the few padding rows hold 0). Both keep 16 bytes over out features as their last two axes,
-    which a TPU lays out densely and can DMA an expert at a time. (The checkpoint's scales [E, out, G]
-    are laid out by XLA with the experts on sublanes, where one expert's scales cannot be fetched
-    without a copy of the whole array.) numpy arrays stay numpy (the loader converts on the host).
-    """
-    return blocks_to_tpu_form(blocks), scales_to_tpu_form(scales)
-
-
-def blocks_to_tpu_form(blocks):
-    """[..., out, G, 16] -> [..., G, 16, out]."""
-    xp = np if isinstance(blocks, np.ndarray) else jnp
-    return xp.moveaxis(blocks, -3, -1)
-
-
-def scales_to_tpu_form(scales):
-    """[..., out, G] -> [..., ceil(G/16), 16, out]."""
-    xp = np if isinstance(scales, np.ndarray) else jnp
-    groups = scales.shape[-1]
-    rows = -(-groups // BLOCK_BYTES)
-    scales = xp.pad(scales, [(0, 0)] * (scales.ndim - 1) + [(0, rows * BLOCK_BYTES - groups)])
-    return xp.moveaxis(scales.reshape(*scales.shape[:-1], rows, BLOCK_BYTES), -3, -1)
-
-
-def tpu_form_shapes(blocks_shape: tuple, scales_shape: tuple) -> tuple[tuple, tuple]:
-    """The shapes `to_tpu_form` gives arrays of these checkpoint shapes."""
-    *lead, out, groups, block = blocks_shape
-    return (*lead, groups, block, out), (*lead, -(-groups // BLOCK_BYTES), BLOCK_BYTES, out)
-
-
-def from_tpu_form(blocks, scales):
-    """The inverse of `to_tpu_form`: checkpoint blocks [..., out, G, 16] and scales [..., out, G]."""
-    xp = np if isinstance(blocks, np.ndarray) else jnp
-    groups = blocks.shape[-3]
-    blocks = xp.moveaxis(blocks, -1, -3)
-    scales = xp.moveaxis(scales, -1, -3)
-    return blocks, scales.reshape(*scales.shape[:-2], -1)[..., :groups]
 
 
 def column_tile(out_features: int, target: int) -> int:
@@ -352,9 +308,9 @@ def sorted_matmul(x, group_sizes, blocks, scales, layer=None, bias=None, addend=
     layout). Each expert's bytes are read once per tile its rows touch. The bias and the addend are added
     in the kernel, which writes the result into the addend's buffer: no [rows, out] array of each row's
     bias, and no second array for the sum. blocks and scales are one projection's experts in the TPU form
-    (`to_tpu_form`: [E, G, 16, out] and [E, ceil(G/16), 16, out] uint8), or stacks of them over layers
-    with one more leading axis, read at `layer` in place. Differentiable with respect to x, the bias and
-    the addend.
+    (`expert_form.to_tpu_form`: [E, G, 16, out] and [E, ceil(G/16), 16, out] uint8), or stacks of them
+    over layers with one more leading axis, read at `layer` in place. Differentiable with respect to x,
+    the bias and the addend.
     """
     if layer is None:
         blocks, scales, layer = blocks[None], scales[None], jnp.zeros((), jnp.int32)
