@@ -3,8 +3,6 @@ the experts' LoRA updates."""
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -22,40 +20,10 @@ def swiglu(h: jax.Array, config: GptOssConfig) -> jax.Array:
     # Pairs by a reshape, not strided slices: on TPU the gradient of a lane-strided slice compiles in
     # time that grows with the rows (a 4k-token training step's took most of its compile).
     pairs = h.reshape(*h.shape[:-1], h.shape[-1] // 2, 2)
-    return _swiglu_pairs(pairs[..., 0], pairs[..., 1], config)
-
-
-def _swiglu_pairs(gate: jax.Array, linear: jax.Array, config: GptOssConfig) -> jax.Array:
+    gate, linear = pairs[..., 0], pairs[..., 1]
     gate = jnp.minimum(gate, config.swiglu_limit)
     linear = jnp.clip(linear, -config.swiglu_limit, config.swiglu_limit)
     return gate * jax.nn.sigmoid(config.swiglu_alpha * gate) * (linear + 1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def swiglu_keeping(h: jax.Array, config: GptOssConfig, dtype) -> jax.Array:
-    """`swiglu(h, config)`, whose backward pass keeps h in `dtype`, not h's own.
-
-    For many tokens h ([pairs, 2 * intermediate] float32) is the largest array a training step keeps for
-    a layer's backward pass; kept in bf16 it takes half (the forward is unchanged, the gradient is
-    taken at h rounded to bf16, as a bf16 model's own activations are).
-    """
-    return swiglu(h, config)
-
-
-def _swiglu_keeping_forward(h, config, dtype):
-    return swiglu(h, config), h.astype(dtype)
-
-
-def _swiglu_keeping_backward(config, dtype, kept, grad):
-    # Split into pairs before widening to float32: the pairs of the float32 array cost XLA copies of it.
-    pairs = kept.reshape(*kept.shape[:-1], kept.shape[-1] // 2, 2)
-    gate, linear = pairs[..., 0].astype(jnp.float32), pairs[..., 1].astype(jnp.float32)
-    _, pullback = jax.vjp(lambda gate, linear: _swiglu_pairs(gate, linear, config), gate, linear)
-    d_gate, d_linear = pullback(grad)
-    return (jnp.stack([d_gate, d_linear], axis=-1).reshape(kept.shape),)
-
-
-swiglu_keeping.defvjp(_swiglu_keeping_forward, _swiglu_keeping_backward)
 
 
 def sort_by_expert(experts: jax.Array, local_count: int):
