@@ -231,7 +231,7 @@ def _pallas_sorted(tokens, experts, weights, params, bias2, adapters: ExpertAdap
     What a training step holds is kept small: each row's bias and the adapters' update are added inside
     the kernel, into the update's buffer (no gathered biases, no separate sum), and the adapters' weights
     stay float32 (see `ExpertAdapters.grouped`). XLA's temporaries for a v6e LoRA step of 20b at 2048
-    tokens: 4.33 GiB, against 4.85 with whole tiles an expert (more with either of those undone).
+    tokens: 4.33 GiB, against 4.85 with whole tiles an expert and 4.45 with the adapters cast to bf16.
     """
     local_count = params["mlp1_bias"].shape[0]
     pairs = experts.size
