@@ -243,13 +243,12 @@ def _pallas_sorted(tokens, experts, weights, params, bias2, adapters: ExpertAdap
     def product(x, weights, bias, update):
         """x against each row's expert, plus its bias and the adapters' update; rows past the groups (pairs
         held elsewhere, the padding) zero."""
-        blocks, scales, layer = _tpu_weights(weights)
-        if isinstance(update, float):  # no adapter here: the kernel leaves rows past the groups undefined
-            out = tpu_matmul.sorted_matmul(x, sizes, blocks, scales, layer, bias, tiling=tiling, interpret=runtime.interpret)
-            return jnp.where(in_groups, out, 0.0)
-        # The update (ragged_dot) is zero past the groups, and those rows keep it.
-        return tpu_matmul.sorted_matmul(x, sizes, blocks, scales, layer, bias, update, tiling=tiling,
-                                        interpret=runtime.interpret)  # fmt: skip
+        # The update (ragged_dot) is zero past the groups and those rows keep it; with no adapter here
+        # (update 0.0) the kernel leaves them undefined.
+        addend = None if isinstance(update, float) else update
+        out = tpu_matmul.sorted_matmul(x, sizes, *_tpu_weights(weights), bias, addend, tiling=tiling,
+                                       interpret=runtime.interpret)  # fmt: skip
+        return out if addend is not None else jnp.where(in_groups, out, 0.0)
 
     rows = jnp.pad(tokens[token_of].astype(dtype), ((0, rows_count - pairs), (0, 0)))
     h = product(rows, params["mlp1"], params["mlp1_bias"], adapters.grouped("mlp1", rows, sizes))
