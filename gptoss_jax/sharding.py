@@ -32,6 +32,12 @@ RULES: dict[str, str] = {
     "intermediate": "tensor",  # mlp2's input (dense experts)
     "intermediate_blocks": "tensor",  # mlp2's input, in MXFP4 blocks of 32
 }
+# Logical axes that must stay whole, and why: mlp1's outputs in the TPU form are gate / linear halves
+# (gptoss_jax.backends.tpu.expert_form), which a split over 'tensor' would tear apart.
+UNSPLIT: dict[str, tuple[str, str]] = {
+    "gate_linear_halves": ("tensor", "the Pallas TPU expert kernels' form holds mlp1's outputs as gate / linear "
+                           "halves; use a mesh without 'tensor', or GPTOSS_JAX_KERNELS=0"),
+}  # fmt: skip
 
 # The KV cache's axes, per layer group (stacked over groups). A slot's keys (or values) are one row of
 # kv_heads x head_dim features, heads outermost, so splitting the last axis over 'tensor' splits whole
@@ -108,6 +114,9 @@ def spec_for(
         axes = ("layers",) * (len(shape) - len(axes)) + tuple(axes)
     spec: list = []
     for axis, size in zip(axes, shape):
+        if axis in UNSPLIT and mesh.shape.get(UNSPLIT[axis][0], 1) > 1:
+            mesh_axis, why = UNSPLIT[axis]
+            raise ShardingError(f"{what}: its {axis} axis does not split over mesh axis {mesh_axis}={mesh.shape[mesh_axis]} ({why})")
         mesh_axis = RULES.get(axis)
         if mesh_axis is None or mesh.shape.get(mesh_axis, 1) == 1:
             spec.append(None)

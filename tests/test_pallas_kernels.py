@@ -53,6 +53,25 @@ def test_the_tpu_form_holds_the_checkpoint_bytes_and_converts_back():
     back = from_tpu_form(*to_tpu_form(jnp.asarray(blocks), jnp.asarray(scales)))
     np.testing.assert_array_equal(back[0], blocks)
     np.testing.assert_array_equal(back[1], scales)
+    # mlp1's form: output features 0, 2, 4, ... (gates) then 1, 3, 5, ... (linears).
+    halves = to_tpu_form(blocks, scales, halves=True)
+    np.testing.assert_array_equal(halves[0][..., :20], tpu_blocks[..., 0::2])
+    np.testing.assert_array_equal(halves[1][..., 20:], tpu_scales[..., 1::2])
+    back = from_tpu_form(*(jnp.asarray(a) for a in halves), halves=True)
+    np.testing.assert_array_equal(back[0], blocks)
+    np.testing.assert_array_equal(back[1], scales)
+
+
+@pytest.mark.quick
+def test_the_tpu_form_on_a_mesh_splitting_tensor_is_a_clear_error(tiny_config):
+    # Splitting mlp1's outputs over 'tensor' would tear its gate / linear halves apart.
+    from gptoss_jax import GptOss, sharding
+
+    model = nnx.eval_shape(lambda: GptOss(tiny_config, runtime=INTERPRETED, rngs=nnx.Rngs(0)))
+    mesh = jax.sharding.AbstractMesh((1, 1, 2), sharding.MESH_AXES)
+    with pytest.raises(sharding.ShardingError, match="gate_linear_halves axis does not split over mesh axis tensor=2"):
+        sharding.state_shardings(nnx.state(model), mesh)
+    sharding.state_shardings(nnx.state(model), jax.sharding.AbstractMesh((1, 2, 1), sharding.MESH_AXES))
 
 
 @pytest.mark.quick

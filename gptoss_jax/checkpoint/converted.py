@@ -14,6 +14,7 @@ restoring. Converting back to safetensors is train.export's job.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from gptoss_jax import mxfp4
-from gptoss_jax.backends.tpu.expert_form import blocks_to_tpu_form, scales_to_tpu_form
+from gptoss_jax.backends.tpu.expert_form import GATE_LINEAR, blocks_to_tpu_form, scales_to_tpu_form
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.checkpoint.writer import CONFIG_FILE, hub_config_json
 from gptoss_jax.config import AUTO, GptOssConfig, check_experts
@@ -165,9 +166,9 @@ def _in_form(key: tuple, variable: nnx.Variable, saved: dict, restore, sharding,
         value = restore(key)
         make = lambda x: jnp.pad(x, ((0, 0), (0, variable.shape[-1] - x.shape[-1])))  # noqa: E731
     elif leaf == "tpu_blocks" and (*module, "blocks") in saved:
-        value, make = restore((*module, "blocks")), blocks_to_tpu_form
+        value, make = restore((*module, "blocks")), functools.partial(blocks_to_tpu_form, halves=module[-1] == GATE_LINEAR)
     elif leaf == "tpu_scales" and (*module, "scales") in saved:
-        value, make = restore((*module, "scales")), scales_to_tpu_form
+        value, make = restore((*module, "scales")), functools.partial(scales_to_tpu_form, halves=module[-1] == GATE_LINEAR)
     elif leaf == "weight" and (*module, "blocks") in saved:  # experts decoded to bf16 (exact)
         value = (restore((*module, "blocks")), restore((*module, "scales")))
         make = lambda pair: mxfp4.dequantize(*pair, jnp.float32)  # noqa: E731

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax import mxfp4
-from gptoss_jax.backends.tpu.expert_form import blocks_to_tpu_form, scales_to_tpu_form
+from gptoss_jax.backends.tpu.expert_form import GATE_LINEAR, blocks_to_tpu_form, scales_to_tpu_form
 from gptoss_jax.checkpoint import converted
 from gptoss_jax.checkpoint.names import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
 from gptoss_jax.checkpoint.reader import MemorySource, TensorSource, open_checkpoint
@@ -131,7 +131,8 @@ def _read_layer_param(
         return _dequantize(blocks, scales, dtype, sharding)
     if inner[-1] in TPU_FORM:  # packed experts laid out for the Pallas kernels: converted on the host
         name, convert = TPU_FORM[inner[-1]]
-        return _place(convert(source.read(PER_LAYER[(*inner[:-1], name)].format(n=layer))), dtype, sharding)
+        stored = source.read(PER_LAYER[(*inner[:-1], name)].format(n=layer))
+        return _place(convert(stored, halves=inner[-2] == GATE_LINEAR), dtype, sharding)
     return _place(source.read(PER_LAYER[inner].format(n=layer)).reshape(shape), dtype, sharding)
 
 

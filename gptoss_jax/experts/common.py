@@ -9,18 +9,22 @@ import jax.numpy as jnp
 from gptoss_jax import mxfp4
 from gptoss_jax.backends.cpu import experts as cpu_experts
 from gptoss_jax.backends.cpu.stacks import take, whole
-from gptoss_jax.backends.tpu.expert_form import from_tpu_form
+from gptoss_jax.backends.tpu.expert_form import GATE_LINEAR, from_tpu_form, halves_order
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.nn.ops import dropout, matmul
 from gptoss_jax.runtime import Runtime
 
 
-def swiglu(h: jax.Array, config: GptOssConfig) -> jax.Array:
-    """gpt-oss's clamped SwiGLU over interleaved (gate, linear) columns, with the `+1` on linear."""
-    # Pairs by a reshape, not strided slices: on TPU the gradient of a lane-strided slice compiles in
-    # time that grows with the rows (a 4k-token training step's took most of its compile).
-    pairs = h.reshape(*h.shape[:-1], h.shape[-1] // 2, 2)
-    gate, linear = pairs[..., 0], pairs[..., 1]
+def swiglu(h: jax.Array, config: GptOssConfig, halves: bool = False) -> jax.Array:
+    """gpt-oss's clamped SwiGLU over interleaved (gate, linear) columns, with the `+1` on linear; halves:
+    every gate, then every linear (the TPU form's mlp1, see gptoss_jax.backends.tpu.expert_form)."""
+    if halves:
+        gate, linear = jnp.split(h, 2, axis=-1)
+    else:
+        # Pairs by a reshape, not strided slices: on TPU the gradient of a lane-strided slice compiles in
+        # time that grows with the rows (a 4k-token training step's took most of its compile).
+        pairs = h.reshape(*h.shape[:-1], h.shape[-1] // 2, 2)
+        gate, linear = pairs[..., 0], pairs[..., 1]
     gate = jnp.minimum(gate, config.swiglu_limit)
     linear = jnp.clip(linear, -config.swiglu_limit, config.swiglu_limit)
     return gate * jax.nn.sigmoid(config.swiglu_alpha * gate) * (linear + 1)
@@ -40,8 +44,10 @@ def sort_by_expert(experts: jax.Array, local_count: int):
     return order, order // experts.shape[-1], sorted_experts, sizes
 
 
-def decode_experts(weights: dict, dtype, runtime: Runtime, experts: jax.Array | None = None) -> jax.Array:
-    """[E, out, in] weights from either form, or [*experts.shape, out, in] for just the chosen experts."""
+def decode_experts(params: dict, name: str, dtype, runtime: Runtime, experts: jax.Array | None = None) -> jax.Array:
+    """Projection `name`'s [E, out, in] weights from either form, or [*experts.shape, out, in] for just the
+    chosen experts (outputs in the checkpoint's order)."""
+    weights = params[name]
     if "weight" in weights:
         weight = weights["weight"]
         return (weight if experts is None else weight[experts]).astype(dtype)
@@ -51,7 +57,7 @@ def decode_experts(weights: dict, dtype, runtime: Runtime, experts: jax.Array | 
             blocks, scales = whole(blocks), whole(scales)
         else:
             blocks, scales = take(blocks, experts), take(scales, experts)
-        return mxfp4.dequantize(*from_tpu_form(blocks, scales), dtype)
+        return mxfp4.dequantize(*from_tpu_form(blocks, scales, halves=name == GATE_LINEAR), dtype)
     blocks, scales = weights["blocks"], weights["scales"]
     if experts is not None and experts.ndim == 0 and runtime.cpu_kernels is not None:
         return cpu_experts.dequantize_one(blocks, scales, experts, dtype)
@@ -69,6 +75,14 @@ class ExpertAdapters:
 
     def __init__(self, params: dict, settings: dict[str, tuple[float, float]], dtype, runtime: Runtime):
         self.params, self.settings, self.dtype, self.runtime = params, settings, dtype, runtime
+
+    def in_halves(self) -> "ExpertAdapters":
+        """The same adapters with mlp1's outputs in halves, as the TPU form's kernels give them."""
+        if "mlp1_lora" not in self.params:
+            return self
+        lora = self.params["mlp1_lora"]
+        params = dict(self.params, mlp1_lora=dict(lora, b=halves_order(lora["b"], axis=1)))
+        return ExpertAdapters(params, self.settings, self.dtype, self.runtime)
 
     def _input(self, name: str, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         key = self.params.get("dropout_key") if key is None else key

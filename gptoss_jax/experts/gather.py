@@ -15,10 +15,10 @@ from gptoss_jax.nn.ops import matmul
 
 def gathered(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, config, dtype, runtime) -> jax.Array:
     """Decode only the chosen experts' weights and apply them token by token (ids must be local)."""
-    h = matmul("nd,nkod->nko", tokens, decode_experts(params["mlp1"], dtype, runtime, experts), dtype, runtime)
+    h = matmul("nd,nkod->nko", tokens, decode_experts(params, "mlp1", dtype, runtime, experts), dtype, runtime)
     h = h + adapters.gathered("mlp1", "nd,nkrd->nkr", tokens, experts)
     h = swiglu(h + params["mlp1_bias"][experts].astype(jnp.float32), config)
-    y = matmul("nki,nkdi->nkd", h, decode_experts(params["mlp2"], dtype, runtime, experts), dtype, runtime)
+    y = matmul("nki,nkdi->nkd", h, decode_experts(params, "mlp2", dtype, runtime, experts), dtype, runtime)
     y = y + adapters.gathered("mlp2", "nki,nkri->nkr", h, experts)
     y = y + bias2[experts].astype(jnp.float32)
     return jnp.einsum("nkd,nk->nd", y, weights)

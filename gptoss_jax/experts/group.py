@@ -18,7 +18,7 @@ from gptoss_jax.backends.cpu.stacks import unstack
 from gptoss_jax.backends.gpu import mxfp4_matmul as gpu_matmul
 from gptoss_jax.backends.pallas_shared import Tiling
 from gptoss_jax.backends.tpu import mxfp4_matmul as tpu_matmul
-from gptoss_jax.backends.tpu.expert_form import BLOCK_BYTES
+from gptoss_jax.backends.tpu.expert_form import halves_order
 from gptoss_jax.experts.common import ExpertAdapters, decode_experts, sort_by_expert, swiglu
 from gptoss_jax.sharding import MESH_AXES
 
@@ -99,11 +99,11 @@ def tiled(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, con
         x, expert, used, index = scanned
 
         def mlp(x):
-            w1 = decode_experts(params["mlp1"], dtype, runtime, expert)
+            w1 = decode_experts(params, "mlp1", dtype, runtime, expert)
             h = _weights_first("od,td->ot", w1, x, dtype).T
             h = h + adapters.tile("mlp1", x, expert, index)
             h = swiglu(h + params["mlp1_bias"][expert].astype(jnp.float32), config)
-            w2 = decode_experts(params["mlp2"], dtype, runtime, expert)
+            w2 = decode_experts(params, "mlp2", dtype, runtime, expert)
             y = _weights_first("di,ti->dt", w2, h, dtype).T
             y = y + adapters.tile("mlp2", h, expert, index)
             return y + bias2[expert].astype(jnp.float32)
@@ -127,11 +127,11 @@ def grouped(tokens, experts, weights, params, bias2, adapters: ExpertAdapters, c
     order, token_of, sorted_experts, group_sizes = sort_by_expert(experts, params["mlp1_bias"].shape[0])
 
     rows = tokens[token_of]
-    w1 = jnp.swapaxes(decode_experts(params["mlp1"], dtype, runtime), 1, 2)  # [E, in, out]
+    w1 = jnp.swapaxes(decode_experts(params, "mlp1", dtype, runtime), 1, 2)  # [E, in, out]
     h = jax.lax.ragged_dot(rows.astype(dtype), w1, group_sizes, preferred_element_type=jnp.float32)
     h = h + adapters.grouped("mlp1", rows, group_sizes)
     h = swiglu(h + params["mlp1_bias"][sorted_experts].astype(jnp.float32), config)
-    w2 = jnp.swapaxes(decode_experts(params["mlp2"], dtype, runtime), 1, 2)
+    w2 = jnp.swapaxes(decode_experts(params, "mlp2", dtype, runtime), 1, 2)
     y = jax.lax.ragged_dot(h.astype(dtype), w2, group_sizes, preferred_element_type=jnp.float32)
     y = y + adapters.grouped("mlp2", h, group_sizes)
     y = (y + bias2[sorted_experts].astype(jnp.float32)) * weights.reshape(-1)[order][:, None]
@@ -217,7 +217,6 @@ def _tpu_weights(weights) -> tuple:
     """(blocks, scales, layer) of one projection's experts in the TPU form, a layer of a stack read in place."""
     stack, layer = unstack(weights["tpu_blocks"])
     scales, _ = unstack(weights["tpu_scales"])
-    _check_tpu_form(stack, scales)
     return stack, scales, layer
 
 
@@ -236,6 +235,7 @@ def _pallas_sorted(tokens, experts, weights, params, bias2, adapters: ExpertAdap
     local_count = params["mlp1_bias"].shape[0]
     pairs = experts.size
     order, token_of, _, sizes = sort_by_expert(experts, local_count)
+    adapters = adapters.in_halves()  # mlp1's outputs come in halves (the TPU form)
     rows_count = -(-pairs // tile) * tile
     in_groups = (jnp.arange(rows_count) < jnp.sum(sizes))[:, None]
     tiling = Tiling(tile, PALLAS_TILE_COLUMNS)
@@ -251,8 +251,8 @@ def _pallas_sorted(tokens, experts, weights, params, bias2, adapters: ExpertAdap
         return out if addend is not None else jnp.where(in_groups, out, 0.0)
 
     rows = jnp.pad(tokens[token_of].astype(dtype), ((0, rows_count - pairs), (0, 0)))
-    h = product(rows, params["mlp1"], params["mlp1_bias"], adapters.grouped("mlp1", rows, sizes))
-    h = swiglu(h, config)
+    h = product(rows, params["mlp1"], halves_order(params["mlp1_bias"]), adapters.grouped("mlp1", rows, sizes))
+    h = swiglu(h, config, halves=True)
     y = product(h.astype(dtype), params["mlp2"], bias2, adapters.grouped("mlp2", h, sizes))
     y = y[:pairs] * weights.reshape(-1)[order][:, None]  # pairs held elsewhere have weight 0
     return jnp.zeros((tokens.shape[0], tokens.shape[1]), jnp.float32).at[token_of].add(y)
@@ -276,19 +276,9 @@ def _pallas_pairs(tokens, experts, weights, params, bias2, adapters: ExpertAdapt
         return tpu_matmul.expert_rows_matmul(x, row_experts, *_tpu_weights(weights), columns=PALLAS_TILE_COLUMNS,
                                              interpret=runtime.interpret)  # fmt: skip
 
-    h = product(x, params["mlp1"]) + adapters.rows("mlp1", x, expert)
-    h = swiglu(h + params["mlp1_bias"][expert].astype(jnp.float32), config)
+    # mlp1's outputs come in halves (the TPU form): so must each row's bias and adapter update.
+    added = adapters.rows("mlp1", x, expert) + params["mlp1_bias"][expert].astype(jnp.float32)
+    h = swiglu(product(x, params["mlp1"]) + halves_order(added), config, halves=True)
     y = product(h.astype(dtype), params["mlp2"]) + adapters.rows("mlp2", h, expert)
     y = jnp.where(held, y + bias2[expert].astype(jnp.float32), 0.0)
     return jnp.sum(y.reshape(tokens_count, k, -1) * weights[..., None], axis=1)
-
-
-def _check_tpu_form(blocks, scales) -> None:
-    """The kernel needs each device's scale rows to cover its blocks: true unless 'tensor' splits an
-    expert's input (mlp2 on a mesh with tensor > 1), where the padded scale rows do not split alike."""
-    groups, rows = blocks.shape[-3], scales.shape[-3]
-    if rows != -(-groups // BLOCK_BYTES):
-        raise NotImplementedError(
-            f"the Pallas TPU expert kernels cannot split an expert's input over 'tensor' ({groups} blocks here, "
-            f"scale rows for {rows * BLOCK_BYTES}): use a mesh without 'tensor', or GPTOSS_JAX_KERNELS=0"
-        )

@@ -31,12 +31,12 @@ class PackedExpertWeights(nnx.Module):
 
     form "checkpoint": `blocks` [E, out, in/32, 16] and `scales` [E, out, in/32], as stored.
     form "tpu": `tpu_blocks` [E, in/32, 16, out] and `tpu_scales` [E, ceil(in/512), 16, out], the same bytes
-    laid out for the Pallas kernels (gptoss_jax.backends.tpu.expert_form.to_tpu_form).
+    laid out for the Pallas kernels (gptoss_jax.backends.tpu.expert_form.to_tpu_form); with gate_linear
+    (mlp1) the outputs, SwiGLU's interleaved (gate, linear) pairs, held as halves.
     """
 
-    def __init__(
-        self, num_experts: int, out_features: int, in_features: int, out_axis: str, in_axis: str, rngs, form: str
-    ):
+    def __init__(self, num_experts: int, out_features: int, in_features: int, out_axis: str, in_axis: str, rngs,
+                 form: str, gate_linear: bool = False):  # fmt: skip
         groups = in_features // mxfp4.BLOCK_SIZE
         shape = (num_experts, out_features, groups)
         axes = ("experts", out_axis, in_axis + "_blocks")
@@ -44,7 +44,8 @@ class PackedExpertWeights(nnx.Module):
         # Scale 2**-6 on fp4 values of RMS ~2.9 gives weights of RMS ~0.05, a sensible random init.
         scales = jnp.full(shape, mxfp4.SCALE_BIAS - 6, jnp.uint8)
         if form == "tpu":
-            blocks, scales = to_tpu_form(blocks, scales)
+            blocks, scales = to_tpu_form(blocks, scales, halves=gate_linear)
+            out_axis = "gate_linear_halves" if gate_linear else out_axis
             self.tpu_blocks = PackedBytes(blocks, axes=("experts", in_axis + "_blocks", "block_bytes", out_axis))
             self.tpu_scales = PackedBytes(scales, axes=("experts", in_axis + "_scale_rows", "block_bytes", out_axis))
         else:
@@ -95,11 +96,11 @@ class MoE(nnx.Module):
         self.router = nnx.Param(init(rngs, (e, h), param_dtype, h**-0.5), axes=("router", "embed"))
         self.router_bias = nnx.Param(jnp.zeros((e,), param_dtype), axes=("router",))
         if experts == "mxfp4":
-            weights = functools.partial(PackedExpertWeights, form=expert_form)
+            self.mlp1 = PackedExpertWeights(e, 2 * i, h, "expert_intermediate", "embed", rngs, expert_form, gate_linear=True)
+            self.mlp2 = PackedExpertWeights(e, h, i, "embed", "intermediate", rngs, expert_form)
         else:
-            weights = DenseExpertWeights
-        self.mlp1 = weights(e, 2 * i, h, "expert_intermediate", "embed", rngs=rngs)
-        self.mlp2 = weights(e, h, i, "embed", "intermediate", rngs=rngs)
+            self.mlp1 = DenseExpertWeights(e, 2 * i, h, "expert_intermediate", "embed", rngs)
+            self.mlp2 = DenseExpertWeights(e, h, i, "embed", "intermediate", rngs)
         self.mlp1_bias = nnx.Param(jnp.zeros((e, 2 * i), param_dtype), axes=("experts", "expert_intermediate"))
         self.mlp2_bias = nnx.Param(jnp.zeros((e, h), param_dtype), axes=("experts", "embed"))
         self.router_lora: LoRA | None = nnx.data(None)  # adapters, attached by gptoss_jax.lora.add_lora
