@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from gptoss_jax import mxfp4
-from gptoss_jax.backends.tpu.expert_form import GATE_LINEAR, blocks_to_tpu_form, scales_to_tpu_form
+from gptoss_jax.backends.tpu.expert_form import STORED, variable_from_checkpoint
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.checkpoint.writer import CONFIG_FILE, hub_config_json
 from gptoss_jax.config import AUTO, GptOssConfig, check_experts
@@ -165,10 +165,8 @@ def _in_form(key: tuple, variable: nnx.Variable, saved: dict, restore, sharding,
     elif key in saved and key == ("embed",):  # a TPU model's embedding: zero columns up to its width
         value = restore(key)
         make = lambda x: jnp.pad(x, ((0, 0), (0, variable.shape[-1] - x.shape[-1])))  # noqa: E731
-    elif leaf == "tpu_blocks" and (*module, "blocks") in saved:
-        value, make = restore((*module, "blocks")), functools.partial(blocks_to_tpu_form, halves=module[-1] == GATE_LINEAR)
-    elif leaf == "tpu_scales" and (*module, "scales") in saved:
-        value, make = restore((*module, "scales")), functools.partial(scales_to_tpu_form, halves=module[-1] == GATE_LINEAR)
+    elif leaf in STORED and (*module, STORED[leaf]) in saved:  # packed experts in the TPU form
+        value, make = restore((*module, STORED[leaf])), functools.partial(variable_from_checkpoint, leaf, module[-1])
     elif leaf == "weight" and (*module, "blocks") in saved:  # experts decoded to bf16 (exact)
         value = (restore((*module, "blocks")), restore((*module, "scales")))
         make = lambda pair: mxfp4.dequantize(*pair, jnp.float32)  # noqa: E731

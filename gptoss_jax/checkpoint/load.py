@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax import mxfp4
-from gptoss_jax.backends.tpu.expert_form import GATE_LINEAR, blocks_to_tpu_form, scales_to_tpu_form
+from gptoss_jax.backends.tpu.expert_form import STORED, variable_from_checkpoint
 from gptoss_jax.checkpoint import converted
 from gptoss_jax.checkpoint.names import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
 from gptoss_jax.checkpoint.reader import MemorySource, TensorSource, open_checkpoint
@@ -129,15 +129,11 @@ def _read_layer_param(
             blocks = jax.device_put(blocks, NamedSharding(sharding.mesh, PartitionSpec(*spec, None)))
             scales = jax.device_put(scales, sharding)
         return _dequantize(blocks, scales, dtype, sharding)
-    if inner[-1] in TPU_FORM:  # packed experts laid out for the Pallas kernels: converted on the host
-        name, convert = TPU_FORM[inner[-1]]
-        stored = source.read(PER_LAYER[(*inner[:-1], name)].format(n=layer))
-        return _place(convert(stored, halves=inner[-2] == GATE_LINEAR), dtype, sharding)
+    if inner[-1] in STORED:  # packed experts laid out for the Pallas kernels: converted on the host
+        stored = source.read(PER_LAYER[(*inner[:-1], STORED[inner[-1]])].format(n=layer))
+        return _place(variable_from_checkpoint(inner[-1], inner[-2], stored), dtype, sharding)
     return _place(source.read(PER_LAYER[inner].format(n=layer)).reshape(shape), dtype, sharding)
 
-
-# A model variable holding packed experts in the TPU form -> the checkpoint tensor and its conversion.
-TPU_FORM = {"tpu_blocks": ("blocks", blocks_to_tpu_form), "tpu_scales": ("scales", scales_to_tpu_form)}
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

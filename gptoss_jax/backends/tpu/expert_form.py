@@ -66,6 +66,17 @@ def scales_to_tpu_form(scales, halves: bool = False):
     return xp.moveaxis(scales.reshape(*scales.shape[:-1], rows, BLOCK_BYTES), -3, -1)
 
 
+# A variable in the TPU form -> the checkpoint tensor it is made from.
+STORED = {"tpu_blocks": "blocks", "tpu_scales": "scales"}
+
+
+def variable_from_checkpoint(leaf: str, projection: str, stored):
+    """The TPU-form variable `leaf` ("tpu_blocks" or "tpu_scales") of `projection` ("mlp1" or "mlp2") from
+    its checkpoint tensor (numpy on the host, or a jax array)."""
+    convert = blocks_to_tpu_form if leaf == "tpu_blocks" else scales_to_tpu_form
+    return convert(stored, halves=projection == GATE_LINEAR)
+
+
 def tpu_form_shapes(blocks_shape: tuple, scales_shape: tuple) -> tuple[tuple, tuple]:
     """The shapes `to_tpu_form` gives arrays of these checkpoint shapes."""
     *lead, out, groups, block = blocks_shape
