@@ -45,15 +45,17 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def assistant_logprob(model, examples) -> float:
-    """Mean log-probability the model gives the learned (assistant) tokens of `examples`."""
-    total, count = 0.0, 0
-    for example in examples:
-        tokens = example.tokens[None]
-        hidden, _ = model.hidden(tokens[:, :-1])
-        logprobs = np.asarray(model.token_logprobs(hidden, tokens[:, 1:]))[0]
-        total += float(logprobs[example.learned[1:]].sum())
-        count += int(example.learned[1:].sum())
-    return total / count
+    """Mean log-probability the model gives the learned (assistant) tokens of `examples`: one forward of
+    them all, padded at the end (a causal model's earlier positions do not see the padding)."""
+    length = max(len(example.tokens) for example in examples)
+    tokens = np.zeros((len(examples), length), np.int32)
+    learned = np.zeros((len(examples), length), bool)
+    for row, example in enumerate(examples):
+        tokens[row, : len(example.tokens)] = example.tokens
+        learned[row, : len(example.tokens)] = example.learned
+    hidden, _ = model.hidden(tokens[:, :-1])
+    logprobs = np.asarray(model.token_logprobs(hidden, tokens[:, 1:]))
+    return float(logprobs[learned[:, 1:]].sum()) / int(learned[:, 1:].sum())
 
 
 def test_sft_loss_falls_and_the_adapters_raise_the_answers_likelihood(tmp_path, harmony_checkpoint, harmony_vocab_dir):

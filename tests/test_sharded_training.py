@@ -18,8 +18,11 @@ from cli_errors import assert_one_line_error
 from gptoss_jax.sharding import CPU_PROCESSES_FLAG
 
 MESHES = ["data=8", "data=2,expert=4", "data=2,expert=2,tensor=2"]
+# SFT on every mesh; GRPO (whose sharded runs take twice as long: rollouts) on the one with all three axes.
+SHARDED = [("sft", mesh) for mesh in MESHES] + [("grpo", MESHES[-1])]
 CONVERTED_MESH = "expert=4,tensor=2"
-RUNS = [f"{kind}:{mesh}" for kind in ("sft", "grpo") for mesh in ["", *MESHES]] + [f"convert:{CONVERTED_MESH}"]
+RUNS = [f"{kind}:" for kind in ("sft", "grpo")] + [f"{kind}:{mesh}" for kind, mesh in SHARDED]
+RUNS += [f"convert:{CONVERTED_MESH}"]
 DEVICES = 8
 
 
@@ -47,8 +50,7 @@ def adapters(run: dict) -> list[np.ndarray]:
 
 
 @pytest.mark.devices
-@pytest.mark.parametrize("kind", ["sft", "grpo"])
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("kind,mesh", SHARDED)
 def test_a_sharded_run_trains_what_one_device_trains(runs, kind, mesh):
     alone, sharded = result(runs, kind, ""), result(runs, kind, mesh)
     assert sharded["devices"] == DEVICES
@@ -65,8 +67,7 @@ def test_a_sharded_run_trains_what_one_device_trains(runs, kind, mesh):
 
 
 @pytest.mark.devices
-@pytest.mark.parametrize("kind", ["sft", "grpo"])
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("kind,mesh", SHARDED)
 def test_each_device_holds_an_eighth_of_the_trained_state_and_of_the_embedding(runs, kind, mesh):
     sharded, alone = result(runs, kind, mesh), result(runs, kind, "")
     assert alone["state_share"] == 1.0 and alone["embedding_share"] == 1.0
@@ -125,11 +126,9 @@ def two_processes(arguments: list[str]) -> list[str]:
 
 @pytest.mark.devices
 def test_two_processes_stop_and_resume_on_another_mesh_to_the_uninterrupted_result(
-    harmony_checkpoint, harmony_vocab_dir, tmp_path
+    runs, harmony_checkpoint, harmony_vocab_dir, tmp_path
 ):
-    from train import sft
-    from train.loop import MetricsLog, restore_params
-    from sharded_runs import sft_config
+    from train.loop import MetricsLog
 
     run_dir = tmp_path / "run"
     # Two processes on (data=8), stopped after step 2 as a preempted job is (a checkpoint, then exit) ...
@@ -141,16 +140,30 @@ def test_two_processes_stop_and_resume_on_another_mesh_to_the_uninterrupted_resu
     # Only the first process speaks (gloo's threads log their connections on stdout, interleaved mid-line,
     # so the second's stdout is not empty: look for what our commands print) ...
     assert not any(ours in first[1] + second[1] for ours in ("step", "loss", "run in", "warning"))
-    assert [line["step"] for line in MetricsLog(run_dir / "metrics.jsonl", 4).read()] == [1, 2, 3, 4]  # ... and logs
+    metrics = MetricsLog(run_dir / "metrics.jsonl", 4).read()
+    assert [line["step"] for line in metrics] == [1, 2, 3, 4]  # ... and logs
 
-    straight = sft.train(sft_config(str(harmony_checkpoint), tmp_path / "straight", ""), progress=False)
-    resumed, step = restore_params(run_dir, straight.params)
+    # The same run uninterrupted on one device: the fixture's (sharded_runs.sft_config, mesh "").
+    straight = result(runs, "sft", "")
+    np.testing.assert_allclose([line["loss"] for line in metrics], straight["losses"], rtol=1e-5, atol=1e-6)
+    resumed = resumed_adapters(run_dir, harmony_checkpoint)
+    assert len(resumed) == len(adapters(straight)) > 0
+    for ours, theirs in zip(resumed, adapters(straight)):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+def resumed_adapters(run_dir: Path, checkpoint: Path) -> list[np.ndarray]:
+    """The adapters of `run_dir`'s last checkpoint (step 4), in the order sharded_runs saves them."""
+    from flax import nnx
+
+    from sharded_runs import sft_config
+    from train.loop import restore_params
+    from train.model import build_model
+
+    model = build_model(sft_config(str(checkpoint), run_dir, ""), checkpoint, rows={})
+    params, step = restore_params(run_dir, nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)))
     assert step == 4
-    losses = [line["loss"] for line in MetricsLog(run_dir / "metrics.jsonl", 4).read()]
-    reference = [line["loss"] for line in MetricsLog(tmp_path / "straight" / "metrics.jsonl", 4).read()]
-    np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-6)
-    for ours, theirs in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight.params)):
-        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=1e-5)
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(params)]
 
 
 def sft_command(arguments: list[str], devices: int = DEVICES) -> subprocess.CompletedProcess:
