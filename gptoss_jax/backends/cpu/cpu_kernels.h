@@ -460,12 +460,10 @@ void DecodeBlocks(const uint8_t* b, const uint8_t* s, int64_t begin, int64_t end
 #endif
 }
 
-// sums[r] = sum_j x[r, j] * w[j] for kRows bf16 rows x (row stride `stride`) and one bf16 row w,
-// float32 accumulation.
-// sums[i][r] = sum_j x[r, j] * w[i, j] for kRows bf16 rows x and kW consecutive bf16 rows w (both with
-// row stride `width`), float32 accumulation. Two weight rows at a time halve the loads of x per product.
+// sums[i][r] = sum_j x[r, j] * w[i, j] for kRows bf16 rows x (row stride `width`) and kW bf16 rows w
+// (row stride `w_stride`), float32 accumulation. Several weight rows at a time share the loads of x.
 template <int kRows, int kW>
-void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)[8]) {
+void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, int64_t w_stride, float (*sums)[8]) {
   int64_t j = 0;
   for (int i = 0; i < kW; ++i)
     for (int r = 0; r < kRows; ++r) sums[i][r] = 0.0f;
@@ -475,7 +473,10 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
     for (int r = 0; r < kRows; ++r) acc[i][r] = _mm512_setzero_ps();
   for (; j + 32 <= width; j += 32) {
     __m512bh wv[kW];
-    for (int i = 0; i < kW; ++i) wv[i] = (__m512bh)_mm512_loadu_si512(w + i * width + j);
+    for (int i = 0; i < kW; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + i * w_stride + j + 1024), _MM_HINT_T0);  // as the AVX2 path
+      wv[i] = (__m512bh)_mm512_loadu_si512(w + i * w_stride + j);
+    }
     for (int r = 0; r < kRows; ++r) {
       __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * width + j);
       for (int i = 0; i < kW; ++i) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[i]);
@@ -492,7 +493,10 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
     for (int r = 0; r < kRows; ++r) acc[i][r] = _mm512_setzero_ps();
   for (; j + 16 <= width; j += 16) {
     __m512 wv[kW];
-    for (int i = 0; i < kW; ++i) wv[i] = widen(w + i * width + j);
+    for (int i = 0; i < kW; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + i * w_stride + j + 1024), _MM_HINT_T0);
+      wv[i] = widen(w + i * w_stride + j);
+    }
     for (int r = 0; r < kRows; ++r) {
       __m512 xv = widen(x + r * width + j);
       for (int i = 0; i < kW; ++i) acc[i][r] = _mm512_fmadd_ps(xv, wv[i], acc[i][r]);
@@ -511,8 +515,8 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
     for (int i = 0; i < kW; ++i) {
       // Software prefetch 2 KB ahead in each weight row: the hardware's alone left ~15% of the
       // bandwidth unused here (one row: 53 -> 46 ms for 20b's unembedding on 2 cores, a stream 45 ms).
-      _mm_prefetch(reinterpret_cast<const char*>(w + i * width + j + 1024), _MM_HINT_T0);
-      wv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * width + j));
+      _mm_prefetch(reinterpret_cast<const char*>(w + i * w_stride + j + 1024), _MM_HINT_T0);
+      wv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * w_stride + j));
     }
     for (int r = 0; r < kRows; ++r) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * width + j));
@@ -532,7 +536,7 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
     for (int r = 0; r < kRows; ++r) acc[i][r] = vdupq_n_f32(0.0f);
   for (; j + 4 <= width; j += 4) {
     float32x4_t wv[kW];
-    for (int i = 0; i < kW; ++i) wv[i] = widen(w + i * width + j);
+    for (int i = 0; i < kW; ++i) wv[i] = widen(w + i * w_stride + j);
     for (int r = 0; r < kRows; ++r) {
       const float32x4_t xv = widen(x + r * width + j);
       for (int i = 0; i < kW; ++i) acc[i][r] = vfmaq_f32(acc[i][r], xv, wv[i]);
@@ -543,7 +547,7 @@ void Bf16Rows(const uint16_t* x, const uint16_t* w, int64_t width, float (*sums)
 #endif
   for (; j < width; ++j)
     for (int i = 0; i < kW; ++i) {
-      float wv = BitsToFloat(static_cast<int32_t>(w[i * width + j]) << 16);
+      float wv = BitsToFloat(static_cast<int32_t>(w[i * w_stride + j]) << 16);
       for (int r = 0; r < kRows; ++r) sums[i][r] += BitsToFloat(static_cast<int32_t>(x[r * width + j]) << 16) * wv;
     }
 }
@@ -591,14 +595,15 @@ template <typename Parallel>
 void Bf16Matvec(const uint16_t* xs, int64_t rows, int64_t width, const uint16_t* ws, int64_t n_out, float* result,
                 const Parallel& parallel) {
 #ifdef GPTOSS_AVX2
-  const int tile = rows > 1 ? 3 : 4;  // Bf16Tile for several rows, Bf16Rows (4 weight rows) for one
+  const bool tiles = rows > 1;  // Bf16Tile for several rows, Bf16Rows (4 weight rows) for one
 #else
-  const int tile = 4;
+  const bool tiles = false;
 #endif
+  const int tile = tiles ? 3 : 4;
   parallel(n_out, 64, [&](int64_t begin, int64_t end) {
     float sums[4][8];
-    for (int64_t n = begin; n < end; n += tile) {
-      const int weights = static_cast<int>(std::min<int64_t>(tile, end - n));
+    // The tile of weight rows first + i * spacing, i < weights, against every row.
+    auto weight_tile = [&](int64_t first, int weights, int64_t spacing) {
       for (int64_t r0 = 0; r0 < rows; r0 += tile) {
         const int count = static_cast<int>(std::min<int64_t>(tile, rows - r0));
         WithCount(count, [&](auto kRows) {
@@ -606,16 +611,25 @@ void Bf16Matvec(const uint16_t* xs, int64_t rows, int64_t width, const uint16_t*
             if constexpr (kRows() <= 4 && kW() <= 4) {
 #ifdef GPTOSS_AVX2
               if constexpr (kRows() <= 3 && kW() <= 3)
-                if (rows > 1) return Bf16Tile<kRows(), kW()>(xs + r0 * width, ws + n * width, width, sums);
+                if (tiles) return Bf16Tile<kRows(), kW()>(xs + r0 * width, ws + first * width, width, sums);
 #endif
-              Bf16Rows<kRows(), kW()>(xs + r0 * width, ws + n * width, width, sums);
+              Bf16Rows<kRows(), kW()>(xs + r0 * width, ws + first * width, width, spacing * width, sums);
             }
           });
         });
         for (int i = 0; i < weights; ++i)
-          for (int r = 0; r < count; ++r) result[(r0 + r) * n_out + n + i] = sums[i][r];
+          for (int r = 0; r < count; ++r) result[(r0 + r) * n_out + first + i * spacing] = sums[i][r];
       }
-    }
+    };
+    // Bf16Rows is bound by reading the weights, so its tile takes one row from each of `tile` far-apart
+    // stretches of [begin, end), each read in order: several hardware prefetch streams a thread instead
+    // of one (20b's unembedding at one row, 2 threads: 47 -> 37 ms; a streaming read there 24.6 GB/s with
+    // one stream a thread, 29.7 with four). Bf16Tile is bound by its FMAs and prefetches the next adjacent
+    // rows itself. A row's sums do not depend on which rows share its tile.
+    const int64_t stretch = tiles ? 0 : (end - begin) / tile;
+    for (int64_t i = 0; i < stretch; ++i) weight_tile(begin + i, tile, stretch);
+    for (int64_t n = begin + tile * stretch; n < end; n += tile)
+      weight_tile(n, static_cast<int>(std::min<int64_t>(tile, end - n)), 1);
   });
 }
 
