@@ -623,7 +623,7 @@ void Bf16Matvec(const uint16_t* xs, int64_t rows, int64_t width, const uint16_t*
     };
     // Bf16Rows is bound by reading the weights, so its tile takes one row from each of `tile` far-apart
     // stretches of [begin, end), each read in order: several hardware prefetch streams a thread instead
-    // of one (20b's unembedding at one row, 2 threads: 47 -> 37 ms; a streaming read there 24.6 GB/s with
+    // of one (20b's unembedding at one row, 2 threads: 47 -> 38 ms; a streaming read there 24.6 GB/s with
     // one stream a thread, 29.7 with four). Bf16Tile is bound by its FMAs and prefetches the next adjacent
     // rows itself. A row's sums do not depend on which rows share its tile.
     const int64_t stretch = tiles ? 0 : (end - begin) / tile;
