@@ -19,6 +19,7 @@ python3 -m venv .venv
 .venv/bin/pip install -q -e ".[test]"
 # OpenAI's reference (a test peer): its metadata asks for Python >= 3.12, but gpt_oss.torch runs on 3.10+.
 .venv/bin/pip install -q --no-deps --ignore-requires-python "gpt-oss==0.0.9"
-# Two worker processes (GPTOSS_JAX_TEST_WORKERS; 0 runs the tests in this process): most tests wait on XLA's compiler, one thread, so two
-# overlap well on 2 cores. A test file stays in one worker: its module fixtures (the 8-device runs) run once.
+# Two worker processes (GPTOSS_JAX_TEST_WORKERS; 0 runs the tests in this process): most tests wait on
+# XLA's compiler, one thread, so two overlap well on 2 cores. A test file stays in one worker: its module
+# fixtures (the 8-device runs) run once.
 .venv/bin/python -m pytest -q -n "${GPTOSS_JAX_TEST_WORKERS:-2}" --dist loadfile "$@"
