@@ -100,7 +100,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--write-random", metavar="DIR", help="write the random model of --preset/--layers to DIR (hub layout) and exit"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2: a decode step's time is that of N tokens less that of 1")
+    return args
 
 
 def config_from(args: argparse.Namespace) -> GptOssConfig:
@@ -139,6 +142,15 @@ def measure_bandwidth() -> float:
 # drifts (neighbours), and a decode rate is a difference of two timings, which a single disturbed run of
 # either would skew.
 DECODE_REPEATS = 3
+
+
+def seconds_per_decode_step(short: float, long: float, new_tokens: int, what: str) -> float:
+    """A decode step's time from a generation of 1 token (`short`, prefill included) and one of `new_tokens`
+    (`long`). On a busy machine the difference can drown in noise: a rate from it would be nonsense."""
+    if not long > short:
+        raise ValueError(f"{what}: {new_tokens} new tokens took {long:.4f} s, no longer than 1 token ({short:.4f} s); "
+                         f"the decode steps drowned in timing noise: use more --new-tokens")  # fmt: skip
+    return (long - short) / (new_tokens - 1)
 
 
 def time_generation(run, repeats: int = 2, summary=min) -> tuple[float, float]:
@@ -183,7 +195,7 @@ def bench_ours(model: GptOss, args: argparse.Namespace, bandwidth: float) -> dic
             summary=statistics.median,
         )
         probes.append(measure_bandwidth())
-        seconds_per_step = max(long - short, 1e-9) / (args.new_tokens - 1)
+        seconds_per_step = seconds_per_decode_step(short, long, args.new_tokens, f"decode batch {batch}")
         per_slot = 2 * batch * model.config.num_kv_heads * model.config.head_dim * jnp.dtype(model.dtype).itemsize
         step_bytes = decode_step_bytes(nnx.state(model), model.config, batch, 16 + args.new_tokens // 2, per_slot)
         roofline = batch * statistics.median(probes) / step_bytes
@@ -222,7 +234,8 @@ def bench_transformers(checkpoint: Path, args: argparse.Namespace, vocab: int) -
         prompts = [[(7 * row + i) % vocab for i in range(16)] for row in range(batch)]
         _, short = time_generation(lambda: generate(prompts, 1), repeats=DECODE_REPEATS, summary=statistics.median)
         _, long = time_generation(lambda: generate(prompts, args.new_tokens), repeats=DECODE_REPEATS, summary=statistics.median)
-        results[f"decode_batch_{batch}"] = {"tokens_per_s": batch * (args.new_tokens - 1) / max(long - short, 1e-9)}
+        seconds_per_step = seconds_per_decode_step(short, long, args.new_tokens, f"transformers' decode batch {batch}")
+        results[f"decode_batch_{batch}"] = {"tokens_per_s": batch / seconds_per_step}
     return results
 
 
