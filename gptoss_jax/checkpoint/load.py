@@ -135,7 +135,6 @@ def _read_layer_param(
     return _place(source.read(PER_LAYER[inner].format(n=layer)).reshape(shape), dtype, sharding)
 
 
-
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _dequantize(blocks: jax.Array, scales: jax.Array, dtype, sharding: NamedSharding | None) -> jax.Array:
     weights = mxfp4.dequantize(blocks, scales, dtype)
