@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from gptoss_jax import mxfp4
+from gptoss_jax.backends.cpu import huge_pages
 from gptoss_jax.backends.tpu.expert_form import STORED, variable_from_checkpoint
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.checkpoint.writer import CONFIG_FILE, hub_config_json
@@ -150,6 +151,7 @@ def load_converted(
 
         state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
     model = nnx.merge(graphdef, state)
+    huge_pages.advise(jax.tree.leaves(state))  # the CPU's weights onto 2 MiB pages: decoding streams them
     model.checkpoint_dir = str(path)
     return model if mesh is None else set_mesh(model, mesh)
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax import mxfp4
+from gptoss_jax.backends.cpu import huge_pages
 from gptoss_jax.backends.tpu.expert_form import STORED, variable_from_checkpoint
 from gptoss_jax.checkpoint import converted
 from gptoss_jax.checkpoint.names import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
@@ -78,6 +79,7 @@ def load_source(
 
     state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
     model = nnx.merge(graphdef, state)
+    huge_pages.advise(jax.tree.leaves(state))  # the CPU's weights onto 2 MiB pages: decoding streams them
     if source.layout != "memory":
         model.checkpoint_dir = str(source.directory)  # where tokenizer files next to the weights can be found
     return model if mesh is None else set_mesh(model, mesh)

@@ -1,0 +1,70 @@
+"""Back the weights with 2 MiB pages (Linux transparent huge pages), where the CPU reads them.
+
+Decoding streams every weight byte once a step, and with 4 KiB pages the hardware prefetchers stop at
+each page's end and every page costs a TLB miss: 20b's unembedding (1.16 GB of bf16) on an AVX2 core
+reads 30% faster at one row, and its 16-row register tiles run 28% faster, on 2 MiB pages. glibc's
+malloc and XLA hand out 4 KiB pages unless the system's THP setting is "always" (many distributions
+default to "madvise"), so after loading we ask the kernel to move each large weight onto huge pages in
+place (madvise MADV_COLLAPSE, Linux 6.1+; before that MADV_HUGEPAGE lets khugepaged do it later). The
+values do not change; where the kernel refuses (THP "never", no free huge pages) nothing happens.
+GPTOSS_JAX_HUGE_PAGES=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Iterable
+
+import jax
+
+PAGE = 2 * 2**20
+MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25
+# Weights smaller than this are left alone: at most a few of their pages could move.
+MIN_BYTES = 4 * PAGE
+
+
+def enabled() -> bool:
+    return sys.platform == "linux" and os.environ.get("GPTOSS_JAX_HUGE_PAGES", "1") != "0"
+
+
+def advise(arrays: Iterable) -> int:
+    """Move the CPU buffers of `arrays` (jax arrays; others are skipped) onto huge pages, best effort.
+
+    Returns how many bytes were moved now (MADV_COLLAPSE succeeded); 0 where it is off or refused."""
+    if not enabled():
+        return 0
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    moved = 0
+    for array in arrays:
+        if not isinstance(array, jax.Array) or array.nbytes < MIN_BYTES:
+            continue
+        for shard in array.addressable_shards:
+            if shard.device.platform != "cpu" or shard.data.nbytes < MIN_BYTES:
+                continue
+            shard.data.block_until_ready()  # MADV_COLLAPSE refused (EINVAL) a buffer still being computed
+            address = shard.data.unsafe_buffer_pointer()
+            start = -(-address // PAGE) * PAGE  # only the huge pages that lie wholly inside the buffer
+            end = (address + shard.data.nbytes) // PAGE * PAGE
+            if end <= start:
+                continue
+            if madvise(start, end - start, MADV_COLLAPSE) == 0:
+                moved += end - start
+            else:
+                madvise(start, end - start, MADV_HUGEPAGE)
+    return moved
+
+
+def resident_huge_bytes() -> int:
+    """Bytes of this process's anonymous memory on huge pages now (/proc/self/smaps_rollup), or 0."""
+    try:
+        with open("/proc/self/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
