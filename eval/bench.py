@@ -42,6 +42,7 @@ from eval import plan as plans
 from eval import serving_bench
 from eval.plan import decode_step_bytes
 from gptoss_jax import targets
+from gptoss_jax.backends.cpu import huge_pages
 from gptoss_jax.chat import harmony
 from gptoss_jax.checkpoint.gguf import write_gguf
 from gptoss_jax.checkpoint.load import from_tensors
@@ -320,6 +321,7 @@ def run(args: argparse.Namespace) -> dict:
             "experts": config.num_experts,
             "vocab": config.vocab_size,
             "resident_bytes": gptoss_jax.resident_bytes(model),
+            "huge_page_bytes": huge_pages.resident_huge_bytes(),  # this process's memory on 2 MiB pages
             "packed_expert_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model, PackedBytes))),
         }
         if args.serve:
@@ -352,7 +354,8 @@ def table(report: dict) -> str:
     model = report["model"]
     lines = [
         f"{report['device']}, {report['dtype']}: {model['layers']} layers, {model['experts']} experts, vocab "
-        f"{model['vocab']}; resident {model['resident_bytes'] / 2**30:.2f} GiB; load {report['load_s']:.1f} s; "
+        f"{model['vocab']}; resident {model['resident_bytes'] / 2**30:.2f} GiB "
+        f"({model['huge_page_bytes'] / 2**30:.2f} GiB of the process on 2 MiB pages); load {report['load_s']:.1f} s; "
         f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB; bandwidth {report['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
         *([f"peer: {report['peer']['name']}"] if "peer" in report else []),
         f"{'phase':<18}{'ours tok/s':>12}{'peer tok/s':>12}{'ratio':>8}{'roofline':>10}{'fraction':>10}"
