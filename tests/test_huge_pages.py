@@ -39,8 +39,9 @@ def huge_bytes_at(address: int) -> int:
 
 def whole_pages(array: jax.Array) -> int:
     """Bytes of the 2 MiB pages that lie wholly inside the array's buffer."""
-    address = array.unsafe_buffer_pointer()
-    return (address + array.nbytes) // huge_pages.PAGE * huge_pages.PAGE - -(-address // huge_pages.PAGE) * huge_pages.PAGE
+    first, end = array.unsafe_buffer_pointer(), array.unsafe_buffer_pointer() + array.nbytes
+    page = huge_pages.PAGE
+    return end // page * page - -(-first // page) * page
 
 
 @pytest.mark.quick

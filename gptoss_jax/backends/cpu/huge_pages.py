@@ -1,8 +1,9 @@
 """Back the weights with 2 MiB pages (Linux transparent huge pages), where the CPU reads them.
 
 Decoding streams every weight byte once a step, and with 4 KiB pages the hardware prefetchers stop at
-each page's end and every page costs a TLB miss: 20b's unembedding (1.16 GB of bf16) on an AVX2 core
-reads 30% faster at one row, and its 16-row register tiles run 28% faster, on 2 MiB pages. glibc's
+each page's end and every page costs a TLB miss: 20b's unembedding (1.16 GB of bf16) in the AVX2
+kernels on 2 MiB pages runs 30% faster at one row on one core (10% on two, which share the memory),
+and its 16-row register tiles 28% faster on one core (5% on two). glibc's
 malloc and XLA hand out 4 KiB pages unless the system's THP setting is "always" (many distributions
 default to "madvise"), so after loading we ask the kernel to move each large weight onto huge pages in
 place (madvise MADV_COLLAPSE, Linux 6.1+; before that MADV_HUGEPAGE lets khugepaged do it later). The
@@ -45,7 +46,7 @@ def advise(arrays: Iterable) -> int:
         for shard in array.addressable_shards:
             if shard.device.platform != "cpu" or shard.data.nbytes < MIN_BYTES:
                 continue
-            shard.data.block_until_ready()  # MADV_COLLAPSE refused (EINVAL) a buffer still being computed
+            shard.data.block_until_ready()  # not waited on, its buffer was refused (EINVAL)
             address = shard.data.unsafe_buffer_pointer()
             start = -(-address // PAGE) * PAGE  # only the huge pages that lie wholly inside the buffer
             end = (address + shard.data.nbytes) // PAGE * PAGE
