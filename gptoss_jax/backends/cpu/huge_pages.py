@@ -34,7 +34,8 @@ def enabled() -> bool:
 def advise(arrays: Iterable) -> int:
     """Move the CPU buffers of `arrays` (jax arrays; others are skipped) onto huge pages, best effort.
 
-    Returns how many bytes were moved now (MADV_COLLAPSE succeeded); 0 where it is off or refused."""
+    Returns how many bytes are on huge pages now by its doing (MADV_COLLAPSE succeeded, or found them
+    there already); 0 where it is off or refused."""
     if not enabled():
         return 0
     madvise = ctypes.CDLL(None, use_errno=True).madvise
@@ -50,12 +51,13 @@ def advise(arrays: Iterable) -> int:
             address = shard.data.unsafe_buffer_pointer()
             start = -(-address // PAGE) * PAGE  # only the huge pages that lie wholly inside the buffer
             end = (address + shard.data.nbytes) // PAGE * PAGE
-            if end <= start:
-                continue
-            if madvise(start, end - start, MADV_COLLAPSE) == 0:
-                moved += end - start
-            else:
-                madvise(start, end - start, MADV_HUGEPAGE)
+            # A page at a time, tried twice: where free memory is fragmented the kernel may find no free
+            # 2 MiB piece for some pages (EAGAIN) and still move the others.
+            for page in range(start, end, PAGE):
+                if madvise(page, PAGE, MADV_COLLAPSE) == 0 or madvise(page, PAGE, MADV_COLLAPSE) == 0:
+                    moved += PAGE
+                else:
+                    madvise(page, PAGE, MADV_HUGEPAGE)  # khugepaged may move it later
     return moved
 
 
