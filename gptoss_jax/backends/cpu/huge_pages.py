@@ -7,8 +7,8 @@ and its 16-row register tiles 28% faster on one core (5% on two). glibc's
 malloc and XLA hand out 4 KiB pages unless the system's THP setting is "always" (many distributions
 default to "madvise"), so after loading we ask the kernel to move each large weight onto huge pages in
 place (madvise MADV_COLLAPSE, Linux 6.1+; before that MADV_HUGEPAGE lets khugepaged do it later). The
-values do not change; where the kernel refuses (THP "never", no free huge pages) nothing happens.
-GPTOSS_JAX_HUGE_PAGES=0 turns it off.
+values do not change; where the kernel refuses (THP "never") nothing happens, and a page it finds no
+free 2 MiB piece for stays small. GPTOSS_JAX_HUGE_PAGES=0 turns it off.
 """
 
 from __future__ import annotations
@@ -45,12 +45,13 @@ def advise(arrays: Iterable) -> int:
         if not isinstance(array, jax.Array) or array.nbytes < MIN_BYTES:
             continue
         for shard in array.addressable_shards:
-            if shard.device.platform != "cpu" or shard.data.nbytes < MIN_BYTES:
+            buffer = shard.data
+            if shard.device.platform != "cpu" or buffer.nbytes < MIN_BYTES:
                 continue
-            shard.data.block_until_ready()  # not waited on, its buffer was refused (EINVAL)
-            address = shard.data.unsafe_buffer_pointer()
+            buffer.block_until_ready()  # not waited on, its buffer was refused (EINVAL)
+            address = buffer.unsafe_buffer_pointer()
             start = -(-address // PAGE) * PAGE  # only the huge pages that lie wholly inside the buffer
-            end = (address + shard.data.nbytes) // PAGE * PAGE
+            end = (address + buffer.nbytes) // PAGE * PAGE
             # A page at a time, tried twice: where free memory is fragmented the kernel may find no free
             # 2 MiB piece for some pages (EAGAIN) and still move the others.
             for page in range(start, end, PAGE):
