@@ -20,6 +20,7 @@ import os
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 # How the experts run (see `Runtime.expert_path_for`); "auto" lets the runtime choose per shape.
@@ -161,11 +162,14 @@ class Runtime:
         keeps the cache with its slots on lanes and copied it to row-major and back around a scatter."""
         return self.platform == "tpu"
 
-    @property
-    def decodes_in_place(self) -> bool:
-        """Whether a decode step's attention is the TPU kernel that writes and reads each layer group's
-        cache in place in the stack (gptoss_jax.backends.tpu.attention.decode_attention)."""
-        return self.pallas == "tpu"
+    def decodes_in_place(self, cache_dtype, mesh) -> bool:
+        """Whether a decode step's attention is a kernel that writes and reads each layer group's cache in
+        place in the stack: the TPU's (gptoss_jax.backends.tpu.attention.decode_attention), or the CPU
+        kernels' for a bf16 cache on one device (gptoss_jax.backends.cpu.decode_attention; XLA's CPU
+        path copies, converts and transposes each layer's whole cache every step)."""
+        if self.pallas == "tpu":
+            return True
+        return self.cpu_kernels is not None and mesh is None and jnp.dtype(cache_dtype) == jnp.bfloat16
 
     @property
     def logprob_chunk(self) -> int:

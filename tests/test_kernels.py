@@ -376,6 +376,95 @@ def test_a_failing_compiler_error_ends_with_its_last_lines(tmp_path, monkeypatch
     assert "\n" not in str(failure.value) and list((tmp_path / "cache").iterdir()) == []
 
 
+def _cache_case(rng, sliding: bool):
+    """A bf16 cache stacked over 2 groups, decoded at group 1 for 3 rows: one with stale slots past its
+    query (from an earlier, longer sequence), one padding row (query at -1), one far along; the query's
+    own slot not yet written."""
+    from conftest import TINY
+
+    groups, batch, features = 2, 3, TINY.num_kv_heads * TINY.head_dim
+    slots = TINY.sliding_window if sliding else 45
+    at = np.array([20, -1, 40 if sliding else 44], np.int32)
+    positions = np.full((groups, batch, slots), -1, np.int32)
+    for row, last in enumerate(at):
+        filled = np.arange(max(last, 9))  # the padding row holds slots 0..8 of someone else's
+        if row == 0 and not sliding:
+            filled = np.concatenate([np.arange(20), np.arange(21, slots)])  # stale slots past its query
+        positions[:, row, filled % slots] = filled
+    keys, values = (jnp.asarray(rng.standard_normal((groups, batch, slots, features)), jnp.bfloat16) for _ in range(2))
+    group = TINY.num_heads // TINY.num_kv_heads
+    q = jnp.asarray(rng.standard_normal((batch, TINY.num_kv_heads, group, TINY.head_dim)), jnp.float32)
+    new = [jnp.asarray(rng.standard_normal((batch, TINY.num_kv_heads, TINY.head_dim)), jnp.float32) for _ in range(2)]
+    sinks = jnp.asarray(rng.standard_normal((TINY.num_kv_heads, group)), jnp.float32)
+    return TINY, q, new, keys, values, positions, at, sinks
+
+
+@pytest.mark.quick
+@pytest.mark.cpu_kernels
+@pytest.mark.parametrize("sliding", [False, True])
+def test_decode_attention_writes_its_slot_in_place_and_matches_xla(sliding):
+    from gptoss_jax.nn.attention import _attend
+    from gptoss_jax.nn.cache import LayerCache
+
+    kernels.load_kernels()
+    config, q, (k_new, v_new), keys, values, positions, at, sinks = _cache_case(np.random.default_rng(5), sliding)
+    window = config.sliding_window if sliding else None
+
+    def step(q, k_new, v_new, keys, values, positions):
+        cache = LayerCache(keys, values, positions).group(jnp.int32(1), False, in_place=True)
+        out, cache = kernels.decode_attention(q, k_new, v_new, cache, jnp.asarray(at), sinks, window)
+        return out, cache.keys.stack, cache.values.stack, cache.positions.stack
+
+    lowered = jax.jit(step, donate_argnums=(3, 4, 5)).lower(q, k_new, v_new, keys, values, jnp.asarray(positions))
+    assert "gptoss_decode_attention" in lowered.as_text()
+    # The new token sits in slot position % slots of group 1 (padding rows write nothing); all else is kept.
+    expected_stacks = [np.array(keys), np.array(values), positions.copy()]
+    out, *stacks = lowered.compile()(q, k_new, v_new, keys, values, jnp.asarray(positions))  # donated: in place
+    slots = positions.shape[-1]
+    for row in np.flatnonzero(at >= 0):
+        slot = at[row] % slots
+        expected_stacks[0][1, row, slot] = np.asarray(k_new[row].astype(jnp.bfloat16)).reshape(-1)
+        expected_stacks[1][1, row, slot] = np.asarray(v_new[row].astype(jnp.bfloat16)).reshape(-1)
+        expected_stacks[2][1, row, slot] = at[row]
+    for ours, expected in zip(stacks, expected_stacks):
+        np.testing.assert_array_equal(np.asarray(ours), expected)
+    # XLA's attention over that cache (bf16 products, float32 sums), the model's path without kernels.
+    heads = lambda x: jnp.asarray(x[1]).reshape(*x.shape[1:3], config.num_kv_heads, config.head_dim)
+    reference = _attend(q[:, None], heads(expected_stacks[0]), heads(expected_stacks[1]), jnp.asarray(at)[:, None],
+                        jnp.asarray(expected_stacks[2][1]), sinks, sliding, config, "bfloat16",
+                        Runtime("cpu").without_kernels())[:, 0]  # fmt: skip
+    assert relative_error(np.asarray(out), np.asarray(reference)) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(out)[1], 0.0)  # the padding row sees nothing but the sink
+
+
+@pytest.mark.quick
+@pytest.mark.cpu_kernels
+def test_bf16_decoding_attends_in_place_in_the_cache_as_xla_does(hub_checkpoint, long_tokens, tiny_config):
+    # A prefill then decode steps with a cache of 40 slots: the sliding ring wraps, full layers fill part
+    # of theirs. With the kernels each step's attention is the in-place kernel; without, XLA's path.
+    from gptoss_jax.nn import KVCache
+
+    model = gptoss_jax.load(hub_checkpoint, dtype="bfloat16")
+    tokens = long_tokens[:, :38]
+    batch = tokens.shape[0]
+    at = lambda start, stop: np.broadcast_to(np.arange(start, stop, dtype=np.int32), (batch, stop - start))
+
+    def run(model):
+        forward = jax.jit(lambda tokens, positions, cache: model(tokens, positions, cache))
+        logits, cache = forward(tokens[:, :30], at(0, 30), KVCache.create(tiny_config, batch, 40, "bfloat16"))
+        step_text = forward.lower(tokens[:, 30:31], at(30, 31), cache).as_text()
+        outputs = [np.asarray(logits[:, -1:])]
+        for step in range(30, 38):
+            logits, cache = forward(tokens[:, step : step + 1], at(step, step + 1), cache)
+            outputs.append(np.asarray(logits))
+        return np.concatenate(outputs, axis=1), "gptoss_decode_attention" in step_text
+
+    with_kernels, in_place = run(model)
+    model.runtime = model.runtime.without_kernels()
+    without, xla_in_place = run(model)
+    assert in_place and not xla_in_place
+    assert relative_error(with_kernels, without) <= 1e-2
+
 @pytest.mark.quick
 @pytest.mark.cpu_kernels
 def test_decoding_with_and_without_kernels_gives_the_same_logits(hub_checkpoint):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptoss_jax.backends import cpu as cpu_kernels
 from gptoss_jax.backends.cpu.stacks import LayerOf
 from gptoss_jax.backends.tpu import attention as tpu_attention
 from gptoss_jax.config import GptOssConfig
@@ -80,10 +81,14 @@ class Attention(nnx.Module):
         if cache is None or cache.empty:
             keys, values, key_positions = k, v, positions
             cache = None if cache is None else cache.write(k, v, positions)
-        elif in_place:  # decode on TPU: the kernel reads the group of the stacked cache it was written to
+        elif in_place and runtime.pallas == "tpu":  # the kernel reads the group of the stacked cache it was written to
             cache = cache.write_in_place(k, v, positions)
             out = tpu_attention.decode_attention(q[:, 0], cache, positions[:, 0], sinks, window,
                                                  interpret=runtime.interpret, mesh=self.mesh)[:, None]
+            keys = None
+        elif in_place:  # decode on the CPU: the kernel writes and reads the group in place in the stacked cache
+            out, cache = cpu_kernels.decode_attention(q[:, 0], k[:, 0], v[:, 0], cache, positions[:, 0], sinks, window)
+            out = out[:, None]
             keys = None
         elif length == 1:  # decode: the new token's slot held nothing this query may see, so write first
             cache = cache.write(k, v, positions, select=runtime.writes_cache_by_select)

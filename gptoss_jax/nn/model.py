@@ -222,8 +222,8 @@ class GptOss(nnx.Module):
         empty = tuple(layer.empty for layer in cache.layers)
         carried = tuple(dataclasses.replace(layer, empty=False) for layer in cache.layers)
 
-        # A TPU decode step writes and reads each group's cache in place in the stack (LayerCache.group).
-        in_place = runtime.decodes_in_place and tokens.shape[1] == 1
+        # A decode step's kernel may write and read each group's cache in place in the stack (LayerCache.group).
+        in_place = tokens.shape[1] == 1 and runtime.decodes_in_place(cache.layers[0].keys.dtype, self.mesh)
 
         def run_cached_group(carry, scanned):
             x, layers = carry

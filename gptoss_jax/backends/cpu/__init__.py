@@ -21,9 +21,11 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gptoss_jax import mxfp4
 from gptoss_jax.backends.cpu import build
+from gptoss_jax.backends.cpu.stacks import LayerOf
 
 TARGETS = {
     "gptoss_mxfp4_expert_matvec": "GptossMxfp4ExpertMatvec",
@@ -33,6 +35,7 @@ TARGETS = {
     "gptoss_bf16_matvec": "GptossBf16Matvec",
     "gptoss_mxfp4_grouped_matmul": "GptossMxfp4GroupedMatmul",
     "gptoss_copy_layer": "GptossCopyLayer",
+    "gptoss_decode_attention": "GptossDecodeAttention",
 }
 # Rows up to which a bf16 product with a weight that is one layer of a stack runs in the matvec kernel:
 # XLA's dot would first copy the layer out and relayout it. For a whole weight the build says
@@ -274,3 +277,36 @@ def _matvec_backward(saved, g):
 
 
 bf16_matvec.defvjp(_matvec_forward, _matvec_backward)
+
+
+# ---- decode attention over the stacked KV cache ------------------------------------------------------
+
+
+def decode_attention(q, new_keys, new_values, cache, query_positions, sinks, window: int | None):
+    """One decode step's attention for one layer group of the stacked KV cache, written and read in place.
+
+    q [B, kv_heads, group, head_dim] (unscaled), new_keys and new_values [B, kv_heads, head_dim]: the row's
+    token, stored into slot position % slots first; cache: a LayerCache of LayerOf views of the stacks
+    (keys and values [G, B, slots, kv_heads * head_dim] bf16, positions [G, B, slots]); query_positions
+    [B] (-1: a padding row, which stores and sees nothing); sinks [kv_heads, group]. Returns float32
+    [B, kv_heads, group, head_dim] and the cache with the token stored. As the XLA path computes it
+    (nn.attention._attend), in bf16 products with float32 sums.
+    """
+    keys, values, positions = cache.keys.stack, cache.values.stack, cache.positions.stack
+    batch, kv_heads, group, head_dim = q.shape
+    results = (
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        jax.ShapeDtypeStruct(keys.shape, keys.dtype),
+        jax.ShapeDtypeStruct(values.shape, values.dtype),
+        jax.ShapeDtypeStruct(positions.shape, positions.dtype),
+    )
+    call = jax.ffi.ffi_call("gptoss_decode_attention", results, vmap_method="sequential",
+                            input_output_aliases={1: 1, 2: 2, 3: 3})  # fmt: skip
+    out, keys, values, positions = call(
+        q.astype(jnp.bfloat16), keys, values, positions, _layer_index(cache.keys.index),
+        new_keys.reshape(batch, -1).astype(keys.dtype), new_values.reshape(batch, -1).astype(values.dtype),
+        query_positions.astype(jnp.int32), sinks.astype(jnp.float32),
+        window=np.int64(window or 0), scale=np.float32(head_dim**-0.5),
+    )  # fmt: skip
+    index = cache.keys.index
+    return out, type(cache)(LayerOf(keys, index), LayerOf(values, index), LayerOf(positions, index), cache.empty)

@@ -7,6 +7,8 @@
 //                                      each expert decoded once into cache-sized panels; and transposed
 //   gptoss_mxfp4_dequantize:           one expert's packed weights -> dense [N, K] (bf16 or f32)
 //   gptoss_bf16_matvec:                a few rows x [R, K] (bf16) against w [N, K] (bf16) -> f32 [R, N]
+//   gptoss_decode_attention:           a decode step's token written into its layer's KV cache and attending
+//                                      to it, in place in the stacked cache (bf16)
 //
 // The arithmetic lives in cpu_kernels.h; this file checks shapes, picks the layer and binds to the FFI.
 
@@ -191,6 +193,45 @@ ffi::Error CopyLayer(ffi::AnyBuffer stack, ffi::Buffer<ffi::S32> layer, ffi::Res
   return ffi::Error::Success();
 }
 
+// One decode step's attention for one layer of the stacked KV cache: each row's new token is written
+// into its slot in place (the stacks are aliased to the results), then its query attends to the layer.
+// q [B, kv_heads, group, head_dim] bf16; keys, values [L, B, slots, kv_heads * head_dim] bf16; positions
+// [L, B, slots] s32; layer [1]; new keys, values [B, kv_heads * head_dim]; new positions [B] (the query's
+// own position, -1 for padding rows); sinks [kv_heads, group] f32.
+ffi::Error DecodeAttentionCall(ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> keys, ffi::Buffer<ffi::BF16> values,
+                               ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> layer,
+                               ffi::Buffer<ffi::BF16> new_keys, ffi::Buffer<ffi::BF16> new_values,
+                               ffi::Buffer<ffi::S32> new_positions, ffi::Buffer<ffi::F32> sinks,
+                               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::BF16> keys_out,
+                               ffi::ResultBuffer<ffi::BF16> values_out, ffi::ResultBuffer<ffi::S32> positions_out,
+                               ffi::ThreadPool pool, int64_t window, float scale) {
+  auto qd = q.dimensions(), kd = keys.dimensions(), pd = positions.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || pd.size() != 3 || kd[1] != qd[0] || kd[3] != qd[1] * qd[3] ||
+      pd[0] != kd[0] || pd[1] != kd[1] || pd[2] != kd[2] || values.element_count() != keys.element_count() ||
+      static_cast<int64_t>(new_keys.element_count()) != qd[0] * kd[3] ||
+      static_cast<int64_t>(new_values.element_count()) != qd[0] * kd[3] ||
+      static_cast<int64_t>(new_positions.element_count()) != qd[0] ||
+      static_cast<int64_t>(sinks.element_count()) != qd[1] * qd[2])
+    return ffi::Error::InvalidArgument("gptoss_decode_attention: q [B, N, G, D], keys and values [L, B, S, N * D], "
+                                       "positions [L, B, S], new keys and values [B, N * D], new positions [B], sinks [N, G]");
+  const DecodeShape shape{qd[0], kd[2], qd[1], qd[2], qd[3]};
+  const int64_t layer_elements = shape.batch * shape.slots * kd[3];
+  const int64_t stack = std::clamp<int64_t>(layer.typed_data()[0], 0, kd[0] - 1);
+  // The results are the operands' buffers (aliased); were they not, they start as copies.
+  auto same = [](const void* from, void* to, size_t bytes) { if (from != to) std::memcpy(to, from, bytes); };
+  same(keys.untyped_data(), keys_out->untyped_data(), keys.size_bytes());
+  same(values.untyped_data(), values_out->untyped_data(), values.size_bytes());
+  same(positions.untyped_data(), positions_out->untyped_data(), positions.size_bytes());
+  uint16_t* k = reinterpret_cast<uint16_t*>(keys_out->untyped_data()) + stack * layer_elements;
+  uint16_t* v = reinterpret_cast<uint16_t*>(values_out->untyped_data()) + stack * layer_elements;
+  int32_t* p = positions_out->typed_data() + stack * shape.batch * shape.slots;
+  WriteCacheSlots(shape, reinterpret_cast<const uint16_t*>(new_keys.untyped_data()),
+                  reinterpret_cast<const uint16_t*>(new_values.untyped_data()), new_positions.typed_data(), k, v, p);
+  DecodeAttention(shape, reinterpret_cast<const uint16_t*>(q.untyped_data()), k, v, p, new_positions.typed_data(),
+                  sinks.typed_data(), window, scale, out->typed_data(), OnPool{pool});
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Whether this build multiplies bf16 pairs in hardware (AVX512-BF16): the bf16 expert matvec.
@@ -285,4 +326,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossCopyLayer, CopyLayer,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ctx<ffi::ThreadPool>());
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossDecodeAttention, DecodeAttentionCall,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("scale"));
