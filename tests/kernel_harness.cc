@@ -189,6 +189,82 @@ void CheckGroupedMatmul() {
   }
 }
 
+// Decode attention: 3 rows over a cache of 13 slots (head_dim 20, no multiple of the vector width), with
+// and without a window of 5: a row whose cache holds stale positions past its query, a padding row
+// (query at -1: writes nothing, sees only the sink) and a row whose ring has wrapped. Each row's new
+// token is written first, into slot position % slots, and nothing else changes. The reference in
+// float64 keeps the weights unrounded; the kernel rounds each to bf16 for the product with the values,
+// as the model's XLA path does, so each output may move by half a bf16 step of each weight's share.
+void CheckDecodeAttention() {
+  const DecodeShape shape{3, 13, 2, 3, 20};
+  const int64_t slots = shape.slots, dim = shape.head_dim, features = shape.kv_heads * dim;
+  const int64_t heads = shape.kv_heads * shape.group;
+  const std::vector<int32_t> at = {6, -1, 30};
+  for (int64_t window : {0, 5}) {
+    std::vector<uint16_t> keys(shape.batch * slots * features), values(keys.size());
+    std::vector<uint16_t> q(shape.batch * heads * dim), new_keys(shape.batch * features), new_values(new_keys.size());
+    for (auto* v : {&keys, &values, &q, &new_keys, &new_values})
+      for (auto& x : *v) x = RandomBf16();
+    std::vector<int32_t> positions(shape.batch * slots, -1);
+    for (int64_t s = 0; s < slots; ++s) {
+      positions[s] = s == 6 ? -1 : static_cast<int32_t>(s);  // row 0: stale 7..12 past its query at 6
+      positions[slots + s] = s < 4 ? static_cast<int32_t>(s) : -1;  // row 1 (padding): someone else's
+      positions[2 * slots + s] = static_cast<int32_t>(26 - (26 - s) % slots);  // row 2: positions 17..29
+    }
+    std::vector<float> sinks(heads), ours(shape.batch * heads * dim);
+    for (auto& v : sinks) v = static_cast<float>(Uniform(-1.0, 1.0));
+    const std::vector<uint16_t> keys_before = keys;
+    const std::vector<int32_t> positions_before = positions;
+    WriteCacheSlots(shape, new_keys.data(), new_values.data(), at.data(), keys.data(), values.data(), positions.data());
+    const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+    DecodeAttention(shape, q.data(), keys.data(), values.data(), positions.data(), at.data(), sinks.data(), window,
+                    scale, ours.data(), Serial{});
+    int written = 0, changed = 0;
+    for (int64_t b = 0; b < shape.batch; ++b)
+      for (int64_t s = 0; s < slots; ++s) {
+        const bool mine = at[b] >= 0 && s == at[b] % slots;
+        const int64_t row = b * slots + s;
+        for (int64_t f = 0; f < features; ++f)
+          if (mine ? keys[row * features + f] == new_keys[b * features + f] : keys[row * features + f] == keys_before[row * features + f])
+            ++(mine ? written : changed);
+        if (mine ? positions[row] != at[b] : positions[row] != positions_before[row]) ++failures;
+      }
+    const bool slots_ok = written == 2 * features && changed == (shape.batch * slots - 2) * features;
+    std::printf("%s decode attention writes only its slot (window %ld)\n", slots_ok ? "ok" : "FAIL", static_cast<long>(window));
+    failures += !slots_ok;
+    std::vector<double> reference(ours.size()), magnitude(ours.size()), allowed(ours.size());
+    for (int64_t b = 0; b < shape.batch; ++b)
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t n = h / shape.group, item = b * heads + h;
+        std::vector<double> scores(slots, -INFINITY);
+        double top = sinks[h];
+        for (int64_t s = 0; s < slots; ++s) {
+          const int32_t p = positions[b * slots + s];
+          if (p < 0 || p > at[b] || (window > 0 && at[b] - p >= window)) continue;
+          scores[s] = 0;
+          for (int64_t d = 0; d < dim; ++d)
+            scores[s] += Bf16Value(q[item * dim + d]) * Bf16Value(keys[(b * slots + s) * features + n * dim + d]);
+          scores[s] *= scale;
+          top = std::max(top, scores[s]);
+        }
+        double total = std::exp(sinks[h] - top);
+        for (int64_t s = 0; s < slots; ++s) total += std::exp(scores[s] - top);
+        for (int64_t d = 0; d < dim; ++d) {
+          const int64_t i = item * dim + d;
+          for (int64_t s = 0; s < slots; ++s) {
+            const double share = std::exp(scores[s] - top) / total;
+            const double value = Bf16Value(values[(b * slots + s) * features + n * dim + d]);
+            reference[i] += share * value;
+            magnitude[i] += share * std::fabs(value);
+            allowed[i] += share * std::fabs(value) / 256;  // half a bf16 step of the weight (2**-8 of it)
+          }
+          if (at[b] < 0 && ours[i] != 0.0f) ++failures;  // a padding row sees nothing but the sink
+        }
+      }
+    Check(window ? "decode attention, window 5" : "decode attention", ours, reference, magnitude, allowed);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -197,6 +273,7 @@ int main() {
   CheckExpertMatvec();
   CheckBf16Matvec();
   CheckGroupedMatmul();
+  CheckDecodeAttention();
   if (failures) return 1;
   std::printf("all ok\n");
   return 0;
