@@ -1,4 +1,5 @@
-"""The CPU backend: kernels for MXFP4 experts and bf16 products (cpu_kernels.cc), called through XLA's FFI.
+"""The CPU backend: kernels for MXFP4 experts, bf16 products and decode attention (cpu_kernels.cc),
+called through XLA's FFI.
 
 On the CPU, XLA decodes MXFP4 element by element and runs one-row products well below the memory
 bandwidth, which is what bounds decoding; for prefill it would decode every expert to a dense copy
