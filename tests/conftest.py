@@ -9,6 +9,7 @@ import os
 # traceback in every process). On a GPU or TPU host, run the suite with JAX_PLATFORMS=cuda or tpu.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest
 
@@ -20,6 +21,27 @@ from harmony_vocab import harmony_vocab_dir  # noqa: F401 (a fixture: the o200k 
 TINY = GptOssConfig.preset("tiny")
 # The tiny model with the full o200k_harmony vocabulary, for chat through openai-harmony.
 TINY_HARMONY = TINY.replace(vocab_size=201088)
+
+
+
+def decode_case(rng, sliding: bool):
+    """A decode step's case for the attention kernels (TPU and CPU): a stacked cache of 2 groups read at
+    group 1, 3 rows: one part-filled (with stale slots past its query from an earlier, longer sequence),
+    one padding row (query at -1), one far along. Returns the config, q, keys and values (float32),
+    positions, the query positions and sinks."""
+    groups, batch, features = 2, 3, TINY.num_kv_heads * TINY.head_dim
+    slots = TINY.sliding_window if sliding else 45
+    at = np.array([20, -1, 40 if sliding else 44], np.int32)
+    positions = np.full((groups, batch, slots), -1, np.int32)
+    for row, last in enumerate(at):
+        filled = np.arange(max(last, 9) + 1)  # the padding row holds slots 0..9 of someone else's
+        if row == 0 and not sliding:
+            filled = np.arange(slots)  # stale slots past 20 from an earlier sequence
+        positions[:, row, filled % slots] = filled
+    keys, values = (rng.standard_normal((groups, batch, slots, features)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((batch, TINY.num_kv_heads, TINY.num_heads // TINY.num_kv_heads, TINY.head_dim))
+    sinks = rng.standard_normal((TINY.num_kv_heads, TINY.num_heads // TINY.num_kv_heads))
+    return TINY, jnp.asarray(q, jnp.float32), keys, values, positions, at, jnp.asarray(sinks, jnp.float32)
 
 
 @pytest.fixture(scope="session")

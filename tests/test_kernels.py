@@ -21,6 +21,7 @@ from gptoss_jax.backends.cpu import build
 from gptoss_jax.runtime import Runtime
 
 from cli_errors import command_lines
+from conftest import decode_case
 from test_model_parity import relative_error
 
 # The variants this CPU can run, by build.py's own reading of /proc/cpuinfo (checked below).
@@ -376,29 +377,6 @@ def test_a_failing_compiler_error_ends_with_its_last_lines(tmp_path, monkeypatch
     assert "\n" not in str(failure.value) and list((tmp_path / "cache").iterdir()) == []
 
 
-def _cache_case(rng, sliding: bool):
-    """A bf16 cache stacked over 2 groups, decoded at group 1 for 3 rows: one with stale slots past its
-    query (from an earlier, longer sequence), one padding row (query at -1), one far along; the query's
-    own slot not yet written."""
-    from conftest import TINY
-
-    groups, batch, features = 2, 3, TINY.num_kv_heads * TINY.head_dim
-    slots = TINY.sliding_window if sliding else 45
-    at = np.array([20, -1, 40 if sliding else 44], np.int32)
-    positions = np.full((groups, batch, slots), -1, np.int32)
-    for row, last in enumerate(at):
-        filled = np.arange(max(last, 9))  # the padding row holds slots 0..8 of someone else's
-        if row == 0 and not sliding:
-            filled = np.concatenate([np.arange(20), np.arange(21, slots)])  # stale slots past its query
-        positions[:, row, filled % slots] = filled
-    keys, values = (jnp.asarray(rng.standard_normal((groups, batch, slots, features)), jnp.bfloat16) for _ in range(2))
-    group = TINY.num_heads // TINY.num_kv_heads
-    q = jnp.asarray(rng.standard_normal((batch, TINY.num_kv_heads, group, TINY.head_dim)), jnp.float32)
-    new = [jnp.asarray(rng.standard_normal((batch, TINY.num_kv_heads, TINY.head_dim)), jnp.float32) for _ in range(2)]
-    sinks = jnp.asarray(rng.standard_normal((TINY.num_kv_heads, group)), jnp.float32)
-    return TINY, q, new, keys, values, positions, at, sinks
-
-
 @pytest.mark.quick
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("sliding", [False, True])
@@ -407,7 +385,11 @@ def test_decode_attention_writes_its_slot_in_place_and_matches_xla(sliding):
     from gptoss_jax.nn.cache import LayerCache
 
     kernels.load_kernels()
-    config, q, (k_new, v_new), keys, values, positions, at, sinks = _cache_case(np.random.default_rng(5), sliding)
+    rng = np.random.default_rng(5)
+    config, q, keys, values, positions, at, sinks = decode_case(rng, sliding)  # the rows' slots hold older tokens
+    keys, values = jnp.asarray(keys, jnp.bfloat16), jnp.asarray(values, jnp.bfloat16)
+    new_shape = (q.shape[0], config.num_kv_heads, config.head_dim)  # each row's token to write
+    k_new, v_new = (jnp.asarray(rng.standard_normal(new_shape), jnp.float32) for _ in range(2))
     window = config.sliding_window if sliding else None
 
     def step(q, k_new, v_new, keys, values, positions):

@@ -21,6 +21,7 @@ from gptoss_jax.backends.tpu.expert_form import from_tpu_form, to_tpu_form, tpu_
 from gptoss_jax.backends.tpu.mxfp4_matmul import sorted_matmul
 from gptoss_jax.runtime import Runtime
 
+from conftest import decode_case
 from test_model_parity import relative_error, transformers_logits
 
 INTERPRETED = Runtime("cpu", pallas="tpu", interpret=True)
@@ -368,26 +369,6 @@ def test_expert_adapters_beside_the_kernel_match_the_xla_path(hub_checkpoint, lo
             assert relative_error(np.asarray(ours), np.asarray(expected)) <= 1e-5
 
 
-def _decode_case(rng, sliding: bool):
-    """A stacked cache of 2 groups read at group 1, 3 rows: one part-filled (with stale slots past its
-    query from an earlier, longer sequence), one padding row (query at -1), one far along."""
-    from conftest import TINY
-
-    groups, batch, features = 2, 3, TINY.num_kv_heads * TINY.head_dim
-    slots = TINY.sliding_window if sliding else 45
-    at = np.array([20, -1, 40 if sliding else 44], np.int32)
-    positions = np.full((groups, batch, slots), -1, np.int32)
-    for row, last in enumerate(at):
-        filled = np.arange(max(last, 9) + 1)  # the padding row holds slots 0..9 of someone else's
-        if row == 0 and not sliding:
-            filled = np.arange(slots)  # stale slots past 20 from an earlier sequence
-        positions[:, row, filled % slots] = filled
-    keys, values = (rng.standard_normal((groups, batch, slots, features)).astype(np.float32) for _ in range(2))
-    q = rng.standard_normal((batch, TINY.num_kv_heads, TINY.num_heads // TINY.num_kv_heads, TINY.head_dim))
-    sinks = rng.standard_normal((TINY.num_kv_heads, TINY.num_heads // TINY.num_kv_heads))
-    return TINY, jnp.asarray(q, jnp.float32), keys, values, positions, at, jnp.asarray(sinks, jnp.float32)
-
-
 @pytest.mark.quick
 @pytest.mark.parametrize("sliding", [False, True])
 def test_the_decode_attention_kernel_matches_xla_reading_a_group_in_place(sliding):
@@ -397,7 +378,7 @@ def test_the_decode_attention_kernel_matches_xla_reading_a_group_in_place(slidin
     from gptoss_jax.nn.attention import _attend
     from gptoss_jax.nn.cache import LayerCache
 
-    config, q, keys, values, positions, at, sinks = _decode_case(np.random.default_rng(5), sliding)
+    config, q, keys, values, positions, at, sinks = decode_case(np.random.default_rng(5), sliding)
     cache = LayerCache(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(positions)).group(
         jnp.int32(1), False, in_place=True)
     window = config.sliding_window if sliding else None
@@ -414,7 +395,7 @@ def test_the_decode_attention_cost_estimate_is_the_bytes_of_the_blocks_it_reads(
     from gptoss_jax.backends.tpu.attention import decode_attention
     from gptoss_jax.nn.cache import LayerCache
 
-    config, q, keys, values, positions, at, sinks = _decode_case(np.random.default_rng(6), False)
+    config, q, keys, values, positions, at, sinks = decode_case(np.random.default_rng(6), False)
     keys, values = keys[:, :, :32], values[:, :, :32]  # 2 blocks of 16 slots, all read when full
     cache = LayerCache(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(positions[:, :, :32])).group(
         jnp.int32(0), False, in_place=True)

@@ -310,4 +310,6 @@ def decode_attention(q, new_keys, new_values, cache, query_positions, sinks, win
         window=np.int64(window or 0), scale=np.float32(head_dim**-0.5),
     )  # fmt: skip
     index = cache.keys.index
-    return out, type(cache)(LayerOf(keys, index), LayerOf(values, index), LayerOf(positions, index), cache.empty)
+    written = dataclasses.replace(cache, keys=LayerOf(keys, index), values=LayerOf(values, index),
+                                  positions=LayerOf(positions, index))  # fmt: skip
+    return out, written
