@@ -144,7 +144,7 @@ void CheckBf16Matvec() {
   const int64_t width = 100, n_out = 37;
   std::vector<uint16_t> w(n_out * width);
   for (auto& v : w) v = RandomBf16();
-  for (int64_t rows : {1, 3, 9}) {
+  for (int64_t rows : {1, 3, 5, 9, 16}) {
     std::vector<uint16_t> x(rows * width);
     for (auto& v : x) v = RandomBf16();
     std::vector<float> ours(rows * n_out);
@@ -189,14 +189,14 @@ void CheckGroupedMatmul() {
   }
 }
 
-// Decode attention: 3 rows over a cache of 13 slots (head_dim 20, no multiple of the vector width), with
-// and without a window of 5: a row whose cache holds stale positions past its query, a padding row
+// Decode attention: 3 rows over a cache of 13 slots, with and without a window of 5, for kv heads of 3 query
+// heads (head_dim 20, no multiple of the vector width), of 8 (gpt-oss's 8 x 64) and of 10 (two passes of at
+// most 8): a row whose cache holds stale positions past its query, a padding row
 // (query at -1: writes nothing, sees only the sink) and a row whose ring has wrapped. Each row's new
 // token is written first, into slot position % slots, and nothing else changes. The reference in
 // float64 keeps the weights unrounded; the kernel rounds each to bf16 for the product with the values,
 // as the model's XLA path does, so each output may move by half a bf16 step of each weight's share.
-void CheckDecodeAttention() {
-  const DecodeShape shape{3, 13, 2, 3, 20};
+void CheckDecodeAttention(const DecodeShape& shape) {
   const int64_t slots = shape.slots, dim = shape.head_dim, features = shape.kv_heads * dim;
   const int64_t heads = shape.kv_heads * shape.group;
   const std::vector<int32_t> at = {6, -1, 30};
@@ -230,7 +230,8 @@ void CheckDecodeAttention() {
         if (mine ? positions[row] != at[b] : positions[row] != positions_before[row]) ++failures;
       }
     const bool slots_ok = written == 2 * features && changed == (shape.batch * slots - 2) * features;
-    std::printf("%s decode attention writes only its slot (window %ld)\n", slots_ok ? "ok" : "FAIL", static_cast<long>(window));
+    const std::string name = "decode attention, group " + std::to_string(shape.group) + (window ? ", window 5" : "");
+    std::printf("%s %s writes only its slot\n", slots_ok ? "ok" : "FAIL", name.c_str());
     failures += !slots_ok;
     std::vector<double> reference(ours.size()), magnitude(ours.size()), allowed(ours.size());
     for (int64_t b = 0; b < shape.batch; ++b)
@@ -261,7 +262,7 @@ void CheckDecodeAttention() {
           if (at[b] < 0 && ours[i] != 0.0f) ++failures;  // a padding row sees nothing but the sink
         }
       }
-    Check(window ? "decode attention, window 5" : "decode attention", ours, reference, magnitude, allowed);
+    Check(name.c_str(), ours, reference, magnitude, allowed);
   }
 }
 
@@ -273,7 +274,8 @@ int main() {
   CheckExpertMatvec();
   CheckBf16Matvec();
   CheckGroupedMatmul();
-  CheckDecodeAttention();
+  for (const DecodeShape& shape : {DecodeShape{3, 13, 2, 3, 20}, DecodeShape{3, 13, 2, 8, 64}, DecodeShape{3, 13, 1, 10, 24}})
+    CheckDecodeAttention(shape);
   if (failures) return 1;
   std::printf("all ok\n");
   return 0;

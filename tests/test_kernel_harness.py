@@ -24,7 +24,7 @@ PATHS = {
     "neon": "neon float-panels",
 }
 RUNNABLE = [variant for variant in build.variants() if build.runnable(variant)]
-CHECKS = 12  # the "ok" lines of a run that checked everything
+CHECKS = 22  # the "ok" lines of a run that checked everything
 # Debian / Ubuntu packages; scripts/test.sh installs them where apt-get is at hand.
 CROSS_TOOLS = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu", "qemu-aarch64": "qemu-user"}
 
@@ -48,8 +48,8 @@ def test_each_native_build_matches_float64(variant, tmp_path):
     binary = compile_harness("c++", variant.arch_flags, tmp_path / "harness")
     out = run_harness([str(binary)])
     assert out.splitlines()[0] == f"paths: {PATHS[variant.name]}", out
-    # Every check ran and passed: dequantize, two expert matvecs, three bf16 matvecs, two grouped matmuls,
-    # decode attention with and without a window (its cache writes, its values).
+    # Every check ran and passed: dequantize, two expert matvecs, five bf16 matvecs, two grouped matmuls,
+    # decode attention at three group sizes with and without a window (its cache writes, its values).
     assert sum(line.startswith("ok ") for line in out.splitlines()) == CHECKS, out
 
 

@@ -178,7 +178,7 @@ def test_grouped_matmul_and_its_gradient_match_float64_products(n_out, width):
 
 @pytest.mark.quick
 @pytest.mark.cpu_kernels
-@pytest.mark.parametrize("rows", [1, 2, 3, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 9, 16])
 def test_bf16_matvec_matches_float64_products(rows):
     rng = np.random.default_rng(rows)
     width = 100  # not a multiple of the vector width: the tail loop runs too
@@ -241,12 +241,13 @@ for rows in (x, x.astype(jnp.bfloat16)):
         close(ours, expected)
 # The bf16 matvec, a width that is no multiple of the vector width, against XLA's dot.
 w = jnp.asarray(rng.standard_normal((2, 37, 100)), jnp.bfloat16)
-for count in (1, 3, 9):
+for count in (1, 3, 9, 16):
     v = jnp.asarray(rng.standard_normal((count, 100)), jnp.bfloat16)
     close(jax.jit(kernels.bf16_matvec)(v, w, jnp.int32(1)), f64(v) @ f64(w[1]).T)
-# A row's products do not depend on the rows beside it: a batch decodes as each of its rows would alone.
-v = jnp.asarray(rng.standard_normal((9, 100)), jnp.bfloat16)
-alone = [np.asarray(jax.jit(kernels.bf16_matvec)(v[i : i + 1], w, jnp.int32(1))) for i in range(9)]
+# A row's products do not depend on the rows beside it: a batch decodes as each of its rows would alone
+# (16 rows: tiles of 3 and of 2 on AVX2).
+v = jnp.asarray(rng.standard_normal((16, 100)), jnp.bfloat16)
+alone = [np.asarray(jax.jit(kernels.bf16_matvec)(v[i : i + 1], w, jnp.int32(1))) for i in range(16)]
 assert (np.asarray(jax.jit(kernels.bf16_matvec)(v, w, jnp.int32(1))) == np.concatenate(alone)).all()
 rows = x.astype(jnp.bfloat16)
 matvec = jax.jit(kernels.mxfp4_expert_matvec)

@@ -1119,18 +1119,6 @@ inline uint16_t FloatToBf16(float value) {
   return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-// sum_k a[k] * b[k] in 8 independent lanes (vectorized by the compiler), then the lanes in order.
-inline float Dot8(const float* a, const float* b, int64_t n) {
-  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] += a[k + l] * b[k + l];
-  float sum = 0;
-  for (int l = 0; l < 8; ++l) sum += lanes[l];
-  for (; k < n; ++k) sum += a[k] * b[k];
-  return sum;
-}
-
 struct DecodeShape {
   int64_t batch, slots, kv_heads, group, head_dim;
 };
@@ -1151,11 +1139,147 @@ inline void WriteCacheSlots(const DecodeShape& shape, const uint16_t* new_keys, 
   }
 }
 
+// Fetches [from, from + bytes) towards the cache ahead of its use (a no-op where the compiler has no hint).
+inline void Prefetch(const void* from, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(static_cast<const char*>(from) + at);
+}
+
 // Softmax attention with sinks of one query per row (q [B, kv_heads, group, head_dim], bf16 bits) to one
 // layer's cache -> out float32 [B, kv_heads, group, head_dim]. A slot is seen when its position is >= 0,
 // <= the row's query position and, with window > 0, less than `window` before it. As the model's XLA
 // path: scores in float32 times `scale`; the sink joins the max and the normaliser; weights are rounded
 // to bf16 for the product with the values, the normaliser sums them unrounded.
+//
+// A work item is one row's kv head and up to 8 of its query heads (all of gpt-oss's), in three passes
+// over the seen slots: scores, weights, values. Eight lanes run across the heads (scores, weights) or 8 of
+// a head's dimensions (values), in GCC's portable vectors (AVX2 registers, two NEON ones), so a slot's key
+// and value are widened once for all the heads and every sum stays in a register. Fewer heads leave lanes
+// at zero. 20b's shapes at 4096 slots on one thread: 5.0 ms a layer before (a dot product a head and slot,
+// the values' sums in memory), FILL after.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors passed without AVX (baseline): all inlined here
+#endif
+typedef float Lanes8 __attribute__((vector_size(32)));
+typedef uint16_t Bf16x8 __attribute__((vector_size(16)));
+typedef uint32_t Bits8 __attribute__((vector_size(32)));
+
+inline Lanes8 WidenBf16x8(const uint16_t* from) {
+  Bf16x8 bf16;
+  std::memcpy(&bf16, from, sizeof bf16);
+  const Bits8 bits = __builtin_convertvector(bf16, Bits8) << 16;
+  Lanes8 lanes;
+  std::memcpy(&lanes, &bits, sizeof lanes);
+  return lanes;
+}
+
+constexpr int kAttendSlots = 8;  // slots a step of the scores' loop: independent sums in flight
+
+struct AttendScratch {
+  std::vector<int64_t> seen;
+  std::vector<Lanes8> query, scores, weights, values;
+  std::vector<float> keys;
+};
+
+// n bf16 -> float32, 8 at a time where they go.
+inline void WidenBf16(const uint16_t* from, int64_t n, float* to) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const Lanes8 lanes = WidenBf16x8(from + i);
+    std::memcpy(to + i, &lanes, sizeof lanes);
+  }
+  for (; i < n; ++i) to[i] = Bf16ToFloat(from[i]);
+}
+
+// Each lane rounded to bf16 (to nearest, ties to even) and back, as FloatToBf16; NaN stays NaN.
+inline Lanes8 RoundToBf16(Lanes8 x) {
+  Bits8 bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  Lanes8 rounded;
+  std::memcpy(&rounded, &bits, sizeof rounded);
+  return x == x ? rounded : x;
+}
+
+// Attention of `heads` (<= 8) query heads q [heads, dim] sharing one kv head: keys and values point at
+// that head in slot 0 of the row, positions at the row's; sinks [heads]; out [heads, dim].
+inline void AttendHeads(const DecodeShape& shape, int64_t heads, const uint16_t* q, const uint16_t* keys,
+                        const uint16_t* values, const int32_t* positions, int64_t at, const float* sinks,
+                        int64_t window, float scale, float* out, AttendScratch& scratch) {
+  const int64_t slots = shape.slots, dim = shape.head_dim, features = shape.kv_heads * dim;
+  // A head's key is head_dim values of each slot's kv_heads * head_dim: a stride the hardware does not
+  // prefetch across pages, and the cache is cold after a step's weights streamed through it. Prefetching
+  // 32 slots ahead: 20b's shapes at 4096 slots, 2 threads, a cold cache, 5.3-8.3 -> 2.3-3.6 ms a layer.
+  constexpr int64_t kAhead = 32;
+  std::vector<int64_t>& seen = scratch.seen;
+  seen.clear();
+  for (int64_t s = 0; s < slots; ++s) {
+    if (s + kAhead < slots) Prefetch(keys + (s + kAhead) * features, dim * 2);
+    const int64_t p = positions[s];
+    if (p < 0 || p > at || (window > 0 && at - p >= window)) continue;
+    seen.push_back(s);
+  }
+  const int64_t count = static_cast<int64_t>(seen.size());
+  // The query transposed: lane h of query[d] is head h's dimension d.
+  scratch.query.assign(dim, Lanes8{});
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t d = 0; d < dim; ++d) scratch.query[d][h] = Bf16ToFloat(q[h * dim + d]);
+  const Lanes8* query = scratch.query.data();
+
+  // Scores, kAttendSlots slots at a time (their keys widened first), each a sum over the dimensions in order.
+  scratch.keys.resize(kAttendSlots * dim + 8);
+  scratch.scores.resize(count);
+  float* key = scratch.keys.data();
+  Lanes8* scores = scratch.scores.data();
+  Lanes8 top{}, sink{};
+  for (int64_t h = 0; h < heads; ++h) top[h] = sink[h] = sinks[h];
+  for (int64_t i0 = 0; i0 < count; i0 += kAttendSlots) {
+    const int64_t block = std::min<int64_t>(kAttendSlots, count - i0);
+    for (int64_t j = 0; j < kAttendSlots; ++j) {
+      if (j < block) WidenBf16(keys + seen[i0 + j] * features, dim, key + j * dim);
+      else std::fill(key + j * dim, key + (j + 1) * dim, 0.0f);
+    }
+    Lanes8 sums[kAttendSlots] = {};
+    for (int64_t d = 0; d < dim; ++d)
+      for (int j = 0; j < kAttendSlots; ++j) sums[j] += query[d] * key[j * dim + d];
+    for (int64_t j = 0; j < block; ++j) {
+      scores[i0 + j] = sums[j] * scale;
+      for (int h = 0; h < 8; ++h) top[h] = std::max(top[h], scores[i0 + j][h]);
+    }
+  }
+
+  // Weights: exp(score - top), rounded to bf16 for the values' product; the normaliser sums them unrounded.
+  scratch.weights.resize(count);
+  Lanes8* weights = scratch.weights.data();
+  Lanes8 total;
+  for (int h = 0; h < 8; ++h) total[h] = std::exp(sink[h] - top[h]);
+  for (int64_t i = 0; i < count; ++i) {
+    Lanes8 weight;
+    for (int h = 0; h < 8; ++h) weight[h] = std::exp(scores[i][h] - top[h]);
+    total += weight;
+    weights[i] = RoundToBf16(weight);
+  }
+
+  // Values, widened once into 8-dimension columns (value[c][i]: dimensions 8c..8c+7 of seen slot i), then
+  // a column at a time for all the heads, each a sum over the seen slots in order.
+  const int64_t columns = (dim + 7) / 8;
+  scratch.values.resize(columns * count);
+  Lanes8* value = scratch.values.data();
+  float* row = key;  // the keys' scratch, done with: kAttendSlots * dim + 8 >= 8 * columns floats
+  for (int64_t i = 0; i < count; ++i) {
+    if (i + kAhead < count) Prefetch(values + seen[i + kAhead] * features, dim * 2);
+    WidenBf16(values + seen[i] * features, dim, row);
+    std::fill(row + dim, row + 8 * columns, 0.0f);
+    for (int64_t c = 0; c < columns; ++c) std::memcpy(&value[c * count + i], row + 8 * c, sizeof(Lanes8));
+  }
+  for (int64_t c = 0; c < columns; ++c) {
+    Lanes8 sums[8] = {};
+    for (int64_t i = 0; i < count; ++i)
+      for (int h = 0; h < 8; ++h) sums[h] += value[c * count + i] * weights[i][h];
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t l = 0; l < std::min<int64_t>(8, dim - 8 * c); ++l) out[h * dim + 8 * c + l] = sums[h][l] / total[h];
+  }
+}
+
 template <typename Parallel>
 void DecodeAttention(const DecodeShape& shape, const uint16_t* q, const uint16_t* keys, const uint16_t* values,
                      const int32_t* positions, const int32_t* query_positions, const float* sinks, int64_t window,
@@ -1163,42 +1287,14 @@ void DecodeAttention(const DecodeShape& shape, const uint16_t* q, const uint16_t
   const int64_t slots = shape.slots, group = shape.group, dim = shape.head_dim;
   const int64_t features = shape.kv_heads * dim;
   parallel(shape.batch * shape.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(group * dim), row(dim), scores(group * slots), top(group), total(group), acc(group * dim);
-    std::vector<int64_t> seen;
-    seen.reserve(slots);
+    AttendScratch scratch;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / shape.kv_heads, n = item % shape.kv_heads;
-      const int64_t at = query_positions[b];
-      for (int64_t i = 0; i < group * dim; ++i) query[i] = Bf16ToFloat(q[item * group * dim + i]);
-      for (int64_t g = 0; g < group; ++g) top[g] = sinks[n * group + g];
-      seen.clear();
-      for (int64_t s = 0; s < slots; ++s) {
-        const int64_t p = positions[b * slots + s];
-        if (p < 0 || p > at || (window > 0 && at - p >= window)) continue;
-        const uint16_t* key = keys + (b * slots + s) * features + n * dim;
-        for (int64_t d = 0; d < dim; ++d) row[d] = Bf16ToFloat(key[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float score = Dot8(query.data() + g * dim, row.data(), dim) * scale;
-          scores[g * slots + s] = score;
-          top[g] = std::max(top[g], score);
-        }
-        seen.push_back(s);
-      }
-      for (int64_t g = 0; g < group; ++g) total[g] = std::exp(sinks[n * group + g] - top[g]);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t s : seen) {
-        const uint16_t* value = values + (b * slots + s) * features + n * dim;
-        for (int64_t d = 0; d < dim; ++d) row[d] = Bf16ToFloat(value[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float weight = std::exp(scores[g * slots + s] - top[g]);
-          total[g] += weight;
-          const float rounded = Bf16ToFloat(FloatToBf16(weight));
-          float* sum = acc.data() + g * dim;
-          for (int64_t d = 0; d < dim; ++d) sum[d] += rounded * row[d];
-        }
-      }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < dim; ++d) out[(item * group + g) * dim + d] = acc[g * dim + d] / total[g];
+      for (int64_t h0 = 0; h0 < group; h0 += 8)  // more than 8 heads a kv head: rescans the slots for each 8
+        AttendHeads(shape, std::min<int64_t>(8, group - h0), q + (item * group + h0) * dim,
+                    keys + b * slots * features + n * dim, values + b * slots * features + n * dim,
+                    positions + b * slots, query_positions[b], sinks + n * group + h0, window, scale,
+                    out + (item * group + h0) * dim, scratch);
     }
   });
 }
