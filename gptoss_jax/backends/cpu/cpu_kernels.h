@@ -1173,14 +1173,6 @@ inline Lanes8 WidenBf16x8(const uint16_t* from) {
   return lanes;
 }
 
-constexpr int kAttendSlots = 8;  // slots a step of the scores' loop: independent sums in flight
-
-struct AttendScratch {
-  std::vector<int64_t> seen;
-  std::vector<Lanes8> query, scores, weights, values;
-  std::vector<float> keys;
-};
-
 // n bf16 -> float32, 8 at a time where they go.
 inline void WidenBf16(const uint16_t* from, int64_t n, float* to) {
   int64_t i = 0;
@@ -1200,6 +1192,14 @@ inline Lanes8 RoundToBf16(Lanes8 x) {
   std::memcpy(&rounded, &bits, sizeof rounded);
   return x == x ? rounded : x;
 }
+
+constexpr int kAttendSlots = 8;  // slots a step of the scores' loop: independent sums in flight
+
+struct AttendScratch {
+  std::vector<int64_t> seen;
+  std::vector<Lanes8> query, scores, weights, values;
+  std::vector<float> keys;
+};
 
 // Attention of `heads` (<= 8) query heads q [heads, dim] sharing one kv head: keys and values point at
 // that head in slot 0 of the row, positions at the row's; sinks [heads]; out [heads, dim].
