@@ -23,7 +23,6 @@ TINY = GptOssConfig.preset("tiny")
 TINY_HARMONY = TINY.replace(vocab_size=201088)
 
 
-
 def decode_case(rng, sliding: bool):
     """A decode step's case for the attention kernels (TPU and CPU): a stacked cache of 2 groups read at
     group 1, 3 rows: one part-filled (with stale slots past its query from an earlier, longer sequence),

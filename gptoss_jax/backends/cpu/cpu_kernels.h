@@ -1266,10 +1266,10 @@ inline void AttendHeads(const DecodeShape& shape, int64_t heads, const uint16_t*
   scratch.values.resize(columns * count);
   Lanes8* value = scratch.values.data();
   float* row = key;  // the keys' scratch, done with: kAttendSlots * dim + 8 >= 8 * columns floats
+  std::fill(row + dim, row + 8 * columns, 0.0f);  // a last partial column's padding (WidenBf16 stops at dim)
   for (int64_t i = 0; i < count; ++i) {
     if (i + kAhead < count) Prefetch(values + seen[i + kAhead] * features, dim * 2);
     WidenBf16(values + seen[i] * features, dim, row);
-    std::fill(row + dim, row + 8 * columns, 0.0f);
     for (int64_t c = 0; c < columns; ++c) std::memcpy(&value[c * count + i], row + 8 * c, sizeof(Lanes8));
   }
   for (int64_t c = 0; c < columns; ++c) {
