@@ -48,6 +48,9 @@ class Runtime:
     # Whether its grouped matmul runs register tiles (AVX512-BF16, or float32 FMA panels on AVX2): only
     # then does it beat XLA's tiled path for many pairs.
     grouped_tiles: bool = False
+    # Whether a bf16 model holds its unembedding in blocks of 16 rows (gptoss_jax.backends.cpu.blocks), the
+    # form that build's matvec reads fastest at a batch's rows (AVX2: outer products, not dot products).
+    unembedding_blocks: bool = False
     expert_path: str = "auto"
     # Which backend's Pallas kernels run the MXFP4 experts: "tpu" (gptoss_jax/backends/tpu: the model keeps
     # its experts in the TPU form, decoded in VMEM) or "gpu" (backends/gpu: Triton, the checkpoint's
@@ -71,6 +74,8 @@ class Runtime:
             raise ValueError(f"expert_path must be one of {EXPERT_PATHS}, got {self.expert_path!r}")
         if self.expert_path in KERNEL_EXPERT_PATHS and self.cpu_kernels is None:
             raise ValueError(f"expert_path {self.expert_path!r} needs the CPU kernels, which this runtime lacks")
+        if self.unembedding_blocks and self.cpu_kernels is None:
+            raise ValueError("unembedding_blocks needs the CPU kernels, which this runtime lacks")
         if self.cpu_kernels is not None and self.platform != "cpu":
             raise ValueError(f"the CPU kernels cannot run on platform {self.platform!r}")
         if self.pallas not in (None, "tpu", "gpu"):
@@ -94,7 +99,8 @@ class Runtime:
             status = _cpu_kernel_status()
             if status.available:
                 return cls("cpu", cpu_kernels=status.variant, bf16_products=status.bf16_products,
-                           grouped_tiles=status.grouped_tiles, **options)
+                           grouped_tiles=status.grouped_tiles, unembedding_blocks=status.unembedding_blocks,
+                           **options)
         if platform in ("tpu", "gpu") and kernels:
             options.setdefault("pallas", platform)
         return cls(platform, **options)
@@ -124,14 +130,20 @@ class Runtime:
             return runtime
         return dataclasses.replace(runtime, expert_path=self.expert_path)
 
+    def for_training(self) -> "Runtime":
+        """The runtime a model is built with for training: the unembedding kept as the checkpoint has it, so
+        that a run's saved weights, exports and resumes never depend on the CPU that trained it (see
+        unembedding_in_blocks); training unembeds 1024 tokens at a time, XLA's dot either way."""
+        return dataclasses.replace(self, unembedding_blocks=False)
+
     def replace(self, **changes) -> "Runtime":
         return dataclasses.replace(self, **changes)
 
     def without_kernels(self) -> "Runtime":
         """The same choices on XLA's own paths (a forced kernel path falls back to "auto")."""
         path = "auto" if self.expert_path in (*KERNEL_EXPERT_PATHS, "pallas") else self.expert_path
-        return dataclasses.replace(self, cpu_kernels=None, bf16_products=False, grouped_tiles=False, expert_path=path,
-                                   pallas=None, interpret=False)
+        return dataclasses.replace(self, cpu_kernels=None, bf16_products=False, grouped_tiles=False,
+                                   unembedding_blocks=False, expert_path=path, pallas=None, interpret=False)
 
     @property
     def expert_form(self) -> str:
@@ -184,6 +196,13 @@ class Runtime:
         TPU, whose sort of a [batch, vocab] block keeps 8x padded copies of it (the batch on lanes); the
         same cutoffs come from a bisection there."""
         return self.platform != "tpu"
+
+    def unembedding_in_blocks(self, vocab_size: int, dtype) -> bool:
+        """Whether a model of this dtype built for this runtime holds its unembedding in blocks of 16 rows
+        ([V/16, K, 16]; the model reads either form, whichever it holds). Only bf16: the kernel's."""
+        from gptoss_jax.backends.cpu.blocks import holds_blocks
+
+        return self.unembedding_blocks and jnp.dtype(dtype) == jnp.bfloat16 and holds_blocks(vocab_size)
 
     def embedding_width(self, hidden: int) -> int:
         """Columns the embedding table is stored with. A TPU lays a [vocab, hidden] table out with the

@@ -161,6 +161,42 @@ void CheckBf16Matvec() {
   }
 }
 
+// The bf16 matvec with a weight in blocks of 16 rows ([N/16, K, 16]): row counts across its paths (one
+// pass over up to 4 blocks at a time for up to 4 rows; chunks of k and tiles of 4 rows past that), 7
+// blocks (a last partial group of blocks), a width past two of its chunks and odd (a lone last k). And a
+// row's results, bit for bit, the same alone as in a batch of 16.
+void CheckBf16MatvecBlocks() {
+  const int64_t width = 1101, blocks = 7, n_out = blocks * kBlockOut;
+  std::vector<uint16_t> w(blocks * width * kBlockOut);  // w[b, k, j] = row 16b + j, column k
+  for (auto& v : w) v = RandomBf16();
+  std::vector<uint16_t> x(16 * width);
+  for (auto& v : x) v = RandomBf16();
+  for (int64_t rows : {1, 2, 3, 5, 16}) {
+    std::vector<float> ours(rows * n_out);
+    Bf16MatvecBlocks(x.data(), rows, width, w.data(), blocks, ours.data(), Serial{});
+    std::vector<double> reference(ours.size()), magnitude(ours.size());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t n = 0; n < n_out; ++n)
+        for (int64_t j = 0; j < width; ++j) {
+          const double term = Bf16Value(x[r * width + j]) * Bf16Value(w[((n / kBlockOut) * width + j) * kBlockOut + n % kBlockOut]);
+          reference[r * n_out + n] += term;
+          magnitude[r * n_out + n] += std::fabs(term);
+        }
+    Check(("bf16 matvec in blocks of 16, " + std::to_string(rows) + " rows").c_str(), ours, reference, magnitude);
+  }
+  std::vector<float> batch(16 * n_out), alone(n_out);
+  Bf16MatvecBlocks(x.data(), 16, width, w.data(), blocks, batch.data(), Serial{});
+  for (int64_t r = 0; r < 16; ++r) {
+    Bf16MatvecBlocks(x.data() + r * width, 1, width, w.data(), blocks, alone.data(), Serial{});
+    if (std::memcmp(alone.data(), batch.data() + r * n_out, n_out * sizeof(float)) != 0) {
+      std::printf("FAIL bf16 matvec in blocks of 16: row %ld alone differs from the same row in a batch of 16\n", static_cast<long>(r));
+      ++failures;
+      return;
+    }
+  }
+  std::printf("ok bf16 matvec in blocks of 16, each of 16 rows the same alone\n");
+}
+
 // The grouped matmul, forward and transposed: 4 experts owning 3, 0, 8 and 1 rows of 14 (the last two
 // rows belong to none and come back zero), widths that cross the panels' slices, output columns that do
 // not fill the last panel.
@@ -273,6 +309,7 @@ int main() {
   CheckDequantize();
   CheckExpertMatvec();
   CheckBf16Matvec();
+  CheckBf16MatvecBlocks();
   CheckGroupedMatmul();
   for (const DecodeShape& shape : {DecodeShape{3, 13, 2, 3, 20}, DecodeShape{3, 13, 2, 8, 64}, DecodeShape{3, 13, 1, 10, 24}})
     CheckDecodeAttention(shape);

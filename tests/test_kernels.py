@@ -57,7 +57,8 @@ def test_kernels_build_on_this_machine_for_the_variant_its_cpu_flags_allow():
     expected = os.environ.get("GPTOSS_JAX_KERNEL_VARIANT") or _expected_variant()
     assert status == kernels.KernelStatus(expected, bf16_products=expected == "avx512bf16",
                                           grouped_tiles=expected != "baseline", int16_rows=expected in INT16_ROWS,
-                                          matvec_rows=16 if expected == "avx2" else 4, reason=None)
+                                          matvec_rows=16 if expected == "avx2" else 4,
+                                          unembedding_blocks=expected == "avx2", reason=None)
     assert RUNNABLE[-1] == _expected_variant() and Runtime.default().cpu_kernels == expected
 
 
@@ -213,7 +214,8 @@ assert build.library_path(build.variant_named(name)).exists()  # the fixture's b
 status = kernels.load_kernels()
 assert status == kernels.KernelStatus(name, bf16_products=name == "avx512bf16", grouped_tiles=name != "baseline",
                                      int16_rows=sys.argv[2] == "int16",
-                                     matvec_rows=16 if name == "avx2" else 4), status
+                                     matvec_rows=16 if name == "avx2" else 4,
+                                     unembedding_blocks=name == "avx2"), status
 def close(ours, expected, tolerance=1e-5):  # expected: a float64 reference
     ours, expected = np.asarray(ours, np.float64), np.asarray(expected)
     assert expected.dtype == np.float64
@@ -260,6 +262,25 @@ v = jnp.asarray(rng.standard_normal((16, 100)), jnp.bfloat16)
 unembed = jax.jit(lambda v: products.matmul("td,vd->tv", v, w[1], jnp.bfloat16, kernels=True))
 assert ("gptoss_bf16_matvec" in unembed.lower(v).as_text()) == (status.matvec_rows >= 16), status
 close(unembed(v), f64(v) @ f64(w[1]).T)
+# The same weight in blocks of 16 rows (48 rows: 3 blocks), every build: against float64, a row the same
+# alone as in a batch, in the kernel up to the build's matvec rows (XLA's dot past them), and its gradient.
+from gptoss_jax.backends.cpu.blocks import from_blocks, to_blocks
+wide = jnp.asarray(rng.standard_normal((48, 100)), jnp.bfloat16)
+in_blocks = to_blocks(wide)
+assert in_blocks.shape == (3, 100, 16) and (from_blocks(in_blocks) == wide).all()
+for count in (1, 3, 9, 16):
+    v = jnp.asarray(rng.standard_normal((count, 100)), jnp.bfloat16)
+    close(jax.jit(kernels.bf16_matvec_blocks)(v, in_blocks), f64(v) @ f64(wide).T)
+    product = jax.jit(lambda v: products.blocks_matmul(v, in_blocks, jnp.bfloat16, kernels=True))
+    assert ("gptoss_bf16_matvec_blocks" in product.lower(v).as_text()) == (count <= status.matvec_rows), count
+    close(product(v), f64(v) @ f64(wide).T)
+alone = [np.asarray(jax.jit(kernels.bf16_matvec_blocks)(v[i : i + 1], in_blocks)) for i in range(16)]
+assert (np.asarray(jax.jit(kernels.bf16_matvec_blocks)(v, in_blocks)) == np.concatenate(alone)).all()
+g = jnp.asarray(rng.standard_normal((16, 48)), jnp.float32)
+grads = jax.grad(lambda v, w: (kernels.bf16_matvec_blocks(v, w) * g).sum(), argnums=(0, 1))(v, in_blocks)
+close(grads[0], f64(g) @ f64(wide), 1e-2)
+close(from_blocks(grads[1]), f64(g).T @ f64(v), 1e-2)
+assert Runtime.default().unembedding_blocks == status.unembedding_blocks
 # The grouped matmul and its gradient (the transposed kernel).
 x = jnp.asarray(rng.standard_normal((15, 128)), jnp.bfloat16)
 sizes = jnp.asarray([2, 0, 11], jnp.int32)

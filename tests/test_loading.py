@@ -240,3 +240,41 @@ def test_a_big_tensor_with_the_wrong_shape_read_in_pieces(tmp_path, hub_single_f
     with pytest.raises(CheckpointError) as error:
         gptoss_jax.load(broken)
     assert_clear_error(error, "lm_head.weight", "expected")
+
+
+@pytest.mark.quick
+@pytest.mark.cpu_kernels
+def test_a_model_holding_the_unembedding_in_blocks_loads_the_same_weights_and_decodes_the_same(
+    hub_checkpoint, original_checkpoint, tmp_path, monkeypatch
+):
+    # The form the avx2 build's kernel reads ([V/16, D, 16], Runtime.unembedding_in_blocks), forced here on
+    # any build: every way of loading gives the checkpoint's rows back, and the model runs as one with rows.
+    from gptoss_jax.backends.cpu.blocks import from_blocks
+    from gptoss_jax.checkpoint.converted import convert
+    from gptoss_jax.inference.engine import Generator
+    from gptoss_jax.inference.sampling import SamplingParams
+
+    in_blocks = gptoss_jax.Runtime.default().replace(unembedding_blocks=True)
+    rows = gptoss_jax.load(hub_checkpoint, runtime=in_blocks.replace(unembedding_blocks=False))
+    expected = np.asarray(rows.unembed[...])
+    vocab, hidden = expected.shape
+    convert(hub_checkpoint, tmp_path / "orbax")
+    models = [gptoss_jax.load(source, runtime=in_blocks) for source in (hub_checkpoint, original_checkpoint, tmp_path / "orbax")]
+    monkeypatch.setattr(importlib.import_module("gptoss_jax.checkpoint.load"), "BIG_TENSOR_BYTES", 1000)
+    models.append(gptoss_jax.load(hub_checkpoint, runtime=in_blocks))  # read a few blocks at a time
+    for model in models:
+        assert model.unembed[...].shape == (vocab // 16, hidden, 16)
+        np.testing.assert_array_equal(np.asarray(from_blocks(model.unembed[...])), expected)
+    # A model loaded for training keeps the checkpoint's rows (its saved weights then fit any machine).
+    assert gptoss_jax.load(hub_checkpoint, runtime=in_blocks, training=True).unembed[...].shape == (vocab, hidden)
+    # Logits in the kernel (3 rows) and in XLA's dot (40 rows) as with rows; greedy decoding alike.
+    model = models[0]
+    for count in (3, 40):
+        hidden_states = jax.random.normal(jax.random.key(count), (count, hidden))
+        ours, theirs = np.asarray(model.logits(hidden_states)), np.asarray(rows.logits(hidden_states))
+        assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    prompts = [[(7 * row + i) % vocab for i in range(5 + row)] for row in range(3)]
+    greedy = SamplingParams(temperature=0)
+    ours, theirs = (Generator(m).generate(prompts, max_new_tokens=6, sampling=greedy) for m in (model, rows))
+    assert [c.tokens for c in ours] == [c.tokens for c in theirs]
+    np.testing.assert_allclose([c.logprobs for c in ours], [c.logprobs for c in theirs], rtol=1e-5)

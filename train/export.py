@@ -88,7 +88,9 @@ def load_trained(
     lora = _run_lora(Path(run_dir))
     # As the run held them: a LoRA run's frozen experts in its `experts` setting; a full run trains them dense.
     experts = experts_to_load(lora is None, _run_config(Path(run_dir)).get("experts", AUTO))
-    model = gptoss_jax.load(base, dtype=dtype, experts=experts, mesh=mesh)
+    # A full run's weights are restored over the model's: its unembedding in the form training kept.
+    runtime = None if lora is not None else gptoss_jax.Runtime.default().for_training()
+    model = gptoss_jax.load(base, dtype=dtype, experts=experts, mesh=mesh, runtime=runtime)
     return _restore_run(model, Path(run_dir), lora, step)[0]
 
 

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from gptoss_jax import mxfp4
 from gptoss_jax.backends.cpu import huge_pages
+from gptoss_jax.backends.cpu.blocks import to_blocks
 from gptoss_jax.backends.tpu.expert_form import STORED, variable_from_checkpoint
 from gptoss_jax.checkpoint.reader import open_checkpoint
 from gptoss_jax.checkpoint.writer import CONFIG_FILE, hub_config_json
@@ -122,6 +123,7 @@ def load_converted(
     if experts == "mxfp4" and stored == "bfloat16":
         raise ConfigError(f"{path}: stores bf16 experts; quantizing them (experts='mxfp4') needs the safetensors source")
     runtime = Runtime.default() if runtime is None else runtime
+    runtime = runtime.for_training() if training else runtime
     device = jax.devices()[0]
 
     def placement(variable: nnx.Variable, name: str) -> jax.sharding.Sharding:
@@ -167,6 +169,8 @@ def _in_form(key: tuple, variable: nnx.Variable, saved: dict, restore, sharding,
     elif key in saved and key == ("embed",):  # a TPU model's embedding: zero columns up to its width
         value = restore(key)
         make = lambda x: jnp.pad(x, ((0, 0), (0, variable.shape[-1] - x.shape[-1])))  # noqa: E731
+    elif key in saved and key == ("unembed",) and variable.ndim == 3:  # a CPU model's, in blocks of 16 rows
+        value, make = restore(key), to_blocks
     elif leaf in STORED and (*module, STORED[leaf]) in saved:  # packed experts in the TPU form
         value, make = restore((*module, STORED[leaf])), functools.partial(variable_from_checkpoint, leaf, module[-1])
     elif leaf == "weight" and (*module, "blocks") in saved:  # experts decoded to bf16 (exact)

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax import mxfp4
 from gptoss_jax.backends.cpu import huge_pages
+from gptoss_jax.backends.cpu.blocks import BLOCK, to_blocks
 from gptoss_jax.backends.tpu.expert_form import STORED, variable_from_checkpoint
 from gptoss_jax.checkpoint import converted
 from gptoss_jax.checkpoint.names import DENSE_EXPERTS, PER_LAYER, TOP_LEVEL
@@ -71,6 +72,7 @@ def load_source(
     if check_experts(experts) == AUTO:
         experts = stored_experts(source)
     runtime = Runtime.default() if runtime is None else runtime  # decided here, outside any trace
+    runtime = runtime.for_training() if training else runtime
     abstract = nnx.eval_shape(lambda: GptOss(config, dtype=dtype, experts=experts, runtime=runtime, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
 
@@ -94,7 +96,7 @@ def read_variable(source: TensorSource, key: tuple, variable: nnx.Variable, mesh
     if key[0] != "groups":
         if sharding is None and _nbytes(variable) > BIG_TENSOR_BYTES:
             return _read_in_pieces(source, TOP_LEVEL[key], variable)
-        return _place(_widen(source.read(TOP_LEVEL[key]), variable.shape), variable.dtype, sharding)
+        return _place(_in_form(source.read(TOP_LEVEL[key]), variable.shape), variable.dtype, sharding)
     # groups/layers/<position in pattern>/<module path>: slice g of the stack is layer g * P + position.
     position, inner = key[2], key[3:]
     layer_sharding = None if sharding is None else NamedSharding(mesh, PartitionSpec(*sharding.spec[1:]))
@@ -143,8 +145,12 @@ def _dequantize(blocks: jax.Array, scales: jax.Array, dtype, sharding: NamedShar
     return weights if sharding is None else jax.lax.with_sharding_constraint(weights, sharding)
 
 
-def _widen(value: np.ndarray, shape: tuple) -> np.ndarray:
-    """Zero columns up to the variable's width (a TPU model's embedding, see Runtime.embedding_width)."""
+def _in_form(value: np.ndarray, shape: tuple) -> np.ndarray:
+    """A checkpoint's top-level tensor (or rows of it) in the form the model holds: zero columns up to the
+    variable's width (a TPU model's embedding, see Runtime.embedding_width), or in blocks of 16 rows (a
+    CPU model's unembedding, see Runtime.unembedding_in_blocks)."""
+    if len(shape) == 3 and value.ndim == 2:
+        return to_blocks(value)
     extra = shape[-1] - value.shape[-1]
     return value if extra <= 0 else np.pad(value, [(0, 0)] * (value.ndim - 1) + [(0, extra)])
 
@@ -165,12 +171,14 @@ def _nbytes(variable: nnx.Variable) -> int:
 
 
 def _read_in_pieces(source: TensorSource, name: str, variable: nnx.Variable) -> jax.Array:
-    rows = variable.shape[0]
+    per_row = BLOCK if len(variable.shape) == 3 else 1  # the checkpoint's rows a row of the variable holds
+    rows = variable.shape[0] * per_row
     step = max(1, rows * BIG_TENSOR_BYTES // (4 * _nbytes(variable)))  # pieces of a quarter of the threshold
+    step = max(per_row, step // per_row * per_row)  # whole blocks
     out = jnp.zeros(variable.shape, variable.dtype)
     for start in range(0, rows, step):
-        piece = _widen(source.read_rows(name, start, min(rows, start + step)), variable.shape)
-        out = _set_rows(out, start, jnp.asarray(piece.astype(variable.dtype, copy=False)))
+        piece = _in_form(source.read_rows(name, start, min(rows, start + step)), variable.shape)
+        out = _set_rows(out, start // per_row, jnp.asarray(piece.astype(variable.dtype, copy=False)))
     return out
 
 

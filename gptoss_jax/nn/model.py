@@ -1,7 +1,8 @@
 """gpt-oss as a Flax NNX module tree, composed of the parts in this package.
 
 Parameters keep the checkpoint's (out, in) orientation, split into heads where that helps the einsums,
-so loading is a reshape and never a transpose. Layers are stacked per repetition of the config's
+so loading is a reshape, not a transpose (but for the unembedding in blocks of 16 rows on CPUs whose
+kernels read it so, Runtime.unembedding_in_blocks). Layers are stacked per repetition of the config's
 layer pattern (a sliding + full pair for the released models) and the forward scans over the stack,
 so compile time does not grow with depth. The residual stream, norms, softmaxes and routing run in
 float32 whatever the compute dtype; matmuls take the compute dtype and accumulate in float32. Which
@@ -21,7 +22,8 @@ from gptoss_jax.config import EXPERT_FORMATS, SLIDING, GptOssConfig
 from gptoss_jax.nn.attention import Attention
 from gptoss_jax.nn.cache import KVCache, LayerCache
 from gptoss_jax.nn.moe import MoE, PackedBytes
-from gptoss_jax.nn.ops import DTYPES, RMSNorm, embedding_rows, init, matmul
+from gptoss_jax.backends.cpu.blocks import to_blocks
+from gptoss_jax.nn.ops import DTYPES, RMSNorm, embedding_rows, init, unembedding
 from gptoss_jax.nn.unembed import chunked_token_logprobs
 from gptoss_jax.runtime import Runtime
 from gptoss_jax.sharding import constrain
@@ -133,9 +135,11 @@ class GptOss(nnx.Module):
 
         self.groups = make_groups(rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, compute)
-        self.unembed = nnx.Param(
-            init(rngs, (c.vocab_size, c.hidden_size), compute, c.hidden_size**-0.5), axes=("vocab", "embed")
-        )
+        unembed = init(rngs, (c.vocab_size, c.hidden_size), compute, c.hidden_size**-0.5)
+        if self.runtime.unembedding_in_blocks(c.vocab_size, compute):  # [V/16, D, 16]: the same values
+            self.unembed = nnx.Param(to_blocks(unembed), axes=("vocab", "embed", None))
+        else:
+            self.unembed = nnx.Param(unembed, axes=("vocab", "embed"))
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None
@@ -243,7 +247,7 @@ class GptOss(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Unembed final-normed hidden states: float32 [..., vocab]."""
         flat = hidden.reshape(-1, hidden.shape[-1])
-        logits = matmul("nd,vd->nv", flat, self.unembed[...], DTYPES[self.dtype], self.runtime)
+        logits = unembedding(flat, self.unembed[...], DTYPES[self.dtype], self.runtime)
         return logits.reshape(*hidden.shape[:-1], -1)
 
     def token_logprobs(self, hidden: jax.Array, targets: jax.Array, chunk: int | None = None) -> jax.Array:

@@ -32,6 +32,14 @@ def matmul(equation: str, x: jax.Array, w, dtype, runtime: Runtime) -> jax.Array
     return jnp.einsum(equation, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
+def unembedding(x: jax.Array, w: jax.Array, dtype, runtime: Runtime) -> jax.Array:
+    """Logits float32 [N, V] of x [N, D]: w is the unembedding [V, D], or [V/16, D, 16] where the model
+    holds it in blocks of 16 rows (Runtime.unembedding_in_blocks: a CPU's form for its kernel)."""
+    if w.ndim == 2:
+        return matmul("nd,vd->nv", x, w, dtype, runtime)
+    return cpu_products.blocks_matmul(x, w, dtype, kernels=runtime.cpu_kernels is not None)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     if key is None or rate == 0.0:
         return x

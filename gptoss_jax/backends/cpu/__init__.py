@@ -34,6 +34,7 @@ TARGETS = {
     "gptoss_mxfp4_dequantize_bf16": "GptossMxfp4DequantizeBf16",
     "gptoss_mxfp4_dequantize_f32": "GptossMxfp4DequantizeF32",
     "gptoss_bf16_matvec": "GptossBf16Matvec",
+    "gptoss_bf16_matvec_blocks": "GptossBf16MatvecBlocks",
     "gptoss_mxfp4_grouped_matmul": "GptossMxfp4GroupedMatmul",
     "gptoss_copy_layer": "GptossCopyLayer",
     "gptoss_decode_attention": "GptossDecodeAttention",
@@ -60,6 +61,9 @@ class KernelStatus:
     # Rows up to which its bf16 matvec beats XLA's dot on a whole weight (the unembedding): 16 for the
     # avx2 build's register tiles, else 4.
     matvec_rows: int = 4
+    # Whether the unembedding is best held in blocks of 16 rows ([V/16, K, 16], gptoss_jax.backends.cpu.
+    # blocks), which its matvec reads as outer products: the avx2 build, FMA-bound at 16 rows.
+    unembedding_blocks: bool = False
     reason: str | None = None
 
     @property
@@ -99,7 +103,8 @@ def load_kernels() -> KernelStatus:
     return KernelStatus(variant.name, bf16_products=bool(library.GptossHasBf16Products()),
                         grouped_tiles=bool(library.GptossHasTiledGroupedMatmul()),
                         int16_rows=bool(library.GptossHasInt16Rows()),
-                        matvec_rows=int(library.GptossMatvecRows()))
+                        matvec_rows=int(library.GptossMatvecRows()),
+                        unembedding_blocks=bool(library.GptossUnembeddingBlocks()))
 
 
 def available() -> bool:
@@ -278,6 +283,29 @@ def _matvec_backward(saved, g):
 
 
 bf16_matvec.defvjp(_matvec_forward, _matvec_backward)
+
+
+@jax.custom_vjp
+def bf16_matvec_blocks(x, w):
+    """float32 [R, N] = x [R, K] against w in blocks of 16 rows [N/16, K, 16] (blocks.to_blocks of a
+    [N, K] weight), both bf16, accumulated in float32 (for small R)."""
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0] * w.shape[2]), jnp.float32)
+    return _call("gptoss_bf16_matvec_blocks", out, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def _blocks_forward(x, w):
+    return bf16_matvec_blocks(x, w), (x, w)
+
+
+def _blocks_backward(saved, g):
+    x, w = saved
+    g = g.reshape(g.shape[0], w.shape[0], w.shape[2])
+    dx = jnp.einsum("rbj,bkj->rk", g, w.astype(jnp.float32))
+    dw = jnp.einsum("rbj,rk->bkj", g, x.astype(jnp.float32))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+bf16_matvec_blocks.defvjp(_blocks_forward, _blocks_backward)
 
 
 # ---- decode attention over the stacked KV cache ------------------------------------------------------

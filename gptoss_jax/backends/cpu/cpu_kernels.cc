@@ -7,6 +7,7 @@
 //                                      each expert decoded once into cache-sized panels; and transposed
 //   gptoss_mxfp4_dequantize:           one expert's packed weights -> dense [N, K] (bf16 or f32)
 //   gptoss_bf16_matvec:                a few rows x [R, K] (bf16) against w [N, K] (bf16) -> f32 [R, N]
+//   gptoss_bf16_matvec_blocks:         the same against w in blocks of 16 output rows [N/16, K, 16]
 //   gptoss_decode_attention:           a decode step's token written into its layer's KV cache and attending
 //                                      to it, in place in the stacked cache (bf16)
 //
@@ -159,6 +160,17 @@ ffi::Error Bf16MatvecCall(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ff
   return ffi::Error::Success();
 }
 
+// out[r, 16b + j] = sum_k x[r, k] * w[b, k, j]: w in blocks of 16 output rows (the AVX2 build's unembedding).
+ffi::Error Bf16MatvecBlocksCall(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> out,
+                                ffi::ThreadPool pool) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kBlockOut || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("gptoss_bf16_matvec_blocks: x [R, K], w [N/16, K, 16]");
+  Bf16MatvecBlocks(reinterpret_cast<const uint16_t*>(x.untyped_data()), xd[0], xd[1],
+                   reinterpret_cast<const uint16_t*>(w.untyped_data()), wd[0], out->typed_data(), OnPool{pool});
+  return ffi::Error::Success();
+}
+
 ffi::Error Mxfp4GroupedMatmul(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::U8> all_blocks,
                               ffi::Buffer<ffi::U8> all_scales, ffi::Buffer<ffi::S32> layer,
                               ffi::ResultBuffer<ffi::F32> out, ffi::ThreadPool pool, bool transpose) {
@@ -257,6 +269,16 @@ extern "C" int GptossMatvecRows() {
 #endif
 }
 
+// Whether the unembedding is best held in blocks of 16 rows for Bf16MatvecBlocks: the AVX2 build, where
+// the dot-product tiles on [N, K] share the FMA ports with widening (every build has the kernel).
+extern "C" int GptossUnembeddingBlocks() {
+#ifdef GPTOSS_AVX2
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // Whether the grouped matmul runs register tiles (bf16 products, or float32 FMA panels); the portable
 // build's scalar loops are slower than XLA's tiled path.
 extern "C" int GptossHasTiledGroupedMatmul() {
@@ -310,6 +332,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Matvec, Bf16MatvecCall,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ctx<ffi::ThreadPool>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16MatvecBlocks, Bf16MatvecBlocksCall,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4GroupedMatmul, Mxfp4GroupedMatmul,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
