@@ -332,6 +332,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Matvec, Bf16MatvecCall,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ctx<ffi::ThreadPool>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16MatvecBlocks, Bf16MatvecBlocksCall,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
