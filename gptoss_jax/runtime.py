@@ -22,6 +22,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from gptoss_jax.backends.cpu.blocks import holds_blocks
+
 PLATFORMS = ("cpu", "gpu", "tpu")
 # How the experts run (see `Runtime.expert_path_for`); "auto" lets the runtime choose per shape.
 EXPERT_PATHS = ("auto", "fused", "sorted", "gathered", "tiled", "grouped", "pallas")
@@ -200,8 +202,6 @@ class Runtime:
     def unembedding_in_blocks(self, vocab_size: int, dtype) -> bool:
         """Whether a model of this dtype built for this runtime holds its unembedding in blocks of 16 rows
         ([V/16, K, 16]; the model reads either form, whichever it holds). Only bf16: the kernel's."""
-        from gptoss_jax.backends.cpu.blocks import holds_blocks
-
         return self.unembedding_blocks and jnp.dtype(dtype) == jnp.bfloat16 and holds_blocks(vocab_size)
 
     def embedding_width(self, hidden: int) -> int:

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptoss_jax.backends.cpu.blocks import to_blocks
 from gptoss_jax.backends.cpu.stacks import views
 from gptoss_jax.config import EXPERT_FORMATS, SLIDING, GptOssConfig
 from gptoss_jax.nn.attention import Attention
 from gptoss_jax.nn.cache import KVCache, LayerCache
 from gptoss_jax.nn.moe import MoE, PackedBytes
-from gptoss_jax.backends.cpu.blocks import to_blocks
 from gptoss_jax.nn.ops import DTYPES, RMSNorm, embedding_rows, init, unembedding
 from gptoss_jax.nn.unembed import chunked_token_logprobs
 from gptoss_jax.runtime import Runtime
