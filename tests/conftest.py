@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # The test extra installs the TPU and GPU compilers (gptoss_jax[plan]) to plan for them; on a host with
 # neither, jax must not try to start them (the CUDA plugin would fail its driver check and print a
 # traceback in every process). On a GPU or TPU host, run the suite with JAX_PLATFORMS=cuda or tpu.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the whole run, shared by the workers and every subprocess they
+# start (they inherit the variable): the same small programs are compiled by many tests, each with its own
+# jit objects, and most of the suite's time is XLA's compiler. A cache the caller names is used as is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _RUN_CACHE = tempfile.mkdtemp(prefix="gptoss_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the small programs add up too
+    atexit.register(shutil.rmtree, _RUN_CACHE, ignore_errors=True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -12,13 +12,12 @@ from eval import plan as plans
 from gptoss_jax import targets
 from gptoss_jax.config import GptOssConfig
 
-pytestmark = pytest.mark.quick  # the day-to-day tier (scripts/test.sh -m quick)
-
 TINY = GptOssConfig.preset("tiny")
 # Experts dominate the bytes, as in the released models.
 EXPERT_HEAVY = TINY.replace(hidden_size=256, intermediate_size=256, num_experts=16)
 
 
+@pytest.mark.quick
 def test_a_tpu_slice_plan_splits_the_experts_and_reports_xla_figures():
     target = targets.target("v5e-4")
     report = plans.plan(EXPERT_HEAVY, target, plans.Workload("decode", batch=4, context=256))
@@ -37,6 +36,7 @@ def test_a_tpu_slice_plan_splits_the_experts_and_reports_xla_figures():
     assert decode["xla_over_step_bytes"] == report["bytes_accessed"] / decode["step_bytes"]
 
 
+@pytest.mark.quick
 def test_a_gpu_plan_compiles_for_an_h100_without_one():
     report = plans.plan(TINY, targets.target("h100"), plans.Workload("prefill", batch=2, context=256, prompt_length=64))
     assert report["platform"] == "gpu" and report["fits"]
@@ -44,6 +44,7 @@ def test_a_gpu_plan_compiles_for_an_h100_without_one():
     assert report["bytes_accessed"] is None  # XLA's GPU compiler gives no cost analysis
 
 
+@pytest.mark.quick
 def test_a_tpu_plan_chooses_the_tpu_algorithm_while_the_default_backend_is_the_cpu():
     assert jax.default_backend() == "cpu"
     prefill = plans.Workload("prefill", batch=1, context=256, prompt_length=128)
@@ -53,6 +54,7 @@ def test_a_tpu_plan_chooses_the_tpu_algorithm_while_the_default_backend_is_the_c
     assert on_cpu["platform"] == "cpu" and on_cpu["expert_path"] not in ("grouped", "pallas")
 
 
+@pytest.mark.quick
 def test_an_over_size_plan_reports_xla_saying_it_does_not_fit():
     # 256 rows x 131072 positions of tiny's cache is 32 GiB, twice a v5e chip's HBM.
     report = plans.plan(TINY, targets.target("v5e-1"), plans.Workload("decode", batch=256, context=131072))
@@ -67,6 +69,7 @@ def test_an_over_size_plan_reports_xla_saying_it_does_not_fit():
     assert plans.matrix_cell([quick]) == f"no (inputs {inputs / 2**30:.1f} GiB)"
 
 
+@pytest.mark.quick
 def test_require_fit_exits_non_zero_with_one_line_saying_why():
     command = [sys.executable, "-m", "eval.bench", "--plan", "--preset", "tiny", "--target", "v5e-1",
                "--program", "decode", "--batch", "256", "--context", "131072", "--require-fit"]  # fmt: skip
@@ -77,6 +80,7 @@ def test_require_fit_exits_non_zero_with_one_line_saying_why():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name, platform, devices, topology", [
     ("v5e-8", "tpu", 8, "v5e:2x4"), ("v6e-1", "tpu", 1, "v6e:1x1"), ("v5p-8", "tpu", 4, "v5p:2x2x1"),
     ("v6e-16", "tpu", 16, "v6e:4x4"), ("v5p:2x2x2", "tpu", 8, "v5p:2x2x2"), ("8xh100", "gpu", 8, None),
@@ -87,11 +91,13 @@ def test_targets_are_named_as_users_rent_them(name, platform, devices, topology)
     assert len(target.abstract_devices()) == devices
 
 
+@pytest.mark.quick
 def test_an_unknown_target_names_the_known_ones():
     with pytest.raises(targets.TargetError, match="unknown target 'v9-8'.*h100"):
         targets.target("v9-8")
 
 
+# Not in the quick tier (30 s): it compiles a plan for every model and target.
 def test_the_matrix_writes_a_row_per_model_and_target_and_reuses_plans_made():
     columns = {
         "serve 8k x 1": (plans.Workload("prefill", 1, 256, 64), plans.Workload("decode", 1, 256)),
@@ -109,6 +115,7 @@ def test_the_matrix_writes_a_row_per_model_and_target_and_reuses_plans_made():
     assert again == table and len(saves) == 6  # nothing planned twice
 
 
+@pytest.mark.quick
 def test_the_cost_compile_counts_the_weights_a_tpu_program_reads_once():
     # Two layers' attention projections (gpt-oss-20b's shapes) applied to one token: the chip reads each
     # weight from HBM once. XLA's cost analysis of the program as compiled to run also counts its copies
