@@ -79,3 +79,18 @@ def test_serving_bench_replays_the_same_requests_through_both_batchings(hub_chec
         assert 0 < run["ttft_p50_s"] <= run["ttft_p99_s"] <= run["wall_s"] and run["itl_p50_s"] <= run["itl_p99_s"]
     assert report["throughput_ratio"] == report["continuous"]["tokens_per_s"] / report["static"]["tokens_per_s"]
     assert "continuous / static throughput" in serving_bench.table(report, "cpu")
+
+
+@pytest.mark.quick
+def test_sampling_bench_times_our_draw_beside_jax_categorical(capsys):
+    from eval import sampling_bench
+
+    report = sampling_bench.main(["--vocab", "1500", "--batch", "1", "--batch", "3"])
+    assert json.loads(capsys.readouterr().out)["batches"].keys() == {"1", "3"}
+    for timings in report["batches"].values():
+        assert all(timings[name] > 0 for name in ("ours_draw_ms", "jax_categorical_draw_ms", "sample_greedy_ms",
+                                                  "sample_temperature_1_ms"))  # fmt: skip
+        assert timings["draw_speedup"] == timings["jax_categorical_draw_ms"] / timings["ours_draw_ms"]
+    with pytest.raises(SystemExit) as refused:
+        sampling_bench.main(["--vocab", "0"])
+    assert refused.value.code == 2 and "--vocab and --batch must be at least 1" in capsys.readouterr().err

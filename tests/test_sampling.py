@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax.inference.sampling import SamplingParams, filter_logits, greedy, sample
+from gptoss_jax.inference.sampling import SAMPLE_CHUNK, SamplingParams, categorical, filter_logits, greedy, sample
 
 pytestmark = pytest.mark.quick  # the day-to-day tier (scripts/test.sh -m quick)
 
@@ -165,6 +165,15 @@ def test_greedy_is_argmax_with_ties_to_the_lowest_index():
     tokens = greedy(logits)
     assert tokens.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(tokens), [1, 0, 2])
+    # Over several chunks (a padded last one): ties across and inside chunks, a row all -inf, a single
+    # largest value in the padded chunk.
+    rows = np.full((4, EDGES_VOCAB), -np.inf, np.float32)
+    rows[0, [3, SAMPLE_CHUNK + 1, 2 * SAMPLE_CHUNK]] = 7.0
+    rows[1, [SAMPLE_CHUNK + 9, SAMPLE_CHUNK + 4]] = 2.0
+    rows[3] = np.random.default_rng(0).standard_normal(EDGES_VOCAB)
+    rows[3, EDGES_VOCAB - 1] = 9.0
+    np.testing.assert_array_equal(np.asarray(greedy(rows)), np.argmax(rows, axis=-1))
+    assert np.argmax(rows, axis=-1).tolist() == [3, SAMPLE_CHUNK + 4, 0, EDGES_VOCAB - 1]
 
 
 def test_same_key_reproduces_and_different_keys_differ():
@@ -250,6 +259,36 @@ def test_frequency_check_would_catch_an_ignored_temperature():
     counts = np.bincount(np.asarray(tokens), minlength=logits.size)
     expected = np.exp(log_softmax64(logits[None])[0]) * n
     assert float(np.sum((counts - expected) ** 2 / expected)) > 100 * CHI2_LIMIT
+
+
+# A vocabulary of two whole chunks and a padded third; kept tokens at the chunks' edges, the rest masked.
+EDGES_VOCAB = 2 * SAMPLE_CHUNK + 37
+EDGES_KEPT = [0, SAMPLE_CHUNK - 1, SAMPLE_CHUNK, 2 * SAMPLE_CHUNK + 5, EDGES_VOCAB - 1]
+
+
+def edges_logits() -> np.ndarray:
+    logits = np.full(EDGES_VOCAB, -np.inf, np.float32)
+    logits[EDGES_KEPT] = [1.0, 0.0, 0.5, -1.0, 2.0]
+    return logits
+
+
+def test_the_draw_across_chunks_matches_the_softmax_and_never_takes_a_masked_token():
+    logits, n = edges_logits(), 40000
+    tokens = jax.jit(categorical)(jnp.broadcast_to(logits, (n, EDGES_VOCAB)), jax.random.uniform(jax.random.key(5), (n, 2)))
+    counts = np.bincount(np.asarray(tokens), minlength=EDGES_VOCAB)
+    assert counts.sum() == n and counts[EDGES_KEPT].sum() == n  # nothing masked, nothing past the vocabulary
+    expected = np.exp(log_softmax64(logits[EDGES_KEPT][None])[0]) * n
+    chi2 = float(np.sum((counts[EDGES_KEPT] - expected) ** 2 / expected))
+    assert chi2 < CHI2_LIMIT, (chi2, counts[EDGES_KEPT], expected)
+
+
+def test_the_extreme_uniforms_draw_the_first_and_last_kept_tokens():
+    below_one = np.nextafter(np.float32(1), np.float32(0))  # the largest uniform jax draws
+    uniforms = jnp.asarray([[0, 0], [below_one, below_one], [0, below_one], [below_one, 0]], jnp.float32)
+    tokens = np.asarray(categorical(jnp.broadcast_to(edges_logits(), (4, EDGES_VOCAB)), uniforms))
+    # The first uniform picks the chunk, the second the token in it: chunk 0 holds tokens 0 and
+    # SAMPLE_CHUNK - 1, the padded last chunk 2 * SAMPLE_CHUNK + 5 and the last token.
+    assert tokens.tolist() == [0, EDGES_VOCAB - 1, SAMPLE_CHUNK - 1, 2 * SAMPLE_CHUNK + 5]
 
 
 def test_logprobs_are_log_softmax_of_the_raw_logits_at_the_chosen_tokens():
