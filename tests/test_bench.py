@@ -23,9 +23,9 @@ def run_bench(*args: str) -> dict:
 @pytest.mark.peer
 def test_bench_beside_transformers_reports_both_and_their_ratio():
     report = run_bench(
-        "--preset", "tiny", "--batch", "1", "--batch", "2", "--prompt-length", "32", "--new-tokens", "17",
+        "--preset", "tiny", "--batch", "1", "--batch", "2", "--prompt-length", "32", "--new-tokens", "65",
         "--compare", "transformers",
-    )  # 16 decode steps: their time stands out of the noise of a busy machine (a test worker beside it)
+    )  # 64 decode steps: their time stands out of the noise of a busy machine (the 8-device runs beside it)
     for phase in ("prefill", "decode_batch_1", "decode_batch_2"):
         ours, peer = report["ours"][phase]["tokens_per_s"], report["peer"][phase]["tokens_per_s"]
         assert ours > 0 and peer > 0
