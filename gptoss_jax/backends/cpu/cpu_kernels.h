@@ -174,14 +174,17 @@ void ExpertRow(const uint8_t* blocks, const uint8_t* scales, int64_t groups, con
   // Four independent FMA chains a token (low and high nibbles of even and odd blocks): one chain would
   // wait on the FMA latency every block.
   __m512 acc[4][kTokens];
+#pragma GCC unroll 4
   for (int c = 0; c < 4; ++c)
+#pragma GCC unroll 8
     for (int t = 0; t < kTokens; ++t) acc[c][t] = _mm512_setzero_ps();
   const __m512i low_mask = _mm512_set1_epi32(0x0F);
-  auto block = [&](int64_t g, int chain) {
+  auto block = [&](int64_t g, int chain) __attribute__((always_inline)) {  // inlined: acc stays in registers
     __m512 table = BlockTableVector(tables, scales[g]);
     __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
     __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), table);
     __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+#pragma GCC unroll 8
     for (int t = 0; t < kTokens; ++t) {
       acc[chain][t] = _mm512_fmadd_ps(low, _mm512_loadu_ps(even[t] + 16 * g), acc[chain][t]);
       acc[chain + 1][t] = _mm512_fmadd_ps(high, _mm512_loadu_ps(odd[t] + 16 * g), acc[chain + 1][t]);
@@ -867,20 +870,29 @@ void PanelTileF32(const float* x, int64_t x_stride, const float* panel, int64_t 
   for (int v = 0; v < kVecs; ++v)
     masks[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(columns - 8 * v)),
                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  // Unrolled by pragma: GCC otherwise keeps the accumulators on the stack, stored and reloaded every j
+  // (a 6 x 16 tile: 43 -> 101 GFLOP/s on one Zen 4 core, whose 8-wide FMA peak is 116).
   __m256 acc[kRows][kVecs];
+#pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v)
       acc[r][v] = first == 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(out + r * out_stride + 8 * v, masks[v]);
   for (int64_t j = first; j < end; ++j) {
     const float* p = panel + j * 8 * kVecs;
     __m256 w[kVecs];
+#pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) w[v] = _mm256_load_ps(p + 8 * v);
+#pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
       const __m256 a = _mm256_broadcast_ss(x + r * x_stride + j);
+#pragma GCC unroll 4
       for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm256_fmadd_ps(a, w[v], acc[r][v]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) _mm256_maskstore_ps(out + r * out_stride + 8 * v, masks[v], acc[r][v]);
 }
 
@@ -1357,9 +1369,12 @@ template <int kRows, int kBlocks>
 __attribute__((always_inline)) inline void BlockStep(const float* xk, const uint16_t* w, int64_t block_elements,
                                                      Lanes8 (&acc)[kRows][2 * kBlocks]) {
   Lanes8 low[kBlocks], high[kBlocks];
+#pragma GCC unroll 4
   for (int i = 0; i < kBlocks; ++i) WidenBlockColumn(w + i * block_elements, &low[i], &high[i]);
+#pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
     const Lanes8 xv = {xk[r], xk[r], xk[r], xk[r], xk[r], xk[r], xk[r], xk[r]};
+#pragma GCC unroll 4
     for (int i = 0; i < kBlocks; ++i) {
       acc[r][2 * i] = MulAdd(xv, low[i], acc[r][2 * i]);
       acc[r][2 * i + 1] = MulAdd(xv, high[i], acc[r][2 * i + 1]);
@@ -1376,7 +1391,9 @@ void BlockTile(const float* xt, int64_t x_stride, const uint16_t* w, int64_t wid
                Lanes8 (*sums)[2 * kBlocks], const char* prefetch) {
   const int64_t block_elements = width * kBlockOut;
   Lanes8 acc[kRows][2 * kBlocks];
+#pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 8
     for (int i = 0; i < 2 * kBlocks; ++i) acc[r][i] = sums[r][i];
   int64_t k = k0;
   for (; k + 2 <= k1; k += 2) {
@@ -1386,7 +1403,9 @@ void BlockTile(const float* xt, int64_t x_stride, const uint16_t* w, int64_t wid
     BlockStep<kRows, kBlocks>(xt + (k + 1) * x_stride, w + (k + 1) * kBlockOut, block_elements, acc);
   }
   if (k < k1) BlockStep<kRows, kBlocks>(xt + k * x_stride, w + k * kBlockOut, block_elements, acc);
+#pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 8
     for (int i = 0; i < 2 * kBlocks; ++i) sums[r][i] = acc[r][i];
 }
 
