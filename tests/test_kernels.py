@@ -49,6 +49,14 @@ def _expected_variant() -> str:
     return "avx512" if v4 <= flags else "avx2" if v3 <= flags else "baseline"
 
 
+def _matvec_rows(variant: str) -> int:
+    """Rows up to which the variant's bf16 matvec takes a whole weight: its own tiles on AVX2, and with
+    AVX512-BF16 where the CPU has no AMX for XLA's dot."""
+    if variant == "avx2" or (variant == "avx512bf16" and "amx_bf16" not in _cpuinfo_flags()):
+        return 16
+    return 4
+
+
 @pytest.mark.quick
 @pytest.mark.cpu_kernels
 def test_kernels_build_on_this_machine_for_the_variant_its_cpu_flags_allow():
@@ -57,7 +65,7 @@ def test_kernels_build_on_this_machine_for_the_variant_its_cpu_flags_allow():
     expected = os.environ.get("GPTOSS_JAX_KERNEL_VARIANT") or _expected_variant()
     assert status == kernels.KernelStatus(expected, bf16_products=expected == "avx512bf16",
                                           grouped_tiles=expected != "baseline", int16_rows=expected in INT16_ROWS,
-                                          matvec_rows=16 if expected == "avx2" else 4,
+                                          matvec_rows=_matvec_rows(expected),
                                           unembedding_blocks=expected == "avx2", reason=None)
     assert RUNNABLE[-1] == _expected_variant() and Runtime.default().cpu_kernels == expected
 
@@ -214,7 +222,7 @@ assert build.library_path(build.variant_named(name)).exists()  # the fixture's b
 status = kernels.load_kernels()
 assert status == kernels.KernelStatus(name, bf16_products=name == "avx512bf16", grouped_tiles=name != "baseline",
                                      int16_rows=sys.argv[2] == "int16",
-                                     matvec_rows=16 if name == "avx2" else 4,
+                                     matvec_rows=int(sys.argv[3]),
                                      unembedding_blocks=name == "avx2"), status
 def close(ours, expected, tolerance=1e-5):  # expected: a float64 reference
     ours, expected = np.asarray(ours, np.float64), np.asarray(expected)
@@ -304,7 +312,8 @@ print("variant ok", name)
 def test_each_variant_this_cpu_runs_gives_xla_values(variant_cache, name):
     env = {**os.environ, "GPTOSS_JAX_CACHE": str(variant_cache), "GPTOSS_JAX_KERNEL_VARIANT": name}
     rows = "int16" if name in INT16_ROWS else "exact"  # how the build must take bf16 rows
-    result = subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, name, rows], env=env, capture_output=True, text=True)
+    command = [sys.executable, "-c", VARIANT_SCRIPT, name, rows, str(_matvec_rows(name))]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and f"variant ok {name}" in result.stdout, result.stderr[-3000:]
 
 

@@ -43,6 +43,11 @@ TARGETS = {
 # XLA's dot would first copy the layer out and relayout it. For a whole weight the build says
 # (KernelStatus.matvec_rows): past a few rows the product is compute-bound and XLA's dot may be faster.
 MATVEC_MAX_STACKED_ROWS = 16
+# On a CPU with AMX, XLA's dot runs a whole bf16 weight on AMX's tiles (20b's unembedding at 16 rows ~52
+# ms on a 2-core Xeon; the vdpbf16ps tiles were not measured there): the native AVX512-BF16 build keeps
+# handing it every product past this many rows. A forced avx2 build keeps its own tiles, which stand for
+# an AVX2 laptop's.
+AMX_MATVEC_ROWS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +64,7 @@ class KernelStatus:
     # within its block's largest |x| / 65534, not exact.
     int16_rows: bool = False
     # Rows up to which its bf16 matvec beats XLA's dot on a whole weight (the unembedding): 16 for the
-    # avx2 build's register tiles, else 4.
+    # avx2 build's register tiles and the avx512bf16 build's (4 where the CPU has AMX), else 4.
     matvec_rows: int = 4
     # Whether the unembedding is best held in blocks of 16 rows ([V/16, K, 16], gptoss_jax.backends.cpu.
     # blocks), which its matvec reads as outer products: the avx2 build, FMA-bound at 16 rows.
@@ -100,10 +105,14 @@ def load_kernels() -> KernelStatus:
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     _libraries.append(library)
-    return KernelStatus(variant.name, bf16_products=bool(library.GptossHasBf16Products()),
+    bf16_products = bool(library.GptossHasBf16Products())
+    matvec_rows = int(library.GptossMatvecRows())
+    if bf16_products and "amx_bf16" in build.cpu_flags():
+        matvec_rows = min(matvec_rows, AMX_MATVEC_ROWS)
+    return KernelStatus(variant.name, bf16_products=bf16_products,
                         grouped_tiles=bool(library.GptossHasTiledGroupedMatmul()),
                         int16_rows=bool(library.GptossHasInt16Rows()),
-                        matvec_rows=int(library.GptossMatvecRows()),
+                        matvec_rows=matvec_rows,
                         unembedding_blocks=bool(library.GptossUnembeddingBlocks()))
 
 

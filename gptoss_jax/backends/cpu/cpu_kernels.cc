@@ -259,10 +259,12 @@ extern "C" int GptossHasBf16Products() {
 // each within its block's largest |x| / 65534, so not exact.
 extern "C" int GptossHasInt16Rows() { return kInt16Rows ? 1 : 0; }
 
-// Rows up to which the bf16 matvec beats XLA's dot on a whole weight (the unembedding): the AVX2 build's
-// register tiles (Bf16Tile) to 16 rows; elsewhere 4, past which XLA's dot (AVX-512, AMX) wins.
+// Rows up to which the bf16 matvec beats XLA's dot on a whole weight (the unembedding): 16 for the AVX2
+// build's register tiles (Bf16Tile) and for AVX512-BF16's vdpbf16ps tiles (20b's unembedding at 16 rows
+// on a 2-core Zen 4: 78 ms against XLA's 106; at 8, 54 against 84), where the CPU has no AMX (load_kernels
+// says: XLA's dot takes AMX's tiles there, ~52 ms); elsewhere 4, past which XLA's AVX-512 dot is as fast.
 extern "C" int GptossMatvecRows() {
-#ifdef GPTOSS_AVX2
+#if defined(GPTOSS_AVX2) || (defined(GPTOSS_AVX512) && defined(__AVX512BF16__))
   return 16;
 #else
   return 4;
