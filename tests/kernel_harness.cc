@@ -162,11 +162,11 @@ void CheckBf16Matvec() {
 }
 
 // The bf16 matvec with a weight in blocks of 16 rows ([N/16, K, 16]): row counts across its paths (one
-// pass over up to 4 blocks at a time for up to 4 rows; chunks of k and tiles of 4 rows past that), 7
-// blocks (a last partial group of blocks), a width past two of its chunks and odd (a lone last k). And a
-// row's results, bit for bit, the same alone as in a batch of 16.
-void CheckBf16MatvecBlocks() {
-  const int64_t width = 1101, blocks = 7, n_out = blocks * kBlockOut;
+// pass over up to 4 blocks at a time for up to 4 rows; chunks of k and tiles of rows past that), 7 blocks
+// (a last partial group of blocks), a width past two of its chunks, odd (a lone last k) or even (AVX512-BF16
+// takes pairs of k). And a row's results, bit for bit, the same alone as in a batch of 16.
+void CheckBf16MatvecBlocks(int64_t width) {
+  const int64_t blocks = 7, n_out = blocks * kBlockOut;
   std::vector<uint16_t> w(blocks * width * kBlockOut);  // w[b, k, j] = row 16b + j, column k
   for (auto& v : w) v = RandomBf16();
   std::vector<uint16_t> x(16 * width);
@@ -182,7 +182,7 @@ void CheckBf16MatvecBlocks() {
           reference[r * n_out + n] += term;
           magnitude[r * n_out + n] += std::fabs(term);
         }
-    Check(("bf16 matvec in blocks of 16, " + std::to_string(rows) + " rows").c_str(), ours, reference, magnitude);
+    Check(("bf16 matvec in blocks of 16, width " + std::to_string(width) + ", " + std::to_string(rows) + " rows").c_str(), ours, reference, magnitude);
   }
   std::vector<float> batch(16 * n_out), alone(n_out);
   Bf16MatvecBlocks(x.data(), 16, width, w.data(), blocks, batch.data(), Serial{});
@@ -309,7 +309,8 @@ int main() {
   CheckDequantize();
   CheckExpertMatvec();
   CheckBf16Matvec();
-  CheckBf16MatvecBlocks();
+  CheckBf16MatvecBlocks(1101);
+  CheckBf16MatvecBlocks(1102);  // even: AVX512-BF16's pairs of k (vdpbf16ps)
   CheckGroupedMatmul();
   for (const DecodeShape& shape : {DecodeShape{3, 13, 2, 3, 20}, DecodeShape{3, 13, 2, 8, 64}, DecodeShape{3, 13, 1, 10, 24}})
     CheckDecodeAttention(shape);

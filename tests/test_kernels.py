@@ -49,12 +49,14 @@ def _expected_variant() -> str:
     return "avx512" if v4 <= flags else "avx2" if v3 <= flags else "baseline"
 
 
+def _own_tiles(variant: str) -> bool:
+    """Whether the variant's bf16 matvec takes the unembedding to 16 rows, held in blocks: AVX2's tiles,
+    and AVX512-BF16's where the CPU has no AMX for XLA's dot."""
+    return variant == "avx2" or (variant == "avx512bf16" and "amx_bf16" not in _cpuinfo_flags())
+
+
 def _matvec_rows(variant: str) -> int:
-    """Rows up to which the variant's bf16 matvec takes a whole weight: its own tiles on AVX2, and with
-    AVX512-BF16 where the CPU has no AMX for XLA's dot."""
-    if variant == "avx2" or (variant == "avx512bf16" and "amx_bf16" not in _cpuinfo_flags()):
-        return 16
-    return 4
+    return 16 if _own_tiles(variant) else 4
 
 
 @pytest.mark.quick
@@ -66,7 +68,7 @@ def test_kernels_build_on_this_machine_for_the_variant_its_cpu_flags_allow():
     assert status == kernels.KernelStatus(expected, bf16_products=expected == "avx512bf16",
                                           grouped_tiles=expected != "baseline", int16_rows=expected in INT16_ROWS,
                                           matvec_rows=_matvec_rows(expected),
-                                          unembedding_blocks=expected == "avx2", reason=None)
+                                          unembedding_blocks=_own_tiles(expected), reason=None)
     assert RUNNABLE[-1] == _expected_variant() and Runtime.default().cpu_kernels == expected
 
 
@@ -223,7 +225,7 @@ status = kernels.load_kernels()
 assert status == kernels.KernelStatus(name, bf16_products=name == "avx512bf16", grouped_tiles=name != "baseline",
                                      int16_rows=sys.argv[2] == "int16",
                                      matvec_rows=int(sys.argv[3]),
-                                     unembedding_blocks=name == "avx2"), status
+                                     unembedding_blocks=int(sys.argv[3]) == 16), status
 def close(ours, expected, tolerance=1e-5):  # expected: a float64 reference
     ours, expected = np.asarray(ours, np.float64), np.asarray(expected)
     assert expected.dtype == np.float64

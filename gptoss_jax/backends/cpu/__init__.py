@@ -45,8 +45,8 @@ TARGETS = {
 MATVEC_MAX_STACKED_ROWS = 16
 # On a CPU with AMX, XLA's dot runs a whole bf16 weight on AMX's tiles (20b's unembedding at 16 rows ~52
 # ms on a 2-core Xeon; the vdpbf16ps tiles were not measured there): the native AVX512-BF16 build keeps
-# handing it every product past this many rows. A forced avx2 build keeps its own tiles, which stand for
-# an AVX2 laptop's.
+# the unembedding as [N, K] and hands XLA every product past this many rows. A forced avx2 build keeps
+# its own tiles and blocks, which stand for an AVX2 laptop's.
 AMX_MATVEC_ROWS = 4
 
 
@@ -67,7 +67,8 @@ class KernelStatus:
     # avx2 build's register tiles and the avx512bf16 build's (4 where the CPU has AMX), else 4.
     matvec_rows: int = 4
     # Whether the unembedding is best held in blocks of 16 rows ([V/16, K, 16], gptoss_jax.backends.cpu.
-    # blocks), which its matvec reads as outer products: the avx2 build, FMA-bound at 16 rows.
+    # blocks), which its matvec reads as outer products: the avx2 build, FMA-bound at 16 rows, and the
+    # avx512bf16 build where the CPU has no AMX (vdpbf16ps on pairs of k interleaved in registers).
     unembedding_blocks: bool = False
     reason: str | None = None
 
@@ -106,14 +107,13 @@ def load_kernels() -> KernelStatus:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     _libraries.append(library)
     bf16_products = bool(library.GptossHasBf16Products())
-    matvec_rows = int(library.GptossMatvecRows())
+    matvec_rows, blocks = int(library.GptossMatvecRows()), bool(library.GptossUnembeddingBlocks())
     if bf16_products and "amx_bf16" in build.cpu_flags():
-        matvec_rows = min(matvec_rows, AMX_MATVEC_ROWS)
+        matvec_rows, blocks = min(matvec_rows, AMX_MATVEC_ROWS), False
     return KernelStatus(variant.name, bf16_products=bf16_products,
                         grouped_tiles=bool(library.GptossHasTiledGroupedMatmul()),
                         int16_rows=bool(library.GptossHasInt16Rows()),
-                        matvec_rows=matvec_rows,
-                        unembedding_blocks=bool(library.GptossUnembeddingBlocks()))
+                        matvec_rows=matvec_rows, unembedding_blocks=blocks)
 
 
 def available() -> bool:
