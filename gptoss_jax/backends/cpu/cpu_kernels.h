@@ -1409,6 +1409,23 @@ void BlockTile(const float* xt, int64_t x_stride, const uint16_t* w, int64_t wid
     for (int i = 0; i < 2 * kBlocks; ++i) sums[r][i] = acc[r][i];
 }
 
+// The few-row pass of the block kernels: f(b, kRows, kCount) for blocks [begin, end) in groups of 4 / rows
+// side by side (rows <= 4; the last group may be shorter), kRows and kCount as integral constants.
+template <typename F>
+void ForBlockGroups(int64_t rows, int64_t begin, int64_t end, F f) {
+  WithCount(static_cast<int>(rows), [&](auto kRows) {
+    if constexpr (kRows() <= 4) {
+      constexpr int kBlocks = 4 / kRows();
+      for (int64_t b = begin; b < end; b += kBlocks) {
+        if (b + kBlocks <= end) f(b, kRows, std::integral_constant<int, kBlocks>());
+        else WithCount(static_cast<int>(end - b), [&](auto kCount) {
+          if constexpr (kCount() < kBlocks) f(b, kRows, kCount);
+        });
+      }
+    }
+  });
+}
+
 #if defined(GPTOSS_AVX512) && defined(__AVX512BF16__)
 // AVX512-BF16: vdpbf16ps takes (k, k+1) pairs, so two k's 16 weights are interleaved in a register
 // (one vpermw) into one vector of 16 outputs' pairs, multiplied by each row's broadcast pair of x. kRows
@@ -1462,25 +1479,14 @@ void Bf16MatvecBlocksBf16(const uint16_t* xs, int64_t rows, int64_t width, const
   constexpr int64_t kChunk = 256;  // pairs: 16 KB of a block
   parallel(blocks, 16, [&](int64_t begin, int64_t end) {
     if (rows <= 4) {
-      WithCount(static_cast<int>(rows), [&](auto kRows) {
-        if constexpr (kRows() <= 4) {
-          constexpr int kBlocks = 4 / kRows();
-          for (int64_t b = begin; b < end; b += kBlocks) {
-            const uint16_t* w = ws + b * block_elements;
-            auto run = [&](auto kCount) {
-              __m512 sums[kRows()][kCount()];
-              for (int r = 0; r < kRows(); ++r)
-                for (int i = 0; i < kCount(); ++i) sums[r][i] = _mm512_setzero_ps();
-              BlockTileBf16<kRows(), kCount(), 3>(xp.data(), rows, w, width, 0, pairs, sums, reinterpret_cast<const char*>(w) + 1024);
-              for (int r = 0; r < kRows(); ++r)
-                for (int i = 0; i < kCount(); ++i) _mm512_storeu_ps(out + r * n_out + (b + i) * kBlockOut, sums[r][i]);
-            };
-            if (b + kBlocks <= end) run(std::integral_constant<int, kBlocks>());
-            else WithCount(static_cast<int>(end - b), [&](auto kCount) {
-              if constexpr (kCount() < kBlocks) run(kCount);
-            });
-          }
-        }
+      ForBlockGroups(rows, begin, end, [&](int64_t b, auto kRows, auto kCount) {
+        const uint16_t* w = ws + b * block_elements;
+        __m512 sums[kRows()][kCount()];
+        for (int r = 0; r < kRows(); ++r)
+          for (int i = 0; i < kCount(); ++i) sums[r][i] = _mm512_setzero_ps();
+        BlockTileBf16<kRows(), kCount(), 3>(xp.data(), rows, w, width, 0, pairs, sums, reinterpret_cast<const char*>(w) + 1024);
+        for (int r = 0; r < kRows(); ++r)
+          for (int i = 0; i < kCount(); ++i) _mm512_storeu_ps(out + r * n_out + (b + i) * kBlockOut, sums[r][i]);
       });
       return;
     }
@@ -1525,25 +1531,13 @@ void Bf16MatvecBlocks(const uint16_t* xs, int64_t rows, int64_t width, const uin
   constexpr int64_t kChunk = 512;
   parallel(blocks, 16, [&](int64_t begin, int64_t end) {
     if (rows <= 4) {
-      WithCount(static_cast<int>(rows), [&](auto kRows) {
-        if constexpr (kRows() <= 4) {
-          constexpr int kBlocks = 4 / kRows();
-          for (int64_t b = begin; b < end; b += kBlocks) {
-            const uint16_t* w = ws + b * block_elements;
-            auto run = [&](auto kCount) {
-              Lanes8 sums[kRows()][2 * kCount()] = {};
-              BlockTile<kRows(), kCount(), 3>(xt.data(), rows, w, width, 0, width, sums,
-                                              reinterpret_cast<const char*>(w) + 1024);
-              for (int r = 0; r < kRows(); ++r)
-                for (int i = 0; i < kCount(); ++i)
-                  StoreBlockSums(sums[r][2 * i], sums[r][2 * i + 1], out + r * n_out + (b + i) * kBlockOut);
-            };
-            if (b + kBlocks <= end) run(std::integral_constant<int, kBlocks>());
-            else WithCount(static_cast<int>(end - b), [&](auto kCount) {
-              if constexpr (kCount() < kBlocks) run(kCount);
-            });
-          }
-        }
+      ForBlockGroups(rows, begin, end, [&](int64_t b, auto kRows, auto kCount) {
+        const uint16_t* w = ws + b * block_elements;
+        Lanes8 sums[kRows()][2 * kCount()] = {};
+        BlockTile<kRows(), kCount(), 3>(xt.data(), rows, w, width, 0, width, sums, reinterpret_cast<const char*>(w) + 1024);
+        for (int r = 0; r < kRows(); ++r)
+          for (int i = 0; i < kCount(); ++i)
+            StoreBlockSums(sums[r][2 * i], sums[r][2 * i + 1], out + r * n_out + (b + i) * kBlockOut);
       });
       return;
     }
