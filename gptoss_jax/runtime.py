@@ -223,8 +223,9 @@ class Runtime:
 
         fused: CPU kernels, MXFP4 weights, decode-sized batches; one kernel reads each chosen expert's
           packed bytes once and applies them to every token that chose it.
-        sorted: CPU kernels that multiply bf16 in hardware, MXFP4 weights, bf16, more pairs (prefill,
-          training without expert adapters): pairs sorted by expert, one grouped kernel call a projection.
+        sorted: CPU kernels whose grouped matmul runs register tiles (bf16 products, or float32 FMA panels
+          on AVX2, AVX-512 and NEON), MXFP4 weights, bf16, more pairs (prefill, training without expert
+          adapters): pairs sorted by expert, one grouped kernel call a projection.
         gathered: few pairs elsewhere; each pair decodes its expert's weights.
         tiled: CPU otherwise: pairs sorted by expert in tiles of one expert each; a tile decodes its
           expert's weights and runs the expert MLP (XLA's CPU ragged_dot computes every group for every row).
