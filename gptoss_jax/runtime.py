@@ -35,6 +35,11 @@ KERNEL_EXPERT_PATHS = ("fused", "sorted")
 # products an instruction) against the sorted kernel, measured even at 8 on an AVX512-BF16 machine.
 FUSED_MAX_PAIRS_PER_EXPERT = 2
 FUSED_MAX_PAIRS_PER_EXPERT_BF16 = 6
+# bf16 rows taken as int16 (x86 with AVX2) on a build whose sorted kernel runs float32 FMA panels (avx2,
+# avx512): decoding a whole expert to float32 panels costs ~7x the fused kernel's decoding, so the fused
+# kernel wins far longer. mlp1 of 20b (32 experts) on a 2-core Zen 4, fused / sorted: 4 pairs an expert
+# 30.7 / 68.1 ms, 8 57.9 / 88.8, 16 113.1 / 132.0, 32 236.2 / 230.8 (avx2; avx512 alike).
+FUSED_MAX_PAIRS_PER_EXPERT_INT16 = 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +52,9 @@ class Runtime:
     # Whether that build multiplies bf16 pairs in hardware (AVX512-BF16): the wider fused range pays off
     # only then.
     bf16_products: bool = False
+    # Whether its fused kernel takes bf16 rows as int16 (x86 with AVX2): without bf16 products, the widest
+    # fused range (FUSED_MAX_PAIRS_PER_EXPERT_INT16).
+    int16_rows: bool = False
     # Whether its grouped matmul runs register tiles (AVX512-BF16, or float32 FMA panels on AVX2): only
     # then does it beat XLA's tiled path for many pairs.
     grouped_tiles: bool = False
@@ -101,8 +109,8 @@ class Runtime:
             status = _cpu_kernel_status()
             if status.available:
                 return cls("cpu", cpu_kernels=status.variant, bf16_products=status.bf16_products,
-                           grouped_tiles=status.grouped_tiles, unembedding_blocks=status.unembedding_blocks,
-                           **options)
+                           int16_rows=status.int16_rows, grouped_tiles=status.grouped_tiles,
+                           unembedding_blocks=status.unembedding_blocks, **options)
         if platform in ("tpu", "gpu") and kernels:
             options.setdefault("pallas", platform)
         return cls(platform, **options)
@@ -144,8 +152,9 @@ class Runtime:
     def without_kernels(self) -> "Runtime":
         """The same choices on XLA's own paths (a forced kernel path falls back to "auto")."""
         path = "auto" if self.expert_path in (*KERNEL_EXPERT_PATHS, "pallas") else self.expert_path
-        return dataclasses.replace(self, cpu_kernels=None, bf16_products=False, grouped_tiles=False,
-                                   unembedding_blocks=False, expert_path=path, pallas=None, interpret=False)
+        return dataclasses.replace(self, cpu_kernels=None, bf16_products=False, int16_rows=False,
+                                   grouped_tiles=False, unembedding_blocks=False, expert_path=path, pallas=None,
+                                   interpret=False)
 
     @property
     def expert_form(self) -> str:
@@ -242,8 +251,12 @@ class Runtime:
         if self.expert_path != "auto" and (packed or self.expert_path not in KERNEL_EXPERT_PATHS):
             return self.expert_path
         kernels = self.cpu_kernels is not None and packed
-        bf16_kernels = kernels and bf16 and self.bf16_products
-        fused_limit = FUSED_MAX_PAIRS_PER_EXPERT_BF16 if bf16_kernels else FUSED_MAX_PAIRS_PER_EXPERT
+        if kernels and bf16 and self.bf16_products:
+            fused_limit = FUSED_MAX_PAIRS_PER_EXPERT_BF16
+        elif kernels and bf16 and self.int16_rows:
+            fused_limit = FUSED_MAX_PAIRS_PER_EXPERT_INT16
+        else:
+            fused_limit = FUSED_MAX_PAIRS_PER_EXPERT
         if kernels and pairs <= fused_limit * num_experts:
             return "fused"
         if kernels and bf16 and self.grouped_tiles and not adapters:
