@@ -273,16 +273,16 @@ unembed = jax.jit(lambda v: products.matmul("td,vd->tv", v, w[1], jnp.bfloat16, 
 assert ("gptoss_bf16_matvec" in unembed.lower(v).as_text()) == (status.matvec_rows >= 16), status
 close(unembed(v), f64(v) @ f64(w[1]).T)
 # The same weight in blocks of 16 rows (48 rows: 3 blocks), every build: against float64, a row the same
-# alone as in a batch, in the kernel up to the build's matvec rows (XLA's dot past them), and its gradient.
+# alone as in a batch, in the kernel for any number of rows (XLA's dot on this layout is slow), its gradient.
 from gptoss_jax.backends.cpu.blocks import from_blocks, to_blocks
 wide = jnp.asarray(rng.standard_normal((48, 100)), jnp.bfloat16)
 in_blocks = to_blocks(wide)
 assert in_blocks.shape == (3, 100, 16) and (from_blocks(in_blocks) == wide).all()
-for count in (1, 3, 9, 16):
+for count in (1, 3, 9, 40, 16):  # v ends as 16 rows
     v = jnp.asarray(rng.standard_normal((count, 100)), jnp.bfloat16)
     close(jax.jit(kernels.bf16_matvec_blocks)(v, in_blocks), f64(v) @ f64(wide).T)
     product = jax.jit(lambda v: products.blocks_matmul(v, in_blocks, jnp.bfloat16, kernels=True))
-    assert ("gptoss_bf16_matvec_blocks" in product.lower(v).as_text()) == (count <= status.matvec_rows), count
+    assert "gptoss_bf16_matvec_blocks" in product.lower(v).as_text(), count
     close(product(v), f64(v) @ f64(wide).T)
 alone = [np.asarray(jax.jit(kernels.bf16_matvec_blocks)(v[i : i + 1], in_blocks)) for i in range(16)]
 assert (np.asarray(jax.jit(kernels.bf16_matvec_blocks)(v, in_blocks)) == np.concatenate(alone)).all()
