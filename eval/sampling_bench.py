@@ -1,6 +1,7 @@
 """Time a decode step's token draw: ours (`sampling.categorical`, the inverse of the distribution
 function in two levels) beside jax's Gumbel-max (`jax.random.categorical`), and the whole `sample`
-(draw, greedy argmax and logprobs) at temperature 0 and 1, on random logits of gpt-oss's vocabulary.
+(draw, greedy argmax and logprobs) at temperature 0 and 1, and with top-p 0.95 (its cutoff by a sort or
+by bisection), on random logits of gpt-oss's vocabulary.
 
     python -m eval.sampling_bench [--batch 1 --batch 16] [--vocab 201088]
 
@@ -40,12 +41,16 @@ def bench_sampling(batch: int, vocab: int) -> dict:
     ours = jax.jit(lambda k, x: categorical(x, jax.vmap(lambda row: jax.random.uniform(row, (2,)))(k)))
     gumbel = jax.jit(lambda k, x: jax.vmap(jax.random.categorical)(k, x))
     greedy_params, sampled_params = SamplingParams(temperature=0).as_arrays(batch), SamplingParams().as_arrays(batch)
-    whole = jax.jit(sample)
+    top_p_params = SamplingParams(top_p=0.95).as_arrays(batch)
+    whole = jax.jit(sample, static_argnums=3)
     report = {
         "ours_draw_ms": median_ms(ours, keys, logits),
         "jax_categorical_draw_ms": median_ms(gumbel, keys, logits),
-        "sample_greedy_ms": median_ms(whole, logits, keys, greedy_params),
-        "sample_temperature_1_ms": median_ms(whole, logits, keys, sampled_params),
+        "sample_greedy_ms": median_ms(whole, logits, keys, greedy_params, True),
+        "sample_temperature_1_ms": median_ms(whole, logits, keys, sampled_params, True),
+        # top-p's cutoff by a sort of the vocabulary (a GPU's choice, Runtime.sampling_sorts) or by bisection
+        "sample_top_p_sorted_ms": median_ms(whole, logits, keys, top_p_params, True),
+        "sample_top_p_bisection_ms": median_ms(whole, logits, keys, top_p_params, False),
     }
     report["draw_speedup"] = report["jax_categorical_draw_ms"] / report["ours_draw_ms"]
     return report

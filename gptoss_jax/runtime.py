@@ -203,10 +203,12 @@ class Runtime:
 
     @property
     def sampling_sorts(self) -> bool:
-        """Whether top-k / top-p sampling sorts the vocabulary (gptoss_jax.inference.sampling): not on a
-        TPU, whose sort of a [batch, vocab] block keeps 8x padded copies of it (the batch on lanes); the
-        same cutoffs come from a bisection there."""
-        return self.platform != "tpu"
+        """Whether top-k / top-p sampling sorts the vocabulary (gptoss_jax.inference.sampling): on a GPU
+        only. The same cutoffs come from a bisection elsewhere: a TPU's sort of a [batch, vocab] block keeps
+        8x padded copies of it (the batch on lanes), and XLA's CPU sort took 42 ms a row of gpt-oss's
+        vocabulary (a whole top-p sample at one row: 46.5 ms sorted, 2.9 by bisection; at 16 rows 715
+        and 62; `python -m eval.sampling_bench`)."""
+        return self.platform == "gpu"
 
     def unembedding_in_blocks(self, vocab_size: int, dtype) -> bool:
         """Whether a model of this dtype built for this runtime holds its unembedding in blocks of 16 rows

@@ -89,7 +89,8 @@ def test_sampling_bench_times_our_draw_beside_jax_categorical(capsys):
     assert json.loads(capsys.readouterr().out)["batches"].keys() == {"1", "3"}
     for timings in report["batches"].values():
         assert all(timings[name] > 0 for name in ("ours_draw_ms", "jax_categorical_draw_ms", "sample_greedy_ms",
-                                                  "sample_temperature_1_ms"))  # fmt: skip
+                                                  "sample_temperature_1_ms", "sample_top_p_sorted_ms",
+                                                  "sample_top_p_bisection_ms"))  # fmt: skip
         assert timings["draw_speedup"] == timings["jax_categorical_draw_ms"] / timings["ours_draw_ms"]
     with pytest.raises(SystemExit) as refused:
         sampling_bench.main(["--vocab", "0"])
