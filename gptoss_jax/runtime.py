@@ -206,8 +206,8 @@ class Runtime:
         """Whether top-k / top-p sampling sorts the vocabulary (gptoss_jax.inference.sampling): on a GPU
         only. The same cutoffs come from a bisection elsewhere: a TPU's sort of a [batch, vocab] block keeps
         8x padded copies of it (the batch on lanes), and XLA's CPU sort took 42 ms a row of gpt-oss's
-        vocabulary (a whole top-p sample at one row: 46.5 ms sorted, 2.9 by bisection; at 16 rows 715
-        and 62; `python -m eval.sampling_bench`)."""
+        vocabulary (a whole top-p sample at one row: 43.3 ms sorted, 1.8 by bisection; at 16 rows 700
+        and 48; `python -m eval.sampling_bench`)."""
         return self.platform == "gpu"
 
     def unembedding_in_blocks(self, vocab_size: int, dtype) -> bool:
