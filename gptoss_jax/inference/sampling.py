@@ -242,9 +242,8 @@ def sample(
             uniforms = jax.vmap(lambda row_key: jax.random.uniform(row_key, (2,)))(key)
         return categorical(filtered, uniforms)
 
-    # An all-greedy batch skips the random draw over the vocabulary (a few ms a step on a CPU). The argmax
-    # stays outside the branch: XLA's CPU runs a branch's operations on one thread (at 16 rows of
-    # gpt-oss's vocabulary the argmax took 3.2 ms there, 1.4 outside).
+    # An all-greedy batch skips the random draw over the vocabulary (a few ms a step on a CPU); the argmax,
+    # which greedy rows of any batch need, is taken once outside the branch.
     drawn = jax.lax.cond(jnp.all(is_greedy), lambda x: jnp.zeros(x.shape[:1], jnp.int32), draw, logits)
     tokens = jnp.where(is_greedy, greedy(logits), drawn)
 
