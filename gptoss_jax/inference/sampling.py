@@ -200,13 +200,13 @@ def _filter_by_bisection(logits, top_k, top_p, min_p) -> jax.Array:
     k_cut = jnp.where(top_k > 0, k_cut, low)
     # top-p over what top-k kept: the largest t whose tokens >= t hold at least top_p of the mass.
     top = logits.max(axis=-1, keepdims=True)
-    weights = jnp.where(keys >= k_cut, jnp.exp(logits - top), 0.0)
-    goal = top_p * weights.sum(axis=-1, keepdims=True)
-    p_cut = jax.lax.cond(
-        jnp.any(top_p < 1),
-        lambda: _largest_key(lambda t: jnp.sum(jnp.where(keys >= t, weights, 0.0), axis=-1, keepdims=True) >= goal, k_cut, high),
-        lambda: k_cut,
-    )
+
+    def top_p_cut():
+        weights = jnp.where(keys >= k_cut, jnp.exp(logits - top), 0.0)
+        goal = top_p * weights.sum(axis=-1, keepdims=True)
+        return _largest_key(lambda t: jnp.sum(jnp.where(keys >= t, weights, 0.0), axis=-1, keepdims=True) >= goal, k_cut, high)
+
+    p_cut = jax.lax.cond(jnp.any(top_p < 1), top_p_cut, lambda: k_cut)
     p_cut = jnp.where(top_p < 1, p_cut, k_cut)
     # min-p as in the sorted version: logit >= max + log(min_p).
     cutoff = jnp.maximum(_value_of(p_cut), top + jnp.log(min_p))
